@@ -1,0 +1,1 @@
+//! The block graph (nodes, drivers, leases, jobs). Filled in by the virtio-blk and block-graph work.

@@ -1,0 +1,147 @@
+//! The `vmm` command line. It only builds a [`VmConfig`]; building the VM is
+//! the library's job.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{MemorySize, VmConfig, DEFAULT_CMDLINE};
+
+/// Boot a Linux kernel or a PVH guest on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; arguments after `--` go to the guest's init.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM, e.g. 64M or 1G (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "128M")]
+    pub memory: MemorySize,
+    /// Number of vCPUs.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub cpus: u32,
+}
+
+impl From<Cli> for VmConfig {
+    fn from(cli: Cli) -> Self {
+        VmConfig {
+            kernel: cli.kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+            memory: cli.memory,
+            cpus: cli.cpus,
+        }
+    }
+}
+
+/// What parsing the command line came to.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Boot this VM.
+    Run(Box<VmConfig>),
+    /// Print this (help or version) and exit 0.
+    Info(String),
+    /// Print this one-line error and exit 2.
+    Usage(String),
+}
+
+/// Parses `args` (including the program name) into a config, or a one-line
+/// message: a user who typed one wrong flag gets one line telling them which.
+pub fn parse<I, T>(args: I) -> Parsed
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Parsed::Run(Box::new(cli.into())),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            Parsed::Info(e.to_string())
+        }
+        Err(e) => {
+            // clap explains over several lines, then shows usage: keep the
+            // explanation, on one line.
+            let text = e.to_string();
+            let words: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let line = words.join(" ");
+            Parsed::Usage(line.trim_start_matches("error: ").to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(args: &[&str]) -> String {
+        match parse(std::iter::once("vmm").chain(args.iter().copied())) {
+            Parsed::Usage(msg) => msg,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_become_a_config() {
+        let Parsed::Run(cfg) = parse([
+            "vmm",
+            "--kernel",
+            "k",
+            "--initrd",
+            "i",
+            "--cmdline",
+            "console=ttyS0 -- exit 3",
+            "--memory",
+            "64M",
+            "--cpus",
+            "2",
+        ]) else {
+            panic!("parse failed")
+        };
+        assert_eq!(cfg.kernel, PathBuf::from("k"));
+        assert_eq!(cfg.initrd, Some(PathBuf::from("i")));
+        assert_eq!(cfg.cmdline, "console=ttyS0 -- exit 3");
+        assert_eq!(cfg.memory, MemorySize::mib(64));
+        assert_eq!(cfg.cpus, 2);
+    }
+
+    #[test]
+    fn defaults_boot_a_serial_console_with_128m_and_one_cpu() {
+        let Parsed::Run(cfg) = parse(["vmm", "--kernel", "k"]) else {
+            panic!("parse failed")
+        };
+        assert_eq!(*cfg, VmConfig::new("k"));
+    }
+
+    #[test]
+    fn bad_flags_give_one_line_naming_the_problem() {
+        assert!(usage(&[]).contains("--kernel"));
+        assert!(usage(&["--kernel", "k", "--memory", "lots"]).contains("'lots'"));
+        assert!(usage(&["--kernel", "k", "--cpus", "-1"]).contains("--cpus"));
+        assert!(usage(&["--kernel", "k", "--bogus"]).contains("--bogus"));
+        for msg in [usage(&[]), usage(&["--kernel", "k", "--memory", "x"])] {
+            assert!(!msg.contains('\n'), "{msg}");
+            assert!(!msg.starts_with("error:"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn help_is_information_not_an_error() {
+        assert!(matches!(parse(["vmm", "--help"]), Parsed::Info(h) if h.contains("--kernel")));
+    }
+}

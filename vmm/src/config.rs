@@ -1,0 +1,137 @@
+//! What a VM is made of: the one structure the CLI and the library API fill in.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// The command line a guest gets when the user gives none.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Everything needed to build and boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// An ELF vmlinux (PVH or 64-bit entry) or a bzImage.
+    pub kernel: PathBuf,
+    /// An initial ramdisk, passed to the kernel as is.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line as the user wrote it; the VMM appends its own
+    /// parameters (host workarounds, devices) before any `--`.
+    pub cmdline: String,
+    /// Guest RAM.
+    pub memory: MemorySize,
+    /// Number of vCPUs.
+    pub cpus: u32,
+}
+
+impl VmConfig {
+    /// A config with the defaults the `vmm` binary uses: 128 MiB, 1 vCPU,
+    /// a serial console.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            memory: MemorySize::mib(128),
+            cpus: 1,
+        }
+    }
+}
+
+/// A memory size in bytes, written like `64M`, `1G`, `512K` or `1073741824B`.
+/// A bare number means MiB, as QEMU's `-m` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemorySize(pub u64);
+
+impl MemorySize {
+    /// `n` MiB.
+    pub const fn mib(n: u64) -> Self {
+        Self(n << 20)
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for MemorySize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            b if b % (1 << 30) == 0 => write!(f, "{}G", b >> 30),
+            b if b % (1 << 20) == 0 => write!(f, "{}M", b >> 20),
+            b if b % (1 << 10) == 0 => write!(f, "{}K", b >> 10),
+            b => write!(f, "{b}B"),
+        }
+    }
+}
+
+/// Why a memory size did not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SizeError {
+    /// Not a number with an optional K, M, G or T suffix.
+    #[error(
+        "'{0}' is not a size: write a number with an optional K, M, G or T suffix, like 64M or 1G"
+    )]
+    Syntax(String),
+    /// The number overflows 64 bits once scaled.
+    #[error("'{0}' is too large")]
+    Overflow(String),
+}
+
+impl FromStr for MemorySize {
+    type Err = SizeError;
+
+    fn from_str(s: &str) -> Result<Self, SizeError> {
+        let t = s.trim();
+        let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, suffix) = t.split_at(digits);
+        let num: u64 = num.parse().map_err(|_| SizeError::Syntax(s.to_string()))?;
+        let shift = match suffix.to_ascii_uppercase().as_str() {
+            "" | "M" | "MB" | "MIB" => 20,
+            "B" => 0,
+            "K" | "KB" | "KIB" => 10,
+            "G" | "GB" | "GIB" => 30,
+            "T" | "TB" | "TIB" => 40,
+            _ => return Err(SizeError::Syntax(s.to_string())),
+        };
+        num.checked_mul(1u64 << shift)
+            .map(MemorySize)
+            .ok_or_else(|| SizeError::Overflow(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_bare_numbers_are_mib() {
+        assert_eq!("64M".parse(), Ok(MemorySize::mib(64)));
+        assert_eq!("1G".parse(), Ok(MemorySize::mib(1024)));
+        assert_eq!("1g".parse(), Ok(MemorySize::mib(1024)));
+        assert_eq!("512K".parse(), Ok(MemorySize(512 << 10)));
+        assert_eq!("128".parse(), Ok(MemorySize::mib(128)));
+        assert_eq!("4096B".parse(), Ok(MemorySize(4096)));
+        assert_eq!("2GiB".parse(), Ok(MemorySize(2 << 30)));
+    }
+
+    #[test]
+    fn malformed_sizes_are_refused_with_the_input_named() {
+        for bad in ["", "M", "-1M", "1.5G", "12Q", "0x10M", "1 G G"] {
+            let err = bad.parse::<MemorySize>().unwrap_err();
+            assert!(err.to_string().contains(&format!("'{bad}'")), "{err}");
+        }
+        assert!(matches!(
+            "99999999999T".parse::<MemorySize>(),
+            Err(SizeError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn sizes_display_in_their_largest_whole_unit() {
+        assert_eq!(MemorySize::mib(2048).to_string(), "2G");
+        assert_eq!(MemorySize::mib(96).to_string(), "96M");
+        assert_eq!(MemorySize(3 << 10).to_string(), "3K");
+        assert_eq!(MemorySize(5).to_string(), "5B");
+    }
+}

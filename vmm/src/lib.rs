@@ -1,0 +1,33 @@
+//! vmm: a minimal KVM virtual machine monitor.
+//!
+//! The library builds and runs VMs; the `vmm` binary is a thin command line
+//! over it. Tests start guests with [`start`], watch their serial output
+//! with [`VmHandle::wait_for_line`] and read how they ended with
+//! [`VmHandle::wait`]:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vmm::{Console, SerialLog, VmConfig, VmExit};
+//!
+//! let mut config = VmConfig::new("kernel-images/out/testguest");
+//! config.cmdline = "exit=3".into();
+//! let vm = vmm::start(&config, Console::Log(SerialLog::new())).unwrap();
+//! vm.wait_for_line("testguest: start", Duration::from_secs(30)).unwrap();
+//! assert_eq!(vm.wait(), VmExit::Status(3));
+//! ```
+
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod host;
+pub mod memory;
+mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use config::{MemorySize, VmConfig};
+pub use console::{Console, SerialLog};
+pub use error::{Error, Result};
+pub use vm::{start, VmExit, VmHandle, WaitError};

@@ -1,0 +1,176 @@
+//! The guest physical address map and guest RAM.
+//!
+//! ```text
+//! 0x0000_0000  RAM (boot structures, page tables, command line)
+//! 0x0009_fc00  reserved: EBDA, MP table, legacy holes
+//! 0x0010_0000  RAM (kernel at 1 MiB or 16 MiB, initrd at the top)
+//! 0xc000_0000  MMIO gap up to 4 GiB (devices, IOAPIC, LAPIC)
+//! 0x1_0000_0000 RAM beyond 3 GiB, if any
+//! ```
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+
+/// Where the reserved low area starts (the EBDA, which holds our MP table).
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Where RAM resumes above the legacy holes.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the hole below 4 GiB kept for device MMIO.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of that hole.
+pub const MMIO_GAP_END: u64 = 1 << 32;
+/// The smallest guest we build: below this not even a small kernel fits.
+pub const MIN_MEMORY_MIB: u64 = 16;
+const PAGE_SIZE: u64 = 4096;
+
+/// E820 / PVH memory-map entry types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Usable RAM (type 1).
+    Ram = 1,
+    /// Reserved (type 2).
+    Reserved = 2,
+}
+
+/// One entry of the memory map the guest is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// What the range is.
+    pub kind: RegionKind,
+}
+
+/// Checks a requested RAM size against our limits and the host's memory.
+pub fn validate_size(size: u64, host_total: Option<u64>) -> Result<()> {
+    if size < MIN_MEMORY_MIB << 20 {
+        return Err(Error::MemoryTooSmall {
+            size,
+            min: MIN_MEMORY_MIB,
+        });
+    }
+    if size % PAGE_SIZE != 0 {
+        return Err(Error::MemoryUnaligned(size));
+    }
+    if let Some(host) = host_total {
+        if size > host {
+            return Err(Error::MemoryTooLarge {
+                size_mib: size >> 20,
+                host_mib: host >> 20,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The RAM ranges of a guest with `size` bytes: below the MMIO gap, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), size - low));
+    }
+    ranges
+}
+
+/// The end of RAM below the MMIO gap.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_GAP_START)
+}
+
+/// The memory map the guest sees (E820 for Linux, the PVH memmap otherwise).
+pub fn memory_map(size: u64) -> Vec<MapEntry> {
+    let mut map = vec![
+        MapEntry {
+            addr: 0,
+            size: EBDA_START,
+            kind: RegionKind::Ram,
+        },
+        MapEntry {
+            addr: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            kind: RegionKind::Reserved,
+        },
+        MapEntry {
+            addr: HIMEM_START,
+            size: low_ram_end(size) - HIMEM_START,
+            kind: RegionKind::Ram,
+        },
+    ];
+    if size > MMIO_GAP_START {
+        map.push(MapEntry {
+            addr: MMIO_GAP_END,
+            size: size - MMIO_GAP_START,
+            kind: RegionKind::Ram,
+        });
+    }
+    map
+}
+
+/// Maps anonymous, unreserved memory for the guest's RAM.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(addr, len)| (addr, len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc {
+        size_mib: size >> 20,
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guests_have_one_range_and_large_ones_skip_the_mmio_gap() {
+        assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+        let big = 4u64 << 30;
+        assert_eq!(
+            ram_ranges(big),
+            vec![
+                (GuestAddress(0), MMIO_GAP_START),
+                (GuestAddress(MMIO_GAP_END), big - MMIO_GAP_START)
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_map_covers_all_ram_but_the_legacy_area() {
+        for size in [16u64 << 20, 128 << 20, 5 << 30] {
+            let map = memory_map(size);
+            let ram: u64 = map
+                .iter()
+                .filter(|e| e.kind == RegionKind::Ram)
+                .map(|e| e.size)
+                .sum();
+            assert_eq!(ram, size - (HIMEM_START - EBDA_START));
+            // Entries are sorted and do not overlap.
+            for pair in map.windows(2) {
+                assert!(pair[0].addr + pair[0].size <= pair[1].addr);
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_outside_the_limits_are_refused() {
+        assert!(matches!(
+            validate_size(8 << 20, None),
+            Err(Error::MemoryTooSmall { .. })
+        ));
+        assert!(matches!(
+            validate_size((64 << 20) + 1, None),
+            Err(Error::MemoryUnaligned(_))
+        ));
+        let err = validate_size(64 << 30, Some(24 << 30)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "guest memory of 65536 MiB is more than this host's 24576 MiB"
+        );
+        assert!(validate_size(64 << 20, Some(24 << 30)).is_ok());
+    }
+}

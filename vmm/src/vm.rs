@@ -1,0 +1,499 @@
+//! Building a VM from a [`VmConfig`] and the handle that runs, watches and
+//! stops it.
+//!
+//! ```text
+//! start(config) ── check user input (kernel, initrd, memory, cmdline)
+//!               ── open /dev/kvm, create the VM, irqchip, PIT
+//!               ── guest memory, kernel + boot tables, devices
+//!               ── vCPUs, one thread each ──► VmHandle
+//! VmHandle::wait() ◄── the first vCPU to end the VM records why (VmExit);
+//!                      the others are kicked out of KVM_RUN and joined
+//! ```
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::legacy::{self, ExitPort, Serial, I8042};
+use devices::Bus;
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, cmdline, InitrdImage, KernelImage};
+use crate::config::VmConfig;
+use crate::console::{Console, SerialLog};
+use crate::error::{kvm, Error, Result};
+use crate::vcpu::Vcpu;
+use crate::x86::{cpuid, mptable, regs};
+use crate::{host, memory};
+
+/// KVM's TSS needs three pages below 4 GiB outside guest RAM.
+const TSS_ADDR: usize = 0xfffb_d000;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this status to the exit port (0xf4).
+    Status(u8),
+    /// The guest reset the machine.
+    Reset,
+    /// The guest powered the machine off.
+    PowerOff,
+    /// The VM was killed through its handle.
+    Killed,
+    /// The VM failed: a KVM internal error, a triple fault, a failed vCPU.
+    Failed(String),
+}
+
+impl VmExit {
+    /// The exit status the `vmm` binary ends with.
+    pub fn code(&self) -> i32 {
+        match self {
+            VmExit::Status(v) => i32::from(*v),
+            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::Killed => 137,
+            VmExit::Failed(_) => 125,
+        }
+    }
+}
+
+/// State the vCPU threads and the handle share.
+pub(crate) struct Shared {
+    exit: Mutex<Option<VmExit>>,
+    ended: Condvar,
+    /// Set once the VM is ending; vCPUs check it between runs.
+    pub stopping: AtomicBool,
+}
+
+impl Shared {
+    /// Records why the VM ended; the first reason wins.
+    pub fn finish(&self, exit: VmExit) {
+        let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(exit);
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.ended.notify_all();
+    }
+
+    fn exit(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Why waiting for a serial line failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// The VM's console is not captured (see [`Console::Log`]).
+    #[error("the VM's serial output is not captured")]
+    NotCaptured,
+    /// The line did not appear in time.
+    #[error("no serial line containing '{needle}' within {timeout:?}; last output:\n{tail}")]
+    Timeout {
+        needle: String,
+        timeout: Duration,
+        tail: String,
+    },
+    /// The VM ended before the line appeared.
+    #[error(
+        "the VM ended ({exit:?}) before a serial line containing '{needle}'; last output:\n{tail}"
+    )]
+    Ended {
+        needle: String,
+        exit: VmExit,
+        tail: String,
+    },
+}
+
+/// A running VM.
+pub struct VmHandle {
+    shared: Arc<Shared>,
+    vcpus: Vec<JoinHandle<()>>,
+    console: Option<SerialLog>,
+    input: Option<JoinHandle<()>>,
+    // KVM keeps using these until every vCPU has left KVM_RUN.
+    _vm: VmFd,
+    _memory: GuestMemoryMmap,
+}
+
+impl VmHandle {
+    /// How the VM ended, if it has.
+    pub fn exit(&self) -> Option<VmExit> {
+        self.shared.exit()
+    }
+
+    /// Asks the VM to end; `wait` then returns [`VmExit::Killed`] unless it
+    /// had already ended for another reason.
+    pub fn kill(&self) {
+        self.shared.finish(VmExit::Killed);
+    }
+
+    /// Waits up to `timeout` for the VM to end.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        let slot = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let (slot, _) = self
+            .shared
+            .ended
+            .wait_timeout_while(slot, timeout, |s| s.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        slot.clone()
+    }
+
+    /// Waits for the VM to end, stops every thread, and says how it ended.
+    pub fn wait(mut self) -> VmExit {
+        let slot = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let exit = self
+            .shared
+            .ended
+            .wait_while(slot, |s| s.is_none())
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .expect("wait_while returns once an exit is recorded");
+        self.stop_threads();
+        exit
+    }
+
+    /// The captured serial output, if the console is a [`Console::Log`].
+    pub fn serial(&self) -> Option<&SerialLog> {
+        self.console.as_ref()
+    }
+
+    /// Waits up to `timeout` for a serial line containing `needle`; fails
+    /// early if the VM ends first.
+    pub fn wait_for_line(
+        &self,
+        needle: &str,
+        timeout: Duration,
+    ) -> std::result::Result<String, WaitError> {
+        let log = self.console.as_ref().ok_or(WaitError::NotCaptured)?;
+        if let Some(line) = log.wait_for_line_until(needle, timeout, || self.exit().is_some()) {
+            return Ok(line);
+        }
+        let tail = tail(&log.text(), 20);
+        // The VM may have printed the line just before it ended.
+        if let Some(line) = log.find_line(needle) {
+            return Ok(line);
+        }
+        Err(match self.exit() {
+            Some(exit) => WaitError::Ended {
+                needle: needle.into(),
+                exit,
+                tail,
+            },
+            None => WaitError::Timeout {
+                needle: needle.into(),
+                timeout,
+                tail,
+            },
+        })
+    }
+
+    /// Kicks every vCPU out of `KVM_RUN` until all have returned, then joins them.
+    fn stop_threads(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A kick that lands just before a vCPU enters KVM_RUN is lost, so
+        // kick again until the thread is gone.
+        while self.vcpus.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            for t in self.vcpus.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the thread has not been joined, so its pthread_t
+                // is valid; the signal's handler does nothing.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.vcpus.drain(..).filter(|t| t.is_finished()) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked while stopping");
+            }
+        }
+        if let Some(t) = self.input.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if !self.vcpus.is_empty() {
+            self.shared.finish(VmExit::Killed);
+            self.stop_threads();
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN()
+}
+
+/// Installs the do-nothing handler whose only effect is to interrupt `KVM_RUN`.
+fn install_kick_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    static mut RESULT: i32 = 0;
+    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    ONCE.call_once(|| {
+        let rc = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_or_else(|e| e.errno(), |_| 0);
+        // SAFETY: written once inside call_once, read only after it.
+        unsafe { RESULT = rc };
+    });
+    // SAFETY: call_once has completed, so no thread writes RESULT any more.
+    match unsafe { RESULT } {
+        0 => Ok(()),
+        errno => Err(Error::Thread {
+            name: "vcpu".into(),
+            source: io::Error::from_raw_os_error(errno),
+        }),
+    }
+}
+
+fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT => Error::KvmMissing,
+        libc::EACCES | libc::EPERM => Error::KvmDenied(e),
+        _ => Error::KvmOpen(e),
+    })
+}
+
+/// Tells KVM where guest RAM lives in this process.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::MemoryAlloc {
+                size_mib: region.len() >> 20,
+                reason: e.to_string(),
+            })?;
+        let table = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size`
+        // bytes, owned by `mem`, which the VmHandle keeps until every vCPU
+        // has stopped; slots do not overlap (one per region).
+        unsafe { vm.set_user_memory_region(table) }.map_err(kvm("map guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Passes this process's stdin to the guest's serial port until the VM ends.
+fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("serial-input".into())
+        .spawn(move || {
+            let stdin = io::stdin();
+            let mut buf = [0u8; 64];
+            while !shared.stopping.load(Ordering::Acquire) {
+                let mut pfd = libc::pollfd {
+                    fd: stdin.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, for the duration of the call.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                if ready <= 0 {
+                    continue;
+                }
+                let n = match stdin.lock().read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() && !shared.stopping.load(Ordering::Acquire) {
+                    let mut uart = serial.lock().unwrap_or_else(|e| e.into_inner());
+                    let room = uart.input_room().min(pending.len());
+                    if room > 0 {
+                        if uart.enqueue_input(&pending[..room]).is_err() {
+                            return;
+                        }
+                        pending = &pending[room..];
+                    } else {
+                        drop(uart);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+        .map_err(|source| Error::Thread {
+            name: "serial-input".into(),
+            source,
+        })
+}
+
+/// Builds the VM described by `config` and starts its vCPUs.
+pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
+    // User input first, so a typo is reported before anything touches KVM.
+    let mut kernel = KernelImage::open(&config.kernel)?;
+    let mut initrd = config
+        .initrd
+        .as_deref()
+        .map(InitrdImage::open)
+        .transpose()?;
+    let mem_size = config.memory.bytes();
+    memory::validate_size(mem_size, host::total_memory())?;
+    if config.cpus == 0 {
+        return Err(Error::CpuCount {
+            cpus: 0,
+            max: mptable::MAX_CPUS,
+        });
+    }
+    let pvm = host::is_pvm();
+    let extra: &[&str] = if pvm { cpuid::PVM_KERNEL_PARAMS } else { &[] };
+    let cmdline = cmdline::compose(&config.cmdline, extra)?;
+
+    let kvm_fd = open_kvm()?;
+    let max_cpus = u32::try_from(kvm_fd.get_max_vcpus())
+        .unwrap_or(u32::MAX)
+        .min(mptable::MAX_CPUS);
+    if config.cpus > max_cpus {
+        return Err(Error::CpuCount {
+            cpus: config.cpus,
+            max: max_cpus,
+        });
+    }
+    let vm = kvm_fd.create_vm().map_err(kvm("create a VM"))?;
+    vm.set_tss_address(TSS_ADDR)
+        .map_err(kvm("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm("create the interrupt controllers"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm("create the PIT"))?;
+
+    let mem = memory::create_guest_memory(mem_size)?;
+    register_memory(&vm, &mem)?;
+    let entry = boot::load(
+        &mem,
+        &mut kernel,
+        initrd.as_mut(),
+        &cmdline,
+        mem_size,
+        config.cpus,
+    )?;
+
+    let shared = Arc::new(Shared {
+        exit: Mutex::new(None),
+        ended: Condvar::new(),
+        stopping: AtomicBool::new(false),
+    });
+    let device_err = |name: &str| {
+        let name = name.to_string();
+        move |e: &dyn std::fmt::Display| Error::Device {
+            name: name.clone(),
+            reason: e.to_string(),
+        }
+    };
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("serial")(&e))?;
+    vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
+        .map_err(|e| device_err("serial")(&e))?;
+    let wants_stdin = matches!(console, Console::Stdio);
+    let (writer, log): (Box<dyn Write + Send>, Option<SerialLog>) = match console {
+        Console::Stdio => (Box::new(io::stdout()), None),
+        Console::Log(log) => (Box::new(log.clone()), Some(log)),
+        Console::Writer(w) => (w, None),
+    };
+    let serial = Arc::new(Mutex::new(
+        Serial::new(&serial_irq, writer).map_err(|e| device_err("serial")(&e))?,
+    ));
+    let mut pio = Bus::new();
+    pio.insert(
+        "serial",
+        legacy::COM1_BASE,
+        legacy::COM1_LEN,
+        serial.clone(),
+    )
+    .and_then(|_| {
+        pio.insert(
+            "exit-port",
+            legacy::EXIT_PORT,
+            legacy::EXIT_PORT_LEN,
+            Arc::new(Mutex::new(ExitPort)),
+        )
+    })
+    .and_then(|_| {
+        pio.insert(
+            "i8042",
+            legacy::I8042_BASE,
+            legacy::I8042_LEN,
+            Arc::new(Mutex::new(I8042)),
+        )
+    })
+    .map_err(|e| device_err("legacy")(&e))?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
+
+    let supported = kvm_fd
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm("report supported CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.cpus {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(kvm("create a vCPU"))?;
+        let entries = cpuid::for_vcpu(supported.as_slice(), id, config.cpus, pvm);
+        let table = CpuId::from_entries(&entries).map_err(|_| Error::Kvm {
+            what: "take the CPUID table",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        fd.set_cpuid2(&table).map_err(kvm("set CPUID"))?;
+        regs::setup_lapic(&fd)?;
+        if id == 0 {
+            regs::setup_boot_vcpu(&fd, entry)?;
+        }
+        vcpus.push(Vcpu {
+            id,
+            fd,
+            pio: pio.clone(),
+            mmio: mmio.clone(),
+            shared: shared.clone(),
+            trace_start: id == 0 && std::env::var_os("VMM_TRACE_STARTUP").is_some(),
+        });
+    }
+
+    install_kick_handler()?;
+    let mut handle = VmHandle {
+        shared: shared.clone(),
+        vcpus: Vec::new(),
+        console: log,
+        input: None,
+        _vm: vm,
+        _memory: mem,
+    };
+    for vcpu in vcpus {
+        let name = format!("vcpu{}", vcpu.id);
+        let shared = shared.clone();
+        let id = vcpu.id;
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
+                if run.is_err() {
+                    shared.finish(VmExit::Failed(format!("vCPU {id}: its thread panicked")));
+                }
+            })
+            .map_err(|source| Error::Thread { name, source })?;
+        handle.vcpus.push(thread);
+    }
+    if wants_stdin {
+        handle.input = Some(spawn_stdin(serial, shared)?);
+    }
+    Ok(handle)
+}
