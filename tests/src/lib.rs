@@ -1,1 +1,86 @@
-//! Shared fixture for the integration tests in `tests/tests/`.
+//! Shared fixture for the integration tests in `tests/tests/`: where the
+//! guest images and the `vmm` binary are, and how to boot a guest whose
+//! serial output a test can wait on.
+//!
+//! Tests that need something this host lacks are marked
+//! `#[cfg_attr(no_kvm, ignore = "...")]` or `#[cfg_attr(pvm_host, ignore = "...")]`
+//! (cfgs set by `build.rs`), so `cargo test` lists them as ignored with the reason.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use vmm::{Console, SerialLog, VmConfig, VmHandle};
+
+/// How long a Linux guest may take to boot here: on PVM hosts a minimal
+/// kernel takes 12-15 s to reach init, more with two vCPUs.
+pub const LINUX_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A guest image from `kernel-images/out/`, which `kernel-images/build.sh` makes.
+pub fn image(name: &str) -> PathBuf {
+    let path = repo_root().join("kernel-images/out").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the guest images with `bash kernel-images/build.sh` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// The `vmm` binary cargo built beside this test.
+pub fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/vmm
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("vmm"))
+        .expect("target directory");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs the `vmm` binary with `args` and collects its status and output.
+pub fn run_vmm(args: &[&str]) -> Output {
+    Command::new(vmm_binary())
+        .args(args)
+        .output()
+        .expect("run the vmm binary")
+}
+
+/// Starts `config` with its serial output captured (and echoed to stderr
+/// when `VMM_TEST_ECHO` is set, to watch a guest boot).
+pub fn boot(config: &VmConfig) -> VmHandle {
+    let log = if std::env::var_os("VMM_TEST_ECHO").is_some() {
+        SerialLog::echoing()
+    } else {
+        SerialLog::new()
+    };
+    vmm::start(config, Console::Log(log)).unwrap_or_else(|e| panic!("VM did not start: {e}"))
+}
+
+/// Waits for a line containing `needle`, failing the test with the guest's
+/// last output if it does not come.
+pub fn expect_line(vm: &VmHandle, needle: &str, timeout: Duration) -> String {
+    vm.wait_for_line(needle, timeout)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The value of `key=` in a `testguest: key=value` line.
+pub fn testguest_value(vm: &VmHandle, key: &str) -> String {
+    let prefix = format!("testguest: {key}=");
+    let line = expect_line(vm, &prefix, Duration::from_secs(30));
+    line[line.find(&prefix).unwrap() + prefix.len()..].to_string()
+}
