@@ -52,7 +52,7 @@ pub fn validate_size(size: u64, host_total: Option<u64>) -> Result<()> {
             min: MIN_MEMORY_MIB,
         });
     }
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(Error::MemoryUnaligned(size));
     }
     if let Some(host) = host_total {
