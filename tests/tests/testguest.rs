@@ -72,3 +72,68 @@ fn a_bad_exit_value_is_reported_by_the_guest_and_fails() {
     );
     assert_eq!(vm.wait(), VmExit::Status(1));
 }
+
+/// Runs the binary on the test guest with `cmdline`; returns (status, stderr).
+fn run_testguest(cmdline: &str) -> (Option<i32>, String) {
+    let guest = image("testguest");
+    let out = run_vmm(&["--kernel", guest.to_str().unwrap(), "--cmdline", cmdline]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn a_triple_fault_ends_the_vmm_with_one_line_naming_it() {
+    let (status, stderr) = run_testguest("crash=triple-fault");
+    assert_eq!(status, Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr
+            .starts_with("vmm: the VM failed: vCPU 0: triple fault (KVM_EXIT_SHUTDOWN) at RIP 0x"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+#[cfg_attr(
+    not(pvm_host),
+    ignore = "needs a PVM host: hardware KVM runs the guest's popcnt natively, so nothing fails to emulate"
+)]
+fn an_emulation_failure_names_the_guest_rip_and_instruction_bytes() {
+    let (status, stderr) = run_testguest("crash=emulation");
+    assert_eq!(status, Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("KVM could not emulate an instruction (emulation failure) at RIP 0x"),
+        "{stderr}"
+    );
+    // popcnt %rax,%rax, the guest's deliberate instruction.
+    assert!(
+        stderr.contains("instruction bytes f3 48 0f b8 c0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn an_idle_guest_is_killed_through_its_handle() {
+    let mut config = VmConfig::new(image("testguest"));
+    config.cpus = 2;
+    config.cmdline = "idle".into();
+    let vm = boot(&config);
+    tests::expect_line(&vm, "testguest: idle", Duration::from_secs(30));
+    assert_eq!(
+        vm.wait_timeout(Duration::from_millis(200)),
+        None,
+        "an idle guest keeps running"
+    );
+    vm.kill();
+    assert_eq!(
+        vm.wait_timeout(Duration::from_secs(10)),
+        Some(VmExit::Killed)
+    );
+    assert_eq!(vm.wait(), VmExit::Killed);
+}
