@@ -1,1 +1,19 @@
-//! The block graph (nodes, drivers, leases, jobs). Filled in by the virtio-blk and block-graph work.
+//! Disks for the VMM's block devices: a host file opened the way the user
+//! asked, and the I/O engines that read and write it.
+//!
+//! ```text
+//!  DiskFile (path, size, read-only, O_DIRECT)
+//!      │ fd
+//!      ▼
+//!  AsyncIo ── UringIo  (io_uring: registered file, restricted opcodes)
+//!          └─ SyncIo   (plain system calls, same interface)
+//! ```
+//!
+//! The block graph (nodes, leases, jobs) grows here later; this crate knows
+//! nothing of KVM or virtio.
+
+pub mod file;
+pub mod io;
+
+pub use file::{DiskError, DiskFile, DiskOptions};
+pub use io::{AsyncIo, Completion, IoError, SyncIo, UringIo};

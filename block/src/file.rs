@@ -1,0 +1,168 @@
+//! A host file used as a disk.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// How to open a disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Open read-only; the device refuses writes.
+    pub read_only: bool,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+}
+
+/// Errors opening a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The file could not be opened.
+    #[error("cannot open disk '{path}': {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not a regular file or block device.
+    #[error("disk '{0}' is neither a regular file nor a block device")]
+    NotAFile(PathBuf),
+    /// Its size could not be read.
+    #[error("cannot read the size of disk '{path}': {source}")]
+    Size {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Its size is not a whole number of 512-byte sectors.
+    #[error("disk '{path}' is {size} bytes, not a whole number of 512-byte sectors")]
+    PartialSector { path: PathBuf, size: u64 },
+}
+
+/// An open disk file.
+#[derive(Debug)]
+pub struct DiskFile {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    options: DiskOptions,
+}
+
+impl DiskFile {
+    /// Opens `path` as a disk.
+    pub fn open(path: &Path, options: DiskOptions) -> Result<Self, DiskError> {
+        let open_err = |source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let size = if meta.file_type().is_block_device() {
+            use std::io::{Seek, SeekFrom};
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| DiskError::Size {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        } else if meta.is_file() {
+            meta.len()
+        } else {
+            return Err(DiskError::NotAFile(path.to_path_buf()));
+        };
+        if size % 512 != 0 {
+            return Err(DiskError::PartialSector {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            size,
+            options,
+        })
+    }
+
+    /// The path the user gave.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// How it was opened.
+    pub fn options(&self) -> DiskOptions {
+        self.options
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl AsRawFd for DiskFile {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str, len: u64) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("block-file-{}-{name}", std::process::id()));
+        File::create(&path).unwrap().set_len(len).unwrap();
+        path
+    }
+
+    #[test]
+    fn size_and_options_are_kept() {
+        let path = temp("ok", 1 << 20);
+        let disk = DiskFile::open(
+            &path,
+            DiskOptions {
+                read_only: true,
+                direct: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(disk.size(), 1 << 20);
+        assert!(disk.options().read_only);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_disks_are_refused_with_their_path() {
+        let err =
+            DiskFile::open(Path::new("/nonexistent/disk.img"), DiskOptions::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot open disk '/nonexistent/disk.img'"),
+            "{err}"
+        );
+        let err = DiskFile::open(Path::new("/dev/null"), DiskOptions::default()).unwrap_err();
+        assert!(matches!(err, DiskError::NotAFile(_)), "{err}");
+        let path = temp("odd", 1000);
+        let err = DiskFile::open(&path, DiskOptions::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "disk '{}' is 1000 bytes, not a whole number of 512-byte sectors",
+                path.display()
+            )
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -1,0 +1,125 @@
+//! The synchronous engine: each operation is a plain system call made at
+//! submission, its result queued as a completion. For hosts or files where
+//! io_uring is not available, and as a reference for the io_uring engine.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{AsyncIo, Completion, IoError, PUNCH_HOLE, ZERO_RANGE};
+
+/// Plain system calls on one file.
+pub struct SyncIo {
+    fd: RawFd,
+    done: VecDeque<Completion>,
+    notifier: EventFd,
+}
+
+fn result(rc: isize) -> i32 {
+    if rc < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        i32::try_from(rc).unwrap_or(i32::MAX)
+    }
+}
+
+impl SyncIo {
+    /// An engine over `fd`, which the caller keeps open.
+    pub fn new(fd: RawFd) -> Result<Self, IoError> {
+        let notifier = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| IoError::Setup {
+            engine: "sync",
+            source,
+        })?;
+        Ok(Self {
+            fd,
+            done: VecDeque::new(),
+            notifier,
+        })
+    }
+
+    fn complete(&mut self, user_data: u64, result: i32) -> Result<(), IoError> {
+        self.done.push_back(Completion { user_data, result });
+        self.notifier.write(1).map_err(IoError::Submit)
+    }
+
+    fn fallocate(
+        &mut self,
+        mode: i32,
+        offset: u64,
+        len: u64,
+        user_data: u64,
+    ) -> Result<(), IoError> {
+        // SAFETY: fallocate takes no pointers; a bad fd or range is an errno.
+        let rc =
+            unsafe { libc::fallocate(self.fd, mode, offset as libc::off_t, len as libc::off_t) };
+        self.complete(user_data, result(rc as isize))
+    }
+}
+
+impl AsyncIo for SyncIo {
+    fn notifier(&self) -> &EventFd {
+        &self.notifier
+    }
+
+    unsafe fn read_vectored(
+        &mut self,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), IoError> {
+        // SAFETY: the caller promises the iovecs are valid (trait contract).
+        let rc = unsafe {
+            libc::preadv(
+                self.fd,
+                iovecs.as_ptr(),
+                iovecs.len() as i32,
+                offset as libc::off_t,
+            )
+        };
+        self.complete(user_data, result(rc))
+    }
+
+    unsafe fn write_vectored(
+        &mut self,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), IoError> {
+        // SAFETY: the caller promises the iovecs are valid (trait contract).
+        let rc = unsafe {
+            libc::pwritev(
+                self.fd,
+                iovecs.as_ptr(),
+                iovecs.len() as i32,
+                offset as libc::off_t,
+            )
+        };
+        self.complete(user_data, result(rc))
+    }
+
+    fn flush(&mut self, user_data: u64) -> Result<(), IoError> {
+        // SAFETY: fdatasync takes no pointers.
+        let rc = unsafe { libc::fdatasync(self.fd) };
+        self.complete(user_data, result(rc as isize))
+    }
+
+    fn punch_hole(&mut self, offset: u64, len: u64, user_data: u64) -> Result<(), IoError> {
+        self.fallocate(PUNCH_HOLE, offset, len, user_data)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, user_data: u64) -> Result<(), IoError> {
+        self.fallocate(ZERO_RANGE, offset, len, user_data)
+    }
+
+    fn submit(&mut self) -> Result<(), IoError> {
+        Ok(())
+    }
+
+    fn next_completion(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+}
