@@ -1,0 +1,617 @@
+//! Parsing a virtio-blk request from a descriptor chain, trusting nothing.
+//!
+//! A request is a device-readable header, data buffers, and a one-byte
+//! device-writable status at the end. Every buffer must lie inside guest
+//! RAM, point the right way, and fit the disk; anything else is an
+//! [`RequestError`] that maps to a status the guest gets back.
+
+use std::ops::Deref;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Bytes in a virtio-blk sector, whatever the disk's block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// The largest data transfer one request may ask for.
+pub const MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// The largest number of DISCARD / WRITE_ZEROES segments in one request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: u32 = 20;
+
+const HEADER_LEN: u32 = 16;
+const SEGMENT_LEN: u32 = 16;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+// Request types (virtio 1.2, 5.2.6).
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// Status byte values.
+pub mod status {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// Failed: bad buffers, out of range, or a host I/O error.
+    pub const IOERR: u8 = 1;
+    /// The request type is not supported.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Read sectors into the data buffers.
+    In,
+    /// Write the data buffers to sectors.
+    Out,
+    /// Make completed writes durable.
+    Flush,
+    /// Write the device's ID string into the data buffer.
+    GetId,
+    /// Deallocate ranges.
+    Discard(Vec<Segment>),
+    /// Zero ranges; `unmap` allows deallocating them.
+    WriteZeroes(Vec<Segment>),
+}
+
+/// One range of a DISCARD or WRITE_ZEROES request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// First sector.
+    pub sector: u64,
+    /// Number of sectors.
+    pub sectors: u32,
+    /// WRITE_ZEROES with UNMAP: the range may be deallocated.
+    pub unmap: bool,
+}
+
+/// A data buffer in guest memory, already checked to lie in one region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A request whose every buffer has been checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// What to do.
+    pub kind: RequestKind,
+    /// First sector (IN and OUT).
+    pub sector: u64,
+    /// The data buffers, in order.
+    pub data: Vec<Buffer>,
+    /// Total bytes of the data buffers.
+    pub data_len: u64,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The chain ended early, looped or outgrew the queue.
+    #[error("the descriptor chain is malformed (it loops, outgrows the queue, or lacks a header or status)")]
+    MalformedChain,
+    /// The status descriptor is missing, too short, read-only or outside RAM.
+    #[error("the status descriptor is missing, read-only, or outside guest memory")]
+    BadStatus,
+    /// A buffer lies (partly) outside guest RAM.
+    #[error("a buffer at {addr:#x} (length {len}) is outside guest memory")]
+    OutsideMemory { addr: u64, len: u32 },
+    /// A buffer points the wrong way (device-writable header, read-only IN buffer...).
+    #[error("a buffer points the wrong way for this request")]
+    WrongDirection,
+    /// The header is shorter than 16 bytes.
+    #[error("the request header is too short")]
+    ShortHeader,
+    /// Data length is not a whole number of sectors (or segments).
+    #[error("the data length {0} is not a whole number of sectors or segments")]
+    BadLength(u64),
+    /// The request reaches past the end of the disk.
+    #[error("the request reaches past the end of the disk (sector {sector}, {len} bytes)")]
+    OutOfRange { sector: u64, len: u64 },
+    /// The request is larger than we accept.
+    #[error("the request is larger than {MAX_REQUEST_BYTES} bytes or has too many segments")]
+    TooLarge,
+    /// A write-like request to a read-only disk.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// An unknown or unoffered request type.
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+}
+
+impl RequestError {
+    /// The status byte the guest gets for this error.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => status::UNSUPP,
+            _ => status::IOERR,
+        }
+    }
+}
+
+/// What the device is, as far as checking requests goes.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskLimits {
+    /// Size in 512-byte sectors.
+    pub capacity: u64,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Most data descriptors per request (`seg_max`).
+    pub max_segments: u32,
+    /// DISCARD was offered.
+    pub discard: bool,
+    /// WRITE_ZEROES was offered.
+    pub write_zeroes: bool,
+}
+
+/// A request that could not be parsed, with where its status goes if that
+/// much could be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why.
+    pub error: RequestError,
+    /// Where the status byte goes, if the chain had a usable one.
+    pub status: Option<GuestAddress>,
+}
+
+fn in_memory<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    desc: &Descriptor,
+) -> Result<Buffer, RequestError> {
+    let outside = RequestError::OutsideMemory {
+        addr: desc.addr().0,
+        len: desc.len(),
+    };
+    // One region only: the buffer becomes one host iovec.
+    if desc.len() > 0 {
+        mem.get_slice(desc.addr(), desc.len() as usize)
+            .map_err(|_| outside.clone())?;
+    } else if !mem.address_in_range(desc.addr()) {
+        return Err(outside);
+    }
+    Ok(Buffer {
+        addr: desc.addr(),
+        len: desc.len(),
+    })
+}
+
+/// Parses the chain into a request, checking it against `limits`.
+pub fn parse<M>(mut chain: DescriptorChain<M>, limits: &DiskLimits) -> Result<Request, Refused>
+where
+    M: Deref,
+    M::Target: GuestMemoryBackend,
+{
+    // Collect first: the chain iterator stops silently on loops, so a last
+    // descriptor that still says "next" means the chain was cut short.
+    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    let mem = chain.memory();
+    let refuse = |error, status| Refused { error, status };
+    let (last, head) = match (descs.last(), descs.first()) {
+        (Some(last), Some(head)) if descs.len() >= 2 => (last, head),
+        _ => return Err(refuse(RequestError::MalformedChain, None)),
+    };
+    if last.has_next() {
+        return Err(refuse(RequestError::MalformedChain, None));
+    }
+    if !last.is_write_only() || last.len() < 1 {
+        return Err(refuse(RequestError::BadStatus, None));
+    }
+    let status = in_memory(mem, last)
+        .map_err(|_| refuse(RequestError::BadStatus, None))?
+        .addr;
+    let with_status = |error| refuse(error, Some(status));
+    let fail = |error| Err(with_status(error));
+
+    if head.is_write_only() {
+        return fail(RequestError::WrongDirection);
+    }
+    if head.len() < HEADER_LEN {
+        return fail(RequestError::ShortHeader);
+    }
+    let header = match in_memory(mem, head) {
+        Ok(_) => {
+            let mut bytes = [0u8; HEADER_LEN as usize];
+            if mem.read_slice(&mut bytes, head.addr()).is_err() {
+                return fail(RequestError::OutsideMemory {
+                    addr: head.addr().0,
+                    len: head.len(),
+                });
+            }
+            bytes
+        }
+        Err(e) => return fail(e),
+    };
+    let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+
+    let middle = &descs[1..descs.len() - 1];
+    let wants_writable = match req_type {
+        T_IN | T_GET_ID => true,
+        T_OUT | T_DISCARD | T_WRITE_ZEROES | T_FLUSH => false,
+        other => return fail(RequestError::Unsupported(other)),
+    };
+    if middle.len() as u32 > limits.max_segments {
+        return fail(RequestError::TooLarge);
+    }
+    let mut data = Vec::with_capacity(middle.len());
+    let mut data_len: u64 = 0;
+    for desc in middle {
+        if desc.is_write_only() != wants_writable {
+            return fail(RequestError::WrongDirection);
+        }
+        match in_memory(mem, desc) {
+            Ok(buf) => data.push(buf),
+            Err(e) => return fail(e),
+        }
+        data_len += u64::from(desc.len());
+    }
+    if data_len > MAX_REQUEST_BYTES {
+        return fail(RequestError::TooLarge);
+    }
+
+    let writes = matches!(req_type, T_OUT | T_DISCARD | T_WRITE_ZEROES);
+    if writes && limits.read_only {
+        return fail(RequestError::ReadOnly);
+    }
+    let kind = match req_type {
+        T_IN | T_OUT => {
+            if !data_len.is_multiple_of(SECTOR_SIZE) {
+                return fail(RequestError::BadLength(data_len));
+            }
+            check_range(limits, sector, data_len).map_err(with_status)?;
+            if req_type == T_IN {
+                RequestKind::In
+            } else {
+                RequestKind::Out
+            }
+        }
+        T_FLUSH => RequestKind::Flush,
+        T_GET_ID => {
+            if data_len < u64::from(ID_BYTES) {
+                return fail(RequestError::BadLength(data_len));
+            }
+            RequestKind::GetId
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            let offered = if req_type == T_DISCARD {
+                limits.discard
+            } else {
+                limits.write_zeroes
+            };
+            if !offered {
+                return fail(RequestError::Unsupported(req_type));
+            }
+            let segments = read_segments(mem, &data, data_len, limits).map_err(with_status)?;
+            if req_type == T_DISCARD {
+                RequestKind::Discard(segments)
+            } else {
+                RequestKind::WriteZeroes(segments)
+            }
+        }
+        other => return fail(RequestError::Unsupported(other)),
+    };
+    Ok(Request {
+        kind,
+        sector,
+        data,
+        data_len,
+        status,
+    })
+}
+
+fn check_range(limits: &DiskLimits, sector: u64, len: u64) -> Result<(), RequestError> {
+    let end = sector
+        .checked_mul(SECTOR_SIZE)
+        .and_then(|start| start.checked_add(len));
+    match end {
+        Some(end) if end <= limits.capacity * SECTOR_SIZE => Ok(()),
+        _ => Err(RequestError::OutOfRange { sector, len }),
+    }
+}
+
+fn read_segments<M: GuestMemoryBackend + ?Sized>(
+    mem: &M,
+    data: &[Buffer],
+    data_len: u64,
+    limits: &DiskLimits,
+) -> Result<Vec<Segment>, RequestError> {
+    if data_len == 0 || !data_len.is_multiple_of(u64::from(SEGMENT_LEN)) {
+        return Err(RequestError::BadLength(data_len));
+    }
+    if data_len / u64::from(SEGMENT_LEN) > u64::from(MAX_DISCARD_SEGMENTS) {
+        return Err(RequestError::TooLarge);
+    }
+    // Segments may straddle buffers: gather the bytes first.
+    let mut bytes = Vec::with_capacity(data_len as usize);
+    for buf in data {
+        let start = bytes.len();
+        bytes.resize(start + buf.len as usize, 0);
+        mem.read_slice(&mut bytes[start..], buf.addr)
+            .map_err(|_| RequestError::OutsideMemory {
+                addr: buf.addr.0,
+                len: buf.len,
+            })?;
+    }
+    bytes
+        .chunks_exact(SEGMENT_LEN as usize)
+        .map(|raw| {
+            let seg = Segment {
+                sector: u64::from_le_bytes(raw[0..8].try_into().unwrap()),
+                sectors: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
+                unmap: u32::from_le_bytes(raw[12..16].try_into().unwrap()) & WRITE_ZEROES_UNMAP
+                    != 0,
+            };
+            check_range(limits, seg.sector, u64::from(seg.sectors) * SECTOR_SIZE)?;
+            Ok(seg)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestMemoryMmap;
+
+    const HDR: u64 = 0x1_0000;
+    const DATA: u64 = 0x2_0000;
+    const STATUS: u64 = 0x3_0000;
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn limits() -> DiskLimits {
+        DiskLimits {
+            capacity: 64,
+            read_only: false,
+            max_segments: 8,
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(mem: &GuestMemoryMmap, req_type: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&req_type.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Parses a chain of `descs` (NEXT flags filled in) with `limits`.
+    fn parse_chain(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        limits: &DiskLimits,
+    ) -> Result<Request, Refused> {
+        let queue = MockSplitQueue::new(mem, 16);
+        let chain = queue.build_desc_chain(descs).unwrap();
+        parse(chain, limits)
+    }
+
+    fn simple(
+        mem: &GuestMemoryMmap,
+        req_type: u32,
+        sector: u64,
+        data: RawDescriptor,
+    ) -> Result<Request, Refused> {
+        header(mem, req_type, sector);
+        parse_chain(
+            mem,
+            &[desc(HDR, 16, 0), data, desc(STATUS, 1, W)],
+            &limits(),
+        )
+    }
+
+    fn error_of(result: Result<Request, Refused>) -> (RequestError, Option<GuestAddress>) {
+        let refused = result.unwrap_err();
+        (refused.error, refused.status)
+    }
+
+    #[test]
+    fn a_well_formed_read_is_accepted_with_its_buffers() {
+        let m = mem();
+        let req = simple(&m, T_IN, 2, desc(DATA, 1024, W)).unwrap();
+        assert_eq!(req.kind, RequestKind::In);
+        assert_eq!(
+            (req.sector, req.data_len, req.status),
+            (2, 1024, GuestAddress(STATUS))
+        );
+        assert_eq!(
+            req.data,
+            vec![Buffer {
+                addr: GuestAddress(DATA),
+                len: 1024
+            }]
+        );
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_get_ioerr() {
+        let m = mem();
+        let (err, status) = error_of(simple(&m, T_IN, 0, desc(0xffff_0000, 512, W)));
+        assert!(matches!(err, RequestError::OutsideMemory { .. }));
+        assert_eq!(
+            (err.status(), status),
+            (status::IOERR, Some(GuestAddress(STATUS)))
+        );
+        // Straddling the end of RAM is outside too.
+        let (err, _) = error_of(simple(&m, T_IN, 0, desc((1 << 20) - 512, 1024, W)));
+        assert!(matches!(err, RequestError::OutsideMemory { .. }));
+    }
+
+    #[test]
+    fn wrong_directions_get_ioerr() {
+        let m = mem();
+        let (err, _) = error_of(simple(&m, T_IN, 0, desc(DATA, 512, 0)));
+        assert_eq!(err, RequestError::WrongDirection);
+        let (err, _) = error_of(simple(&m, T_OUT, 0, desc(DATA, 512, W)));
+        assert_eq!(err, RequestError::WrongDirection);
+        header(&m, T_IN, 0);
+        let res = parse_chain(
+            &m,
+            &[desc(HDR, 16, W), desc(DATA, 512, W), desc(STATUS, 1, W)],
+            &limits(),
+        );
+        assert_eq!(error_of(res).0, RequestError::WrongDirection);
+    }
+
+    #[test]
+    fn a_read_only_or_missing_status_cannot_be_answered() {
+        let m = mem();
+        header(&m, T_IN, 0);
+        let res = parse_chain(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(STATUS, 1, 0)],
+            &limits(),
+        );
+        assert_eq!(error_of(res), (RequestError::BadStatus, None));
+        let res = parse_chain(&m, &[desc(HDR, 16, 0)], &limits());
+        assert_eq!(error_of(res), (RequestError::MalformedChain, None));
+        let res = parse_chain(&m, &[desc(HDR, 16, 0), desc(0xffff_0000, 1, W)], &limits());
+        assert_eq!(error_of(res), (RequestError::BadStatus, None));
+    }
+
+    #[test]
+    fn requests_past_the_end_of_the_disk_get_ioerr() {
+        let m = mem();
+        assert!(simple(&m, T_IN, 62, desc(DATA, 1024, W)).is_ok());
+        let (err, _) = error_of(simple(&m, T_IN, 63, desc(DATA, 1024, W)));
+        assert_eq!(
+            err,
+            RequestError::OutOfRange {
+                sector: 63,
+                len: 1024
+            }
+        );
+        let (err, _) = error_of(simple(&m, T_OUT, u64::MAX / 256, desc(DATA, 512, 0)));
+        assert!(matches!(err, RequestError::OutOfRange { .. }));
+    }
+
+    #[test]
+    fn partial_sectors_and_oversized_requests_are_refused() {
+        let m = mem();
+        let (err, _) = error_of(simple(&m, T_IN, 0, desc(DATA, 100, W)));
+        assert_eq!(err, RequestError::BadLength(100));
+        header(&m, T_IN, 0);
+        let mut descs = vec![desc(HDR, 16, 0)];
+        descs.extend((0..9).map(|i| desc(DATA + i * 512, 512, W)));
+        descs.push(desc(STATUS, 1, W));
+        assert_eq!(
+            error_of(parse_chain(&m, &descs, &limits())).0,
+            RequestError::TooLarge
+        );
+    }
+
+    #[test]
+    fn unknown_types_get_unsupp_and_writes_to_read_only_disks_ioerr() {
+        let m = mem();
+        let (err, _) = error_of(simple(&m, 99, 0, desc(DATA, 512, 0)));
+        assert_eq!(
+            (err.clone(), err.status()),
+            (RequestError::Unsupported(99), status::UNSUPP)
+        );
+        header(&m, T_OUT, 0);
+        let ro = DiskLimits {
+            read_only: true,
+            ..limits()
+        };
+        let res = parse_chain(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+            &ro,
+        );
+        assert_eq!(error_of(res).0.status(), status::IOERR);
+        let no_discard = DiskLimits {
+            discard: false,
+            ..limits()
+        };
+        header(&m, T_DISCARD, 0);
+        let res = parse_chain(
+            &m,
+            &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
+            &no_discard,
+        );
+        assert_eq!(error_of(res).0, RequestError::Unsupported(T_DISCARD));
+    }
+
+    #[test]
+    fn a_looping_chain_is_malformed() {
+        let m = mem();
+        header(&m, T_IN, 0);
+        let queue = MockSplitQueue::new(&m, 16);
+        let next = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1)),
+            RawDescriptor::from(SplitDescriptor::new(DATA, 512, next | W, 2)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, next | W, 0)),
+        ];
+        let chain = queue.build_multiple_desc_chains(&descs).unwrap();
+        assert_eq!(
+            error_of(parse(chain, &limits())),
+            (RequestError::MalformedChain, None)
+        );
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_segments_are_read_and_range_checked() {
+        let m = mem();
+        let mut segs = Vec::new();
+        for (sector, n, flags) in [(0u64, 8u32, 0u32), (16, 4, 1)] {
+            segs.extend_from_slice(&sector.to_le_bytes());
+            segs.extend_from_slice(&n.to_le_bytes());
+            segs.extend_from_slice(&flags.to_le_bytes());
+        }
+        m.write_slice(&segs, GuestAddress(DATA)).unwrap();
+        let req = simple(&m, T_WRITE_ZEROES, 0, desc(DATA, 32, 0)).unwrap();
+        assert_eq!(
+            req.kind,
+            RequestKind::WriteZeroes(vec![
+                Segment {
+                    sector: 0,
+                    sectors: 8,
+                    unmap: false
+                },
+                Segment {
+                    sector: 16,
+                    sectors: 4,
+                    unmap: true
+                },
+            ])
+        );
+        m.write_slice(&60u64.to_le_bytes(), GuestAddress(DATA))
+            .unwrap();
+        let (err, _) = error_of(simple(&m, T_DISCARD, 0, desc(DATA, 32, 0)));
+        assert!(matches!(err, RequestError::OutOfRange { sector: 60, .. }));
+        let (err, _) = error_of(simple(&m, T_DISCARD, 0, desc(DATA, 20, 0)));
+        assert_eq!(err, RequestError::BadLength(20));
+    }
+
+    #[test]
+    fn get_id_needs_twenty_writable_bytes() {
+        let m = mem();
+        assert_eq!(
+            simple(&m, T_GET_ID, 0, desc(DATA, 20, W)).unwrap().kind,
+            RequestKind::GetId
+        );
+        let (err, _) = error_of(simple(&m, T_GET_ID, 0, desc(DATA, 19, W)));
+        assert_eq!(err, RequestError::BadLength(19));
+    }
+}

@@ -1,0 +1,134 @@
+//! Virtio devices and their MMIO transport.
+//!
+//! ```text
+//!  guest MMIO ──► MmioTransport (registers, feature and queue setup, status)
+//!                     │ DRIVER_OK: activate(queues, notify eventfds, interrupt)
+//!                     ▼
+//!                 VirtioDevice (e.g. virtio-blk) ── hands queues to its worker
+//!                     ▲ reset(): worker drains, returns the queues
+//! ```
+//!
+//! The transport knows nothing of what a device does; a device knows
+//! nothing of registers.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready: the device may run.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 0x80;
+}
+
+/// `VIRTIO_F_VERSION_1`: every device we offer is a virtio 1.x device.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Interrupt causes in the transport's InterruptStatus register.
+pub const INT_USED_RING: u32 = 1;
+/// The configuration space changed.
+pub const INT_CONFIG: u32 = 2;
+
+/// How a device raises its interrupt: a cause bit the guest reads back and
+/// an eventfd registered as an irqfd.
+pub struct Interrupt {
+    status: AtomicU32,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt that signals `irq`.
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// Sets `cause` and raises the interrupt line.
+    pub fn raise(&self, cause: u32) {
+        self.status.fetch_or(cause, Ordering::AcqRel);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("cannot raise a virtio interrupt: {e}");
+        }
+    }
+
+    /// The causes not yet acknowledged.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Clears acknowledged causes.
+    pub fn ack(&self, causes: u32) {
+        self.status.fetch_and(!causes, Ordering::AcqRel);
+    }
+}
+
+/// A queue the driver enabled, with its index and notification eventfd.
+pub struct ActiveQueue {
+    /// The queue's index on the device.
+    pub index: u16,
+    /// The queue, validated against guest memory.
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub notify: EventFd,
+}
+
+/// Everything a device needs to start serving its queues.
+pub struct Activation {
+    /// Guest memory, for reading requests and writing results.
+    pub mem: GuestMemoryMmap,
+    /// The queues the driver enabled.
+    pub queues: Vec<ActiveQueue>,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot activate virtio device '{device}': {reason}")]
+pub struct ActivateError {
+    /// The device's name as the user gave it.
+    pub device: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// The device's name, as the user gave it (used in errors and thread names).
+    fn name(&self) -> &str;
+    /// The virtio device ID (2 for block).
+    fn device_type(&self) -> u32;
+    /// The largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The features the device offers.
+    fn features(&self) -> u64;
+    /// Reads the device's configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device's configuration space (most fields are read-only).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving: waits for requests in flight, ends the worker, and
+    /// gives the queues back (None if the device was not active).
+    fn reset(&mut self) -> Option<Vec<ActiveQueue>>;
+}
