@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::config::{MemorySize, VmConfig, DEFAULT_CMDLINE};
+use crate::disk::DiskConfig;
 
 /// Boot a Linux kernel or a PVH guest on KVM.
 #[derive(Debug, Parser)]
@@ -31,6 +32,9 @@ pub struct Cli {
         allow_negative_numbers = true
     )]
     pub cpus: u32,
+    /// A virtio-blk disk: path=FILE[,id=ID][,readonly=on][,direct=on][,queues=N][,queue-size=N][,serial=STR][,poll=USECS]
+    #[arg(long = "disk", value_name = "OPTIONS")]
+    pub disks: Vec<DiskConfig>,
 }
 
 impl From<Cli> for VmConfig {
@@ -41,6 +45,7 @@ impl From<Cli> for VmConfig {
             cmdline: cli.cmdline,
             memory: cli.memory,
             cpus: cli.cpus,
+            disks: cli.disks,
         }
     }
 }

@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::disk::DiskConfig;
+
 /// The command line a guest gets when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -21,6 +23,8 @@ pub struct VmConfig {
     pub memory: MemorySize,
     /// Number of vCPUs.
     pub cpus: u32,
+    /// virtio-blk disks, in the order the guest sees them.
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -33,6 +37,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             memory: MemorySize::mib(128),
             cpus: 1,
+            disks: Vec::new(),
         }
     }
 }

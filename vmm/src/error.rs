@@ -70,6 +70,19 @@ pub enum Error {
     /// Writing boot structures into guest memory failed.
     #[error("cannot write the {what} into guest memory: {reason}")]
     GuestWrite { what: &'static str, reason: String },
+    /// A disk could not be opened.
+    #[error("disk '{id}': {source}")]
+    Disk {
+        id: String,
+        #[source]
+        source: block::DiskError,
+    },
+    /// More disks than interrupt lines.
+    #[error("{0} disks are more than the {max} this VM can give interrupt lines to", max = crate::virtio::MAX_DISKS)]
+    TooManyDisks(usize),
+    /// Two disks with the same id.
+    #[error("two disks are named '{0}': give each a different id=")]
+    DuplicateDisk(String),
     /// A device could not be set up.
     #[error("cannot set up device '{name}': {reason}")]
     Device { name: String, reason: String },

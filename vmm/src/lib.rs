@@ -20,14 +20,17 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod disk;
 pub mod error;
 pub mod host;
 pub mod memory;
 mod vcpu;
+pub mod virtio;
 pub mod vm;
 pub mod x86;
 
 pub use config::{MemorySize, VmConfig};
 pub use console::{Console, SerialLog};
+pub use disk::DiskConfig;
 pub use error::{Error, Result};
 pub use vm::{start, VmExit, VmHandle, WaitError};

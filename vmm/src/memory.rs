@@ -20,6 +20,12 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of that hole.
 pub const MMIO_GAP_END: u64 = 1 << 32;
+/// Where the first virtio-mmio device's registers go (inside the MMIO gap).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Bytes between consecutive virtio-mmio devices.
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+/// The interrupt line of the first virtio-mmio device; the others follow.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
 /// The smallest guest we build: below this not even a small kernel fits.
 pub const MIN_MEMORY_MIB: u64 = 16;
 const PAGE_SIZE: u64 = 4096;

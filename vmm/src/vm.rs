@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::legacy::{self, ExitPort, Serial, I8042};
+use devices::virtio::mmio::MmioTransport;
 use devices::Bus;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -34,7 +35,7 @@ use crate::console::{Console, SerialLog};
 use crate::error::{kvm, Error, Result};
 use crate::vcpu::Vcpu;
 use crate::x86::{cpuid, mptable, regs};
-use crate::{host, memory};
+use crate::{host, memory, virtio};
 
 /// KVM's TSS needs three pages below 4 GiB outside guest RAM.
 const TSS_ADDR: usize = 0xfffb_d000;
@@ -120,6 +121,8 @@ pub struct VmHandle {
     vcpus: Vec<JoinHandle<()>>,
     console: Option<SerialLog>,
     input: Option<JoinHandle<()>>,
+    /// Reset when the VM ends, so each dataplane drains and stops.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     // KVM keeps using these until every vCPU has left KVM_RUN.
     _vm: VmFd,
     _memory: GuestMemoryMmap,
@@ -218,6 +221,10 @@ impl VmHandle {
         }
         if let Some(t) = self.input.take() {
             let _ = t.join();
+        }
+        // No vCPU runs now: stop the dataplanes, letting requests in flight finish.
+        for t in self.transports.drain(..) {
+            t.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
         }
     }
 }
@@ -354,9 +361,14 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: mptable::MAX_CPUS,
         });
     }
+    let disks = virtio::open_disks(&config.disks)?;
     let pvm = host::is_pvm();
-    let extra: &[&str] = if pvm { cpuid::PVM_KERNEL_PARAMS } else { &[] };
-    let cmdline = cmdline::compose(&config.cmdline, extra)?;
+    let mut extra: Vec<String> = virtio::cmdline_params(disks.len());
+    if pvm {
+        extra.extend(cpuid::PVM_KERNEL_PARAMS.iter().map(|p| p.to_string()));
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let cmdline = cmdline::compose(&config.cmdline, &extra)?;
 
     let kvm_fd = open_kvm()?;
     let max_cpus = u32::try_from(kvm_fd.get_max_vcpus())
@@ -438,7 +450,9 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         )
     })
     .map_err(|e| device_err("legacy")(&e))?;
-    let (pio, mmio) = (Arc::new(pio), Arc::new(Bus::new()));
+    let mut mmio = Bus::new();
+    let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks)?;
+    let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let supported = kvm_fd
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -474,6 +488,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         vcpus: Vec::new(),
         console: log,
         input: None,
+        transports,
         _vm: vm,
         _memory: mem,
     };

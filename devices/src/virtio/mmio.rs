@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1, INT_CONFIG};
+use super::{status, Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
 use crate::bus::{BusDevice, GuestRequest};
 
 /// "virt" in little endian.
@@ -128,6 +128,11 @@ impl MmioTransport {
         &self.notifiers
     }
 
+    /// Stops the device as a reset would: its worker drains and ends.
+    pub fn shutdown(&mut self) {
+        self.reset();
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         self.device.name()
@@ -161,6 +166,7 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS if self.interrupt.is_broken() => self.status | status::DEVICE_NEEDS_RESET,
             reg::STATUS => self.status,
             // No shared memory regions: a length of all ones says so.
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
@@ -334,9 +340,8 @@ impl MmioTransport {
     }
 
     fn needs_reset(&mut self) {
-        self.status |= status::DEVICE_NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
-        self.interrupt.raise(INT_CONFIG);
+        self.interrupt.fail();
     }
 
     fn reset(&mut self) {
@@ -352,7 +357,7 @@ impl MmioTransport {
             // Drop notifications that arrived for the old queues.
             let _ = fd.read();
         }
-        self.interrupt.ack(u32::MAX);
+        self.interrupt.reset();
         self.status = 0;
         self.acked_features = 0;
         self.device_features_sel = 0;

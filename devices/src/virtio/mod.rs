@@ -14,7 +14,7 @@
 pub mod block;
 pub mod mmio;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
@@ -50,6 +50,8 @@ pub const INT_CONFIG: u32 = 2;
 pub struct Interrupt {
     status: AtomicU32,
     irq: EventFd,
+    /// The device's worker hit an error only a reset clears.
+    broken: AtomicBool,
 }
 
 impl Interrupt {
@@ -58,7 +60,20 @@ impl Interrupt {
         Self {
             status: AtomicU32::new(0),
             irq,
+            broken: AtomicBool::new(false),
         }
+    }
+
+    /// Puts the device in its error state (DEVICE_NEEDS_RESET) and tells
+    /// the driver through a configuration interrupt.
+    pub fn fail(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.raise(INT_CONFIG);
+    }
+
+    /// Whether the device is in its error state.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// Sets `cause` and raises the interrupt line.
@@ -77,6 +92,12 @@ impl Interrupt {
     /// Clears acknowledged causes.
     pub fn ack(&self, causes: u32) {
         self.status.fetch_and(!causes, Ordering::AcqRel);
+    }
+
+    /// Back to the state after power-on: no causes, not broken.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::Release);
+        self.broken.store(false, Ordering::Release);
     }
 }
 

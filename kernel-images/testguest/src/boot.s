@@ -90,6 +90,10 @@ tg_exception_stubs:
     .endr
     .org tg_exception_stubs + 16 * 32, 0x90
 tg_exception_common:
+    # From ring 3 (user.rs: the `ud2` that ends a user-mode call, or a
+    # fault in user code): back to the kernel context that entered it.
+    testb $3, 24(%rsp)          # CS of the interrupted code
+    jnz tg_user_return
     mov (%rsp), %rdi            # vector
     mov 8(%rsp), %rsi           # error code
     mov 16(%rsp), %rdx          # rip
@@ -97,17 +101,84 @@ tg_exception_common:
     call tg_exception           # never returns
     jmp tg_halt
 
-# ---- GDT: null, 0x08 64-bit code, 0x10 flat data (accessed bits preset).
-    .section .rodata.boot, "a", @progbits
+# ---- Ring 3 (user.rs). tg_user_enter(arg, func, stack) saves the
+# callee-saved registers and %rsp, then `iretq`s to ring 3 at
+# tg_user_trampoline, which calls func(arg) on the user stack and ends with
+# `ud2`. The #UD (or any other exception from ring 3) arrives on the TSS's
+# RSP0 stack; tg_exception_common sends it to tg_user_return, which
+# records the error code and RIP, restores the kernel context and returns
+# the vector from tg_user_enter.
+    .section .text.tg_user, "ax", @progbits
     .balign 16
+    .global tg_user_enter
+tg_user_enter:
+    push %rbx
+    push %rbp
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, tg_user_kernel_rsp(%rip)
+    pushq $0x1b                 # SS: user data, RPL 3
+    push %rdx                   # RSP: the user stack
+    pushq $0x2                  # RFLAGS: IF=0, IOPL=0
+    pushq $0x23                 # CS: user code, RPL 3
+    lea tg_user_trampoline(%rip), %rax
+    push %rax
+    iretq
+    .global tg_user_trampoline
+tg_user_trampoline:
+    call *%rsi
+    .global tg_user_done
+tg_user_done:
+    ud2
+tg_user_return:
+    mov (%rsp), %rax            # vector: tg_user_enter's return value
+    mov 8(%rsp), %rcx
+    mov %rcx, tg_user_fault_error(%rip)
+    mov 16(%rsp), %rcx
+    mov %rcx, tg_user_fault_rip(%rip)
+    mov tg_user_kernel_rsp(%rip), %rsp
+    cld
+    pop %r15
+    pop %r14
+    pop %r13
+    pop %r12
+    pop %rbp
+    pop %rbx
+    ret
+
+# ---- GDT (writable: `ltr` sets the TSS busy bit): null, 0x08 64-bit
+# code, 0x10 flat data, 0x18 user data (DPL 3), 0x20 user 64-bit code (DPL
+# 3), 0x28 the 16-byte TSS descriptor that user.rs fills in before `ltr`.
+# Accessed bits preset.
+    .section .data.boot, "aw", @progbits
+    .balign 16
+    .global tg_gdt
 tg_gdt:
     .quad 0
     .quad 0x00af9b000000ffff
     .quad 0x00cf93000000ffff
+    .quad 0x00cff3000000ffff
+    .quad 0x00affb000000ffff
+    .quad 0
+    .quad 0
 tg_gdt_end:
 tg_gdt_ptr:
     .word tg_gdt_end - tg_gdt - 1
     .quad tg_gdt
+    .balign 8
+    .global tg_user_kernel_rsp
+tg_user_kernel_rsp:
+    .quad 0
+    .global tg_user_fault_error
+tg_user_fault_error:
+    .quad 0
+    .global tg_user_fault_rip
+tg_user_fault_rip:
+    .quad 0
+
+    .section .rodata.boot, "a", @progbits
 
 # ---- IDT for the 32 CPU exceptions, fully initialised by the loader (a
 # fill loop would cost hundreds of emulated instructions). The gate
@@ -131,21 +202,24 @@ tg_idt_ptr:
 
 # ---- Page tables, fully initialised by the loader (no fill loop, which
 # would cost ~2 ms of emulated instructions): identity map of the first
-# 4 GiB with 2 MiB pages. PML4[0] -> PDPT, PDPT[0..3] -> 4 PDs.
+# 4 GiB with 2 MiB pages. PML4[0] -> PDPT, PDPT[0..3] -> 4 PDs. Every
+# entry has the user bit: ring-3 code (user.rs) may touch anything (its
+# code, stack, the virtqueues, data buffers and virtio-mmio registers);
+# CR4.SMEP/SMAP stay off, so ring 0 is not restricted by it.
     .section .data.boot, "aw", @progbits
     .balign 4096
 tg_pml4:
-    .quad tg_pdpt + 0x3         # present, writable
+    .quad tg_pdpt + 0x7         # present, writable, user
     .fill 511, 8, 0
 tg_pdpt:
-    .quad tg_pd + 0x0003
-    .quad tg_pd + 0x1003
-    .quad tg_pd + 0x2003
-    .quad tg_pd + 0x3003
+    .quad tg_pd + 0x0007
+    .quad tg_pd + 0x1007
+    .quad tg_pd + 0x2007
+    .quad tg_pd + 0x3007
     .fill 508, 8, 0
 tg_pd:
     .rept 2048
-    .quad ((. - tg_pd) << 18) | 0x83    # entry i maps i * 2 MiB; present, writable, 2 MiB page
+    .quad ((. - tg_pd) << 18) | 0x87    # entry i maps i * 2 MiB; present, writable, user, 2 MiB page
     .endr
 
 # ---- Boot stack (16 KiB).
@@ -153,3 +227,13 @@ tg_pd:
     .balign 16
     .space 16384
 tg_stack_top:
+
+# ---- Ring-3 stack (64 KiB) and the TSS's RSP0 stack for exceptions from
+# ring 3 (tg_user_return only needs a few words of it).
+    .balign 16
+    .space 65536
+    .global tg_user_stack_top
+tg_user_stack_top:
+    .space 4096
+    .global tg_rsp0_top
+tg_rsp0_top:

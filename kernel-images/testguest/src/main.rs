@@ -10,6 +10,9 @@
 //! testguest: exit=<status>
 //! ```
 //!
+//! With `blk=` / `blk.bench=`, `testguest: blk ...` lines (the virtio-blk
+//! devices and workloads, blk_run.rs) come before the exit line.
+//!
 //! plus `testguest: warning: ...` / `testguest: error: ...` lines where
 //! something is off, and `testguest: panic: <message>` (status 101) on a
 //! panic or CPU exception. `idle` replaces the exit line with
@@ -20,15 +23,24 @@
 #![no_std]
 #![no_main]
 
+mod bench;
+mod blk;
+mod blk_run;
+mod blk_work;
 mod cmdline;
 mod crash;
 mod exit;
 mod idt;
+mod mem;
 mod mptable;
 mod phys;
 mod port;
 mod pvh;
 mod serial;
+mod text;
+mod tsc;
+mod user;
+mod virtio;
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use serial::{put, put_bytes, put_dec};
@@ -37,6 +49,8 @@ core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));
 
 /// Exit status after a panic or CPU exception.
 const PANIC_STATUS: u8 = 101;
+/// Exit status when a block workload FAILED (whatever `exit=` says).
+const BLK_FAILED_STATUS: u8 = 1;
 
 /// Entered from boot.s in long mode, with the physical address of the
 /// PVH start info.
@@ -71,6 +85,9 @@ extern "C" fn tg_main(start_info: u64) -> ! {
     put("\n");
 
     let mut status = options.exit;
+    if options.blk.wanted() && blk_run::run(&options.blk, info.as_ref()) {
+        status = BLK_FAILED_STATUS;
+    }
     match options.crash {
         Some(crash) => {
             put("testguest: crash=");
@@ -101,6 +118,8 @@ extern "C" fn tg_main(start_info: u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    // In ring 3: back to ring 0 with the message (user.rs).
+    user::panic_in_user(info);
     static PANICKING: AtomicBool = AtomicBool::new(false);
     if !PANICKING.swap(true, Ordering::Relaxed) {
         serial::say(format_args!("panic: {}", info.message()));

@@ -70,6 +70,33 @@ impl StartInfo {
         Some(StartInfo { cmdline, memmap })
     }
 
+    /// The RAM (type 1) entry of the memory map that contains `addr`, as
+    /// (start, end); None without a map or if no entry does.
+    pub fn ram_region_containing(&self, addr: u64) -> Option<(u64, u64)> {
+        let (table, entries) = self.memmap?;
+        (0..entries).find_map(|i| {
+            let e = table + i * MEMMAP_ENTRY_SIZE;
+            let start = phys::read_u64(e);
+            let end = start.saturating_add(phys::read_u64(e + 8));
+            (phys::read_u32(e + 16) == MEMMAP_TYPE_RAM && start <= addr && addr < end)
+                .then_some((start, end))
+        })
+    }
+
+    /// The highest end address of any memory map entry (0 without a map).
+    pub fn top_of_memory(&self) -> u64 {
+        let Some((table, entries)) = self.memmap else {
+            return 0;
+        };
+        (0..entries)
+            .map(|i| {
+                let e = table + i * MEMMAP_ENTRY_SIZE;
+                phys::read_u64(e).saturating_add(phys::read_u64(e + 8))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Sum of the sizes of the RAM (type 1) entries of the memory map, in
     /// bytes; 0 without a map.
     pub fn ram_bytes(&self) -> u64 {

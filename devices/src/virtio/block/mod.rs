@@ -1,3 +1,7 @@
 //! virtio-blk: the device, its request parser and its io_uring dataplane.
 
+mod dataplane;
+pub mod device;
 pub mod request;
+
+pub use device::{Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};

@@ -1,0 +1,492 @@
+//! The virtio-blk dataplane: one thread per device that owns its queues
+//! and an I/O engine. Requests go from the avail ring straight to the
+//! engine with iovecs pointing into guest memory (no copies); completions
+//! go to the used ring, and the guest is interrupted only when it asked
+//! to be (EVENT_IDX / NO_INTERRUPT).
+//!
+//! With `poll` set, after any work the thread keeps looking at the avail
+//! rings and the completion queue for that long, without notifications
+//! (they stay suppressed by leaving the avail event index behind), before
+//! it re-arms them and sleeps in epoll.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block::AsyncIo;
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{
+    self, status, Buffer, DiskLimits, Refused, Request, RequestError, RequestKind, SECTOR_SIZE,
+};
+use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
+
+/// A request handed to the engine, waiting for its completions.
+struct InFlight {
+    queue: usize,
+    head: u16,
+    status: GuestAddress,
+    /// Bytes written into guest buffers, reported in the used ring.
+    used_len: u32,
+    /// Kept alive until the engine is done with them.
+    iovecs: Vec<libc::iovec>,
+    /// Engine operations still outstanding (DISCARD has one per segment).
+    pending: u32,
+    /// Expected result of a read or write; `None` for range operations.
+    expect: Option<u64>,
+    failed: bool,
+}
+
+pub(crate) struct Dataplane {
+    name: String,
+    mem: GuestMemoryMmap,
+    queues: Vec<ActiveQueue>,
+    interrupt: Arc<Interrupt>,
+    engine: Box<dyn AsyncIo>,
+    limits: DiskLimits,
+    id: [u8; request::ID_BYTES as usize],
+    poll: Duration,
+    stop: EventFd,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Queues whose used ring changed since the last interrupt decision.
+    to_signal: Vec<bool>,
+    stopping: bool,
+}
+
+const STOP_TOKEN: u64 = u64::MAX;
+const ENGINE_TOKEN: u64 = u64::MAX - 1;
+
+impl Dataplane {
+    pub fn new(
+        name: String,
+        activation: Activation,
+        engine: Box<dyn AsyncIo>,
+        limits: DiskLimits,
+        id: [u8; request::ID_BYTES as usize],
+        poll: Duration,
+        stop: EventFd,
+    ) -> Self {
+        let queues = activation.queues.len();
+        Self {
+            name,
+            mem: activation.mem,
+            queues: activation.queues,
+            interrupt: activation.interrupt,
+            engine,
+            limits,
+            id,
+            poll,
+            stop,
+            slots: Vec::new(),
+            free: Vec::new(),
+            to_signal: vec![false; queues],
+            stopping: false,
+        }
+    }
+
+    /// Serves the queues until told to stop; then waits for requests in
+    /// flight and hands the queues back.
+    pub fn run(mut self) -> Vec<ActiveQueue> {
+        let epoll = match self.epoll() {
+            Ok(epoll) => epoll,
+            Err(e) => {
+                log::error!("{}: cannot set up the dataplane's epoll: {e}", self.name);
+                self.interrupt.fail();
+                return self.queues;
+            }
+        };
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
+        while !self.stopping {
+            let worked = self.service();
+            if self.stopping {
+                break;
+            }
+            if worked && !self.poll.is_zero() && self.poll_for_work() {
+                continue;
+            }
+            // Re-arm notifications; if work slipped in meanwhile, go on.
+            if self.arm_notifications() {
+                continue;
+            }
+            match epoll.wait(-1, &mut events) {
+                Ok(n) => {
+                    for ev in &events[..n] {
+                        self.on_event(ev.data());
+                    }
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    log::error!("{}: epoll_wait failed: {e}", self.name);
+                    self.interrupt.fail();
+                    break;
+                }
+            }
+        }
+        self.drain();
+        self.queues
+    }
+
+    fn epoll(&self) -> std::io::Result<Epoll> {
+        use std::os::fd::AsRawFd;
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token: u64| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        for (i, q) in self.queues.iter().enumerate() {
+            add(q.notify.as_raw_fd(), i as u64)?;
+        }
+        add(self.engine.notifier().as_raw_fd(), ENGINE_TOKEN)?;
+        add(self.stop.as_raw_fd(), STOP_TOKEN)?;
+        Ok(epoll)
+    }
+
+    fn on_event(&mut self, token: u64) {
+        // Clearing an eventfd only fails when it was already clear.
+        match token {
+            STOP_TOKEN => {
+                let _ = self.stop.read();
+                self.stopping = true;
+            }
+            ENGINE_TOKEN => {
+                let _ = self.engine.notifier().read();
+            }
+            q => {
+                if let Some(queue) = self.queues.get(q as usize) {
+                    let _ = queue.notify.read();
+                }
+            }
+        }
+    }
+
+    /// Keeps looking for work for `poll` after the last work found; returns
+    /// true if it found some and the caller should go on serving.
+    fn poll_for_work(&mut self) -> bool {
+        let mut deadline = Instant::now() + self.poll;
+        let mut found = false;
+        while Instant::now() < deadline {
+            if self.stop.read().is_ok() {
+                self.stopping = true;
+                return true;
+            }
+            if self.service() {
+                found = true;
+                deadline = Instant::now() + self.poll;
+            }
+            std::hint::spin_loop();
+        }
+        found
+    }
+
+    /// Pops new requests and reaps completions; true if anything happened.
+    fn service(&mut self) -> bool {
+        let mut worked = false;
+        for q in 0..self.queues.len() {
+            worked |= self.pop_requests(q);
+        }
+        if let Err(e) = self.engine.submit() {
+            log::error!("{}: {e}", self.name);
+            self.interrupt.fail();
+        }
+        worked |= self.reap();
+        self.signal();
+        worked
+    }
+
+    /// Turns notifications back on; true if a request arrived meanwhile.
+    fn arm_notifications(&mut self) -> bool {
+        let mut pending = false;
+        for q in &mut self.queues {
+            match q.queue.enable_notification(&self.mem) {
+                Ok(more) => pending |= more,
+                Err(e) => {
+                    log::debug!("{}: queue {}: {e:?}", self.name, q.index);
+                    self.interrupt.fail();
+                }
+            }
+        }
+        pending
+    }
+
+    fn pop_requests(&mut self, q: usize) -> bool {
+        let mem = self.mem.clone();
+        let mut parsed: Vec<(u16, Result<Request, Refused>)> = Vec::new();
+        match self.queues[q].queue.iter(&mem) {
+            Ok(iter) => {
+                for chain in iter {
+                    let head = chain.head_index();
+                    parsed.push((head, request::parse(chain, &self.limits)));
+                }
+            }
+            Err(e) => {
+                // A driver that corrupts its avail index: the queue is unusable.
+                log::debug!("{}: queue {}: {e:?}", self.name, self.queues[q].index);
+                self.interrupt.fail();
+                return false;
+            }
+        }
+        let worked = !parsed.is_empty();
+        for (head, req) in parsed {
+            match req {
+                Ok(req) => self.start(q, head, req),
+                // A chain that loops or outgrows the queue has no status to
+                // answer with, and returning it would hand the driver back
+                // descriptors in a state it did not expect: only a reset
+                // brings the queue back to a state both sides agree on.
+                Err(refused) if refused.error == RequestError::MalformedChain => {
+                    log::debug!("{}: request refused: {}", self.name, refused.error);
+                    self.interrupt.fail();
+                }
+                Err(refused) => {
+                    log::debug!("{}: request refused: {}", self.name, refused.error);
+                    let used = match refused.status {
+                        Some(addr) => {
+                            self.write_status(addr, refused.error.status());
+                            1
+                        }
+                        None => 0,
+                    };
+                    self.add_used(q, head, used);
+                }
+            }
+        }
+        worked
+    }
+
+    fn write_status(&self, addr: GuestAddress, value: u8) {
+        // The parser checked the address; a failure here means the guest
+        // changed its memory map under us, which it cannot.
+        if let Err(e) = self.mem.write_obj(value, addr) {
+            log::debug!("{}: cannot write a status byte: {e}", self.name);
+        }
+    }
+
+    fn add_used(&mut self, q: usize, head: u16, len: u32) {
+        if let Err(e) = self.queues[q].queue.add_used(&self.mem, head, len) {
+            log::debug!("{}: queue {}: {e:?}", self.name, self.queues[q].index);
+            self.interrupt.fail();
+        }
+        self.to_signal[q] = true;
+    }
+
+    fn iovecs(&self, data: &[Buffer]) -> Option<Vec<libc::iovec>> {
+        data.iter()
+            .map(|b| {
+                let host = self.mem.get_host_address(b.addr).ok()?;
+                Some(libc::iovec {
+                    iov_base: host.cast(),
+                    iov_len: b.len as usize,
+                })
+            })
+            .collect()
+    }
+
+    fn slot(&mut self, entry: InFlight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(entry);
+                i
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn start(&mut self, q: usize, head: u16, req: Request) {
+        let offset = req.sector * SECTOR_SIZE;
+        let mut entry = InFlight {
+            queue: q,
+            head,
+            status: req.status,
+            used_len: 1,
+            iovecs: Vec::new(),
+            pending: 1,
+            expect: None,
+            failed: false,
+        };
+        match &req.kind {
+            RequestKind::GetId => {
+                let mut written = 0;
+                for b in &req.data {
+                    let n = (self.id.len() - written).min(b.len as usize);
+                    if n == 0
+                        || self
+                            .mem
+                            .write_slice(&self.id[written..written + n], b.addr)
+                            .is_err()
+                    {
+                        break;
+                    }
+                    written += n;
+                }
+                let ok = if written == self.id.len() {
+                    status::OK
+                } else {
+                    status::IOERR
+                };
+                self.write_status(req.status, ok);
+                self.add_used(q, head, written as u32 + 1);
+                return;
+            }
+            RequestKind::In | RequestKind::Out => {
+                let Some(iovecs) = self.iovecs(&req.data) else {
+                    self.write_status(req.status, status::IOERR);
+                    self.add_used(q, head, 1);
+                    return;
+                };
+                entry.iovecs = iovecs;
+                entry.expect = Some(req.data_len);
+                if req.kind == RequestKind::In {
+                    entry.used_len = req.data_len as u32 + 1;
+                }
+            }
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                entry.pending = segs.len() as u32;
+            }
+            RequestKind::Flush => {}
+        }
+        let is_read = req.kind == RequestKind::In;
+        let slot = self.slot(entry);
+        let tag = slot as u64;
+        let iovecs: &[libc::iovec] = &self.slots[slot].as_ref().expect("just filled").iovecs;
+        let submitted = match &req.kind {
+            // SAFETY: the iovecs point into guest memory that `self.mem`
+            // keeps mapped, at ranges the parser checked; the iovec array
+            // lives in the slot until this request's completion is reaped,
+            // and the thread drains every request before it ends.
+            RequestKind::In => unsafe { self.engine.read_vectored(offset, iovecs, tag) }.map(|_| 1),
+            // SAFETY: as above.
+            RequestKind::Out => {
+                unsafe { self.engine.write_vectored(offset, iovecs, tag) }.map(|_| 1)
+            }
+            RequestKind::Flush => self.engine.flush(tag).map(|_| 1),
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                let zero = matches!(req.kind, RequestKind::WriteZeroes(_));
+                let mut n = 0;
+                let mut result = Ok(());
+                for s in segs {
+                    let (off, len) = (s.sector * SECTOR_SIZE, u64::from(s.sectors) * SECTOR_SIZE);
+                    result = if zero && !s.unmap {
+                        self.engine.write_zeroes(off, len, tag)
+                    } else {
+                        self.engine.punch_hole(off, len, tag)
+                    };
+                    if result.is_err() {
+                        break;
+                    }
+                    n += 1;
+                }
+                result.map(|_| n)
+            }
+            RequestKind::GetId => unreachable!("answered above"),
+        };
+        let _ = is_read;
+        match submitted {
+            Ok(_) => {}
+            Err(e) => {
+                log::warn!("{}: {e}", self.name);
+                // Operations already queued still complete; fail the rest.
+                if let Some(entry) = self.slots[slot].as_mut() {
+                    entry.failed = true;
+                    let queued = match &req.kind {
+                        RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                            segs.len() as u32
+                        }
+                        _ => 1,
+                    };
+                    entry.pending = entry.pending.saturating_sub(queued);
+                }
+                self.finish_if_done(slot);
+            }
+        }
+    }
+
+    /// Moves finished operations to the used rings; true if there were any.
+    fn reap(&mut self) -> bool {
+        let mut any = false;
+        while let Some(done) = self.engine.next_completion() {
+            any = true;
+            let slot = done.user_data as usize;
+            let Some(entry) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                log::error!("{}: completion for unknown request {slot}", self.name);
+                continue;
+            };
+            let ok = match entry.expect {
+                Some(len) => u64::try_from(done.result).is_ok_and(|n| n == len),
+                None => done.result == 0,
+            };
+            if !ok {
+                log::debug!("{}: I/O failed or was short: {}", self.name, done.result);
+                entry.failed = true;
+            }
+            entry.pending = entry.pending.saturating_sub(1);
+            self.finish_if_done(slot);
+        }
+        any
+    }
+
+    fn finish_if_done(&mut self, slot: usize) {
+        if self.slots[slot].as_ref().is_none_or(|e| e.pending > 0) {
+            return;
+        }
+        let entry = self.slots[slot].take().expect("checked above");
+        self.free.push(slot);
+        let value = if entry.failed {
+            status::IOERR
+        } else {
+            status::OK
+        };
+        self.write_status(entry.status, value);
+        let used = if entry.failed { 1 } else { entry.used_len };
+        self.add_used(entry.queue, entry.head, used);
+    }
+
+    /// Interrupts the guest for queues whose used ring changed, if it wants.
+    fn signal(&mut self) {
+        let mut raise = false;
+        for (q, pending) in self.to_signal.iter_mut().enumerate() {
+            if !std::mem::take(pending) {
+                continue;
+            }
+            match self.queues[q].queue.needs_notification(&self.mem) {
+                Ok(needs) => raise |= needs,
+                Err(_) => raise = true,
+            }
+        }
+        if raise {
+            self.interrupt.raise(INT_USED_RING);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Waits for every request in flight, so no operation touches guest
+    /// memory after the queues are handed back.
+    fn drain(&mut self) {
+        use std::os::fd::AsRawFd;
+        let _ = self.engine.submit();
+        while self.in_flight() > 0 {
+            if !self.reap() {
+                let mut pfd = libc::pollfd {
+                    fd: self.engine.notifier().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+                let _ = self.engine.notifier().read();
+            }
+        }
+        self.signal();
+    }
+}

@@ -1,0 +1,222 @@
+//! The virtio-blk device: what it offers the driver (features, config
+//! space), and starting and stopping its dataplane.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use block::{DiskFile, UringIo};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::dataplane::Dataplane;
+use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use crate::virtio::{ActivateError, Activation, ActiveQueue, VirtioDevice, F_VERSION_1};
+
+/// The virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Largest queue size we offer.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Largest number of queues we offer.
+pub const MAX_QUEUES: u16 = 16;
+const BLOCK_SIZE: u32 = 4096;
+const CONFIG_LEN: usize = 60;
+
+/// How the user configured a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The device's name (`id=`), e.g. `vda`.
+    pub id: String,
+    /// Refuse writes and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Number of virtqueues.
+    pub queues: u16,
+    /// Size of each virtqueue.
+    pub queue_size: u16,
+    /// Serial number returned by GET_ID (at most 20 bytes).
+    pub serial: String,
+    /// After work, keep polling the avail ring this long before sleeping.
+    pub poll: Duration,
+}
+
+struct Worker {
+    stop: EventFd,
+    thread: JoinHandle<Vec<ActiveQueue>>,
+}
+
+/// A virtio-blk device over a disk file.
+pub struct Block {
+    config: BlockConfig,
+    disk: Arc<DiskFile>,
+    config_space: [u8; CONFIG_LEN],
+    features: u64,
+    worker: Option<Worker>,
+}
+
+impl Block {
+    /// A device serving `disk` as `config` says.
+    pub fn new(config: BlockConfig, disk: Arc<DiskFile>) -> Self {
+        let mut features = F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ;
+        if config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let config_space = config_space(&config, disk.size());
+        Self {
+            config,
+            disk,
+            config_space,
+            features,
+            worker: None,
+        }
+    }
+
+    fn seg_max(&self) -> u32 {
+        u32::from(self.config.queue_size.saturating_sub(2).max(1))
+    }
+}
+
+/// The virtio_blk_config structure (virtio 1.2, 5.2.4), little endian.
+fn config_space(config: &BlockConfig, size: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
+    put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
+    put(
+        12,
+        &u32::from(config.queue_size.saturating_sub(2).max(1)).to_le_bytes(),
+    ); // seg_max
+    put(20, &BLOCK_SIZE.to_le_bytes()); // blk_size
+    put(34, &config.queues.to_le_bytes()); // num_queues
+    put(36, &(u32::MAX / 512).to_le_bytes()); // max_discard_sectors
+    put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
+    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+    put(48, &(u32::MAX / 512).to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn name(&self) -> &str {
+        &self.config.id
+    }
+
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![self.config.queue_size; usize::from(self.config.queues)]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = start
+                .checked_add(i)
+                .and_then(|at| self.config_space.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Writeback toggling is not offered; everything is read-only.
+        log::debug!(
+            "{}: ignored {}-byte config write at {offset:#x}",
+            self.config.id,
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let fail = |reason: String| ActivateError {
+            device: self.config.id.clone(),
+            reason,
+        };
+        if self.worker.is_some() {
+            return Err(fail("it is already active".into()));
+        }
+        let mut id = [0u8; ID_BYTES as usize];
+        let serial = self.config.serial.as_bytes();
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial[..n]);
+        let limits = DiskLimits {
+            capacity: self.disk.size() / SECTOR_SIZE,
+            read_only: self.config.read_only,
+            max_segments: self.seg_max(),
+            discard: activation.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: activation.acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        };
+        // One submission per descriptor is the most a full set of queues
+        // can have in flight at once.
+        let entries: u32 = activation
+            .queues
+            .iter()
+            .map(|q| u32::from(q.queue.size()))
+            .sum();
+        use std::os::fd::AsRawFd;
+        use virtio_queue::QueueT;
+        let engine = UringIo::new(self.disk.as_raw_fd(), entries.clamp(1, 4096))
+            .map_err(|e| fail(e.to_string()))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
+        let stop_for_thread = stop.try_clone().map_err(|e| fail(e.to_string()))?;
+        let disk = self.disk.clone();
+        let name = self.config.id.clone();
+        let poll = self.config.poll;
+        let thread = std::thread::Builder::new()
+            .name(format!("blk-{}", self.config.id))
+            .spawn(move || {
+                // The disk must outlive the ring that has it registered.
+                let _disk = disk;
+                Dataplane::new(
+                    name,
+                    activation,
+                    Box::new(engine),
+                    limits,
+                    id,
+                    poll,
+                    stop_for_thread,
+                )
+                .run()
+            })
+            .map_err(|e| fail(format!("cannot start its dataplane thread: {e}")))?;
+        self.worker = Some(Worker { stop, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
+        let worker = self.worker.take()?;
+        if let Err(e) = worker.stop.write(1) {
+            log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
+        }
+        match worker.thread.join() {
+            Ok(queues) => Some(queues),
+            Err(_) => {
+                log::error!("{}: the dataplane thread panicked", self.config.id);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}

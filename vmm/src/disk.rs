@@ -1,0 +1,183 @@
+//! `--disk` options: parsing `path=FILE,id=ID,...` into a [`DiskConfig`].
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
+
+/// One virtio-blk disk as the user asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The host file.
+    pub path: PathBuf,
+    /// The device's name; `vda`, `vdb`... by position when not given.
+    pub id: Option<String>,
+    /// Refuse guest writes.
+    pub read_only: bool,
+    /// Open the file with O_DIRECT.
+    pub direct: bool,
+    /// Number of virtqueues.
+    pub queues: u16,
+    /// Size of each virtqueue.
+    pub queue_size: u16,
+    /// The GET_ID serial (at most 20 bytes).
+    pub serial: Option<String>,
+    /// Dataplane polling after work; zero sleeps at once.
+    pub poll: Duration,
+}
+
+/// Why a `--disk` value did not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskOptionError {
+    /// No `path=`.
+    #[error("'{0}' has no path=FILE")]
+    NoPath(String),
+    /// A key we do not know.
+    #[error("unknown disk option '{0}' (known: path, id, readonly, direct, queues, queue-size, serial, poll)")]
+    UnknownKey(String),
+    /// A key given twice.
+    #[error("disk option '{0}' is given twice")]
+    Repeated(String),
+    /// A token without `=`.
+    #[error("disk option '{0}' has no value (write key=value)")]
+    NoValue(String),
+    /// A value of the wrong form or out of range.
+    #[error("disk option {key}='{value}' is invalid: {why}")]
+    BadValue {
+        key: String,
+        value: String,
+        why: String,
+    },
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, DiskOptionError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(DiskOptionError::BadValue {
+            key: key.into(),
+            value: value.into(),
+            why: "write on or off".into(),
+        }),
+    }
+}
+
+fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, DiskOptionError> {
+    match value.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(DiskOptionError::BadValue {
+            key: key.into(),
+            value: value.into(),
+            why: format!("write a whole number from {min} to {max}"),
+        }),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = DiskOptionError;
+
+    fn from_str(s: &str) -> Result<Self, DiskOptionError> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            id: None,
+            read_only: false,
+            direct: false,
+            queues: 1,
+            queue_size: 256,
+            serial: None,
+            poll: Duration::ZERO,
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for token in s.split(',') {
+            let (key, value) = token
+                .split_once('=')
+                .ok_or_else(|| DiskOptionError::NoValue(token.to_string()))?;
+            if seen.contains(&key) {
+                return Err(DiskOptionError::Repeated(key.into()));
+            }
+            seen.push(key);
+            let bad = |why: &str| DiskOptionError::BadValue {
+                key: key.into(),
+                value: value.into(),
+                why: why.into(),
+            };
+            match key {
+                "path" if value.is_empty() => return Err(bad("give a file")),
+                "path" => disk.path = PathBuf::from(value),
+                "id" => {
+                    let ok = !value.is_empty()
+                        && value.len() <= 32
+                        && value
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                    if !ok {
+                        return Err(bad("use 1 to 32 letters, digits, '-', '_' or '.'"));
+                    }
+                    disk.id = Some(value.into());
+                }
+                "readonly" => disk.read_only = on_off(key, value)?,
+                "direct" => disk.direct = on_off(key, value)?,
+                "queues" => disk.queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
+                "queue-size" => {
+                    let n = number(key, value, 2, u64::from(MAX_QUEUE_SIZE))?;
+                    if !n.is_power_of_two() {
+                        return Err(bad("a queue size must be a power of two"));
+                    }
+                    disk.queue_size = n as u16;
+                }
+                "serial" => {
+                    if value.len() > 20 || !value.chars().all(|c| c.is_ascii_graphic()) {
+                        return Err(bad("use at most 20 printable ASCII characters"));
+                    }
+                    disk.serial = Some(value.into());
+                }
+                "poll" => disk.poll = Duration::from_micros(number(key, value, 0, 1_000_000)?),
+                other => return Err(DiskOptionError::UnknownKey(other.into())),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(DiskOptionError::NoPath(s.into()));
+        }
+        Ok(disk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_is_read() {
+        let d: DiskConfig = "path=/tmp/a.img,id=root,readonly=on,direct=on,queues=4,queue-size=128,serial=SN1,poll=50"
+            .parse()
+            .unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert!(d.read_only && d.direct);
+        assert_eq!((d.queues, d.queue_size), (4, 128));
+        assert_eq!(d.serial.as_deref(), Some("SN1"));
+        assert_eq!(d.poll, Duration::from_micros(50));
+        let plain: DiskConfig = "path=x".parse().unwrap();
+        assert_eq!(
+            (plain.queues, plain.queue_size, plain.read_only),
+            (1, 256, false)
+        );
+    }
+
+    #[test]
+    fn bad_options_are_named() {
+        let err = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert_eq!(err("id=a"), "'id=a' has no path=FILE");
+        assert!(err("path=x,color=red").contains("unknown disk option 'color'"));
+        assert!(err("path=x,path=y").contains("given twice"));
+        assert!(err("path=x,readonly").contains("'readonly' has no value"));
+        assert!(err("path=x,readonly=maybe").contains("readonly='maybe' is invalid"));
+        assert!(err("path=x,queues=0").contains("from 1 to 16"));
+        assert!(err("path=x,queue-size=100").contains("power of two"));
+        assert!(err("path=x,queue-size=4096").contains("from 2 to 1024"));
+        assert!(err("path=x,serial=waytoolongserialnumber1").contains("at most 20"));
+        assert!(err("path=x,id=a b").contains("letters"));
+        assert!(err("path=x,poll=-1").contains("poll='-1'"));
+    }
+}

@@ -1,0 +1,159 @@
+//! Attaching virtio-blk disks to a VM: each gets a virtio-mmio slot in the
+//! MMIO gap, an interrupt line through an irqfd, an ioeventfd per queue on
+//! its notify register (so a queue notify never leaves KVM), and a
+//! `virtio_mmio.device=` entry on the kernel command line.
+
+use std::sync::{Arc, Mutex};
+
+use block::{DiskFile, DiskOptions};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
+use devices::virtio::Interrupt;
+use devices::Bus;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::disk::DiskConfig;
+use crate::error::{Error, Result};
+use crate::memory::{VIRTIO_FIRST_IRQ, VIRTIO_MMIO_BASE, VIRTIO_MMIO_STRIDE};
+use crate::x86::mptable::IOAPIC_PINS;
+
+/// As many disks as there are IOAPIC pins above the first virtio line.
+pub const MAX_DISKS: usize = (IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ) as usize;
+
+/// A disk whose file is open, waiting for a VM.
+pub struct OpenDisk {
+    config: BlockConfig,
+    file: Arc<DiskFile>,
+}
+
+/// The name a disk goes by: its `id=`, or `vda`, `vdb`... by position.
+fn disk_name(index: usize, disk: &DiskConfig) -> String {
+    disk.id.clone().unwrap_or_else(|| {
+        let letter = (b'a' + (index % 26) as u8) as char;
+        format!("vd{letter}")
+    })
+}
+
+/// Opens every disk file; the first that fails is the error.
+pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
+    if disks.len() > MAX_DISKS {
+        return Err(Error::TooManyDisks(disks.len()));
+    }
+    let mut open = Vec::with_capacity(disks.len());
+    for (i, d) in disks.iter().enumerate() {
+        let id = disk_name(i, d);
+        if open.iter().any(|o: &OpenDisk| o.config.id == id) {
+            return Err(Error::DuplicateDisk(id));
+        }
+        let options = DiskOptions {
+            read_only: d.read_only,
+            direct: d.direct,
+        };
+        let file = DiskFile::open(&d.path, options).map_err(|source| Error::Disk {
+            id: id.clone(),
+            source,
+        })?;
+        open.push(OpenDisk {
+            config: BlockConfig {
+                id,
+                read_only: d.read_only,
+                queues: d.queues,
+                queue_size: d.queue_size,
+                serial: d.serial.clone().unwrap_or_default(),
+                poll: d.poll,
+            },
+            file: Arc::new(file),
+        });
+    }
+    Ok(open)
+}
+
+/// The kernel parameters that announce `count` virtio-mmio devices to Linux.
+pub fn cmdline_params(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                MMIO_LEN >> 10,
+                VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE,
+                VIRTIO_FIRST_IRQ + i as u32
+            )
+        })
+        .collect()
+}
+
+/// Puts each disk on the MMIO bus and wires its interrupt and notifications.
+pub fn attach_disks(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    bus: &mut Bus,
+    disks: Vec<OpenDisk>,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>> {
+    let mut transports = Vec::with_capacity(disks.len());
+    for (i, disk) in disks.into_iter().enumerate() {
+        let name = disk.config.id.clone();
+        let fail = |reason: String| Error::Device {
+            name: name.clone(),
+            reason,
+        };
+        let base = VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE;
+        let irq_line = VIRTIO_FIRST_IRQ + i as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
+        vm.register_irqfd(&irq, irq_line)
+            .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
+        let device = Block::new(disk.config, disk.file);
+        let transport =
+            MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
+                .map_err(|e| fail(e.to_string()))?;
+        for (q, fd) in transport.notifiers().iter().enumerate() {
+            vm.register_ioevent(fd, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
+                .map_err(|e| fail(format!("cannot register queue {q}'s notification: {e}")))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        bus.insert(&name, base, MMIO_LEN, transport.clone())
+            .map_err(|e| fail(e.to_string()))?;
+        transports.push(transport);
+    }
+    Ok(transports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_announced_in_order_with_their_lines() {
+        assert_eq!(
+            cmdline_params(2),
+            vec![
+                "virtio_mmio.device=4K@0xd0000000:5".to_string(),
+                "virtio_mmio.device=4K@0xd0001000:6".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn disks_are_named_by_position_unless_given_an_id() {
+        let d: DiskConfig = "path=x".parse().unwrap();
+        assert_eq!(disk_name(0, &d), "vda");
+        assert_eq!(disk_name(2, &d), "vdc");
+        let named: DiskConfig = "path=x,id=root".parse().unwrap();
+        assert_eq!(disk_name(0, &named), "root");
+    }
+
+    #[test]
+    fn duplicate_names_and_missing_files_are_refused() {
+        let a: DiskConfig = "path=/dev/null,id=same".parse().unwrap();
+        assert!(
+            matches!(open_disks(&[a.clone(), a]), Err(Error::DuplicateDisk(id)) if id == "same")
+        );
+        let missing: DiskConfig = "path=/nonexistent.img".parse().unwrap();
+        let err = open_disks(&[missing]).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "disk 'vda': cannot open disk '/nonexistent.img': No such file or directory (os error 2)"
+        );
+    }
+}
