@@ -145,10 +145,12 @@ mod tests {
 
     #[test]
     fn duplicate_names_and_missing_files_are_refused() {
-        let a: DiskConfig = "path=/dev/null,id=same".parse().unwrap();
-        assert!(
-            matches!(open_disks(&[a.clone(), a]), Err(Error::DuplicateDisk(id)) if id == "same")
-        );
+        let path = std::env::temp_dir().join(format!("vmm-virtio-dup-{}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(4096).unwrap();
+        let a: DiskConfig = format!("path={},id=same", path.display()).parse().unwrap();
+        let result = open_disks(&[a.clone(), a]);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(result, Err(Error::DuplicateDisk(id)) if id == "same"));
         let missing: DiskConfig = "path=/nonexistent.img".parse().unwrap();
         let err = open_disks(&[missing]).err().unwrap();
         assert_eq!(
