@@ -84,3 +84,58 @@ pub fn testguest_value(vm: &VmHandle, key: &str) -> String {
     let line = expect_line(vm, &prefix, Duration::from_secs(30));
     line[line.find(&prefix).unwrap() + prefix.len()..].to_string()
 }
+
+/// FNV-1a 64 of a file, as the test guest's `checksum` workload computes it.
+pub fn fnv1a64_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).expect("read disk image");
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// A disk image of `len` bytes in the temp folder, removed when dropped.
+pub struct TempDisk {
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+impl TempDisk {
+    /// A sparse, zeroed image.
+    pub fn new(name: &str, len: u64) -> Self {
+        // Tests run in parallel threads of one process: number each image.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("vmm-test-{}-{n}-{name}.img", std::process::id()));
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(len))
+            .expect("create disk image");
+        Self { path }
+    }
+
+    /// An image filled with a pattern that differs per 512-byte sector.
+    pub fn patterned(name: &str, len: u64) -> Self {
+        let disk = Self::new(name, len);
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| ((i / 512) as u8).wrapping_mul(31) ^ (i as u8))
+            .collect();
+        std::fs::write(&disk.path, bytes).expect("fill disk image");
+        disk
+    }
+
+    /// The `--disk` option value for this image with `extra` options.
+    pub fn option(&self, extra: &str) -> String {
+        if extra.is_empty() {
+            format!("path={}", self.path.display())
+        } else {
+            format!("path={},{extra}", self.path.display())
+        }
+    }
+}
+
+impl Drop for TempDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
