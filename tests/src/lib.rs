@@ -139,3 +139,63 @@ impl Drop for TempDisk {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// A minimal uncompressed initramfs: `/dev/console` and an `/init` that
+/// cannot run (no shell behind it). Linux gets as far as `Run /init` with
+/// it in seconds, where unpacking the real initramfs takes minutes on PVM
+/// hosts (all guest kernel code is emulated there, gunzip included).
+pub fn tiny_initramfs() -> PathBuf {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let mut cpio = Vec::new();
+        let mut add = |name: &str, mode: u32, rdev: (u32, u32), data: &[u8]| {
+            let fields = [
+                0,
+                mode,
+                0,
+                0,
+                1,
+                0,
+                data.len() as u32,
+                0,
+                0,
+                rdev.0,
+                rdev.1,
+                name.len() as u32 + 1,
+                0,
+            ];
+            cpio.extend_from_slice(b"070701");
+            for f in fields {
+                cpio.extend_from_slice(format!("{f:08x}").as_bytes());
+            }
+            cpio.extend_from_slice(name.as_bytes());
+            cpio.push(0);
+            cpio.resize(cpio.len().next_multiple_of(4), 0);
+            cpio.extend_from_slice(data);
+            cpio.resize(cpio.len().next_multiple_of(4), 0);
+        };
+        add("dev", 0o040755, (0, 0), b"");
+        add("dev/console", 0o020600, (5, 1), b"");
+        add("init", 0o100755, (0, 0), b"#!/bin/sh\nexit 0\n");
+        add("TRAILER!!!", 0, (0, 0), b"");
+        let path = std::env::temp_dir().join(format!("vmm-test-{}-tiny.cpio", std::process::id()));
+        std::fs::write(&path, cpio).expect("write the tiny initramfs");
+        path
+    })
+    .clone()
+}
+
+/// True on PVM hosts (see `../shared/KVM-HOSTS.md`).
+pub fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The initramfs a boot test should use: the real one where guest user
+/// space runs, the tiny one on PVM hosts, where it cannot anyway.
+pub fn initramfs_for_host() -> PathBuf {
+    if pvm_host() {
+        tiny_initramfs()
+    } else {
+        image("initramfs.cpio.gz")
+    }
+}

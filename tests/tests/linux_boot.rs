@@ -1,12 +1,14 @@
 //! Linux guests from `kernel-images/out/`. On PVM hosts guest user space
 //! cannot make system calls, so these check the kernel's own lines up to
 //! `Run /init`; the VMM then ends when the guest resets (reboot=k after the
-//! panic that follows). On hardware KVM the initramfs's /init also runs.
+//! panic that follows). There they boot a tiny initramfs, since unpacking
+//! the real one takes minutes of emulated gunzip. On hardware KVM the real
+//! initramfs's /init also runs.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use tests::{boot, expect_line, image, LINUX_BOOT_TIMEOUT};
+use tests::{boot, expect_line, image, initramfs_for_host, LINUX_BOOT_TIMEOUT};
 use vmm::{MemorySize, VmConfig, VmExit, VmHandle};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 vmm.test_marker=42";
@@ -59,7 +61,7 @@ fn expect_reset_or_status_0(vm: VmHandle) {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn pvh_vmlinux_boots_with_the_cpus_memory_and_command_line_given() {
     let mut config = linux(image("vmlinux"), 2, 128);
-    config.initrd = Some(image("initramfs.cpio.gz"));
+    config.initrd = Some(initramfs_for_host());
     let vm = boot(&config);
     check_kernel_lines(&vm, 2, 128);
     let init = expect_line(&vm, "Run /init as init process", LINUX_BOOT_TIMEOUT);
@@ -92,7 +94,7 @@ fn vmlinux_without_pvh_note_boots_through_the_64_bit_entry() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn bzimage_boots_to_init() {
     let mut config = linux(image("bzImage"), 1, 96);
-    config.initrd = Some(image("initramfs.cpio.gz"));
+    config.initrd = Some(initramfs_for_host());
     let vm = boot(&config);
     check_kernel_lines(&vm, 1, 96);
     expect_line(&vm, "Run /init as init process", LINUX_BOOT_TIMEOUT);

@@ -10,6 +10,9 @@ const LEAF_EXT_FEATURES: u32 = 7;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_XSAVE: u32 = 0xd;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 // Leaf 1.
 const ECX_FMA: u32 = 1 << 12;
@@ -51,6 +54,11 @@ const L7_1_EAX_PVM_HIDDEN: u32 = (1 << 4) | (1 << 5);
 /// lacks (seen stopping guests: cmpxchg16b, popcnt, xrstor, clac/stac, rdpid...).
 const L1_ECX_PVM_HIDDEN: u32 =
     ECX_FMA | ECX_CX16 | ECX_POPCNT | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C | ECX_RDRAND;
+
+/// KVM paravirtual features that make a hypercall (`vmcall`), which PVM's
+/// emulator was seen to spin on forever: PV_UNHALT (kick a halted vCPU),
+/// PV_SEND_IPI (hung a two-vCPU boot in `__send_ipi_mask`), PV_SCHED_YIELD.
+const KVM_PVM_HIDDEN: u32 = (1 << 7) | (1 << 11) | (1 << 13);
 
 /// Kernel parameters that keep Linux off those instructions on PVM hosts,
 /// where hiding them in CPUID alone was seen not to be enough.
@@ -105,6 +113,15 @@ pub fn for_vcpu(
             }
             LEAF_EXT_FEATURES if pvm && e.index == 1 => e.eax &= !L7_1_EAX_PVM_HIDDEN,
             LEAF_XSAVE if pvm => continue,
+            LEAF_KVM_FEATURES if pvm => e.eax &= !KVM_PVM_HIDDEN,
+            LEAF_AMD_SIZES => {
+                // ECX: APIC ID bits for cores, and cores per package - 1.
+                e.ecx = (e.ecx & !0xf0ff) | (id_bits(cpus) << 12) | (cpus.clamp(1, 256) - 1);
+            }
+            LEAF_AMD_TOPOLOGY => {
+                // Extended APIC ID, core ID (one thread per core), node 0.
+                (e.eax, e.ebx, e.ecx) = (id, id & 0xff, 0);
+            }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 // Level 0: one thread per core; level 1: `cpus` cores.
                 (e.eax, e.ebx, e.ecx) = match e.index {
@@ -168,6 +185,11 @@ mod tests {
             entry(7, 0, all, all),
             entry(0xd, 0, all, all),
             entry(0xd, 1, all, all),
+            kvm_cpuid_entry2 {
+                function: LEAF_KVM_FEATURES,
+                eax: 0x0100_7efb,
+                ..Default::default()
+            },
         ];
         let cpuid = for_vcpu(&supported, 0, 1, true);
         let leaf1 = find(&cpuid, 1, 0).unwrap();
@@ -178,6 +200,9 @@ mod tests {
         assert_eq!(leaf7.ebx & (1 << 20), 0, "SMAP hidden");
         assert_eq!(leaf7.ecx & (1 << 22), 0, "RDPID hidden");
         assert!(find(&cpuid, 0xd, 0).is_none() && find(&cpuid, 0xd, 1).is_none());
+        let kvm = find(&cpuid, LEAF_KVM_FEATURES, 0).unwrap();
+        assert_eq!(kvm.eax & (1 << 11), 0, "PV send-IPI hypercall hidden");
+        assert_ne!(kvm.eax & 1, 0, "kvmclock kept");
 
         let native = for_vcpu(&supported, 0, 1, false);
         assert_ne!(find(&native, 1, 0).unwrap().ecx & ECX_POPCNT, 0);

@@ -1,0 +1,72 @@
+//! Linux's own virtio-blk driver against our device, in guest kernel mode
+//! (so it runs on PVM hosts): the kernel probes every disk with the right
+//! size, mounts an ext4 root read-write, and leaves it clean; a read-only
+//! disk is not changed.
+
+use std::process::Command;
+
+use tests::{boot, expect_line, fnv1a64_file, image, TempDisk, LINUX_BOOT_TIMEOUT};
+use vmm::{DiskConfig, MemorySize, VmConfig, VmExit};
+
+fn mkfs_ext4(disk: &TempDisk) {
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "vmmroot"])
+        .arg(&disk.path)
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn linux_mounts_an_ext4_root_read_write_and_leaves_it_clean() {
+    let root = TempDisk::new("root", 32 << 20);
+    mkfs_ext4(&root);
+    let data = TempDisk::patterned("data", 3 << 20);
+    let data_before = fnv1a64_file(&data.path);
+
+    let mut config = VmConfig::new(image("vmlinux"));
+    config.memory = MemorySize::mib(128);
+    config.cmdline = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw".into();
+    config.disks = [root.option("queues=2,poll=50"), data.option("readonly=on")]
+        .iter()
+        .map(|d| d.parse::<DiskConfig>().unwrap())
+        .collect();
+    let vm = boot(&config);
+
+    // Both disks are probed with their sizes in 512-byte sectors.
+    let vda = expect_line(&vm, "[vda]", LINUX_BOOT_TIMEOUT);
+    assert!(vda.contains("65536 512-byte logical blocks"), "{vda}");
+    let vdb = expect_line(&vm, "[vdb]", LINUX_BOOT_TIMEOUT);
+    assert!(vdb.contains("6144 512-byte logical blocks"), "{vdb}");
+    let mounted = expect_line(&vm, "EXT4-fs (vda): mounted filesystem", LINUX_BOOT_TIMEOUT);
+    assert!(mounted.contains("r/w"), "{mounted}");
+    expect_line(
+        &vm,
+        "VFS: Mounted root (ext4 filesystem) on device",
+        LINUX_BOOT_TIMEOUT,
+    );
+    // No init on the disk: the kernel panics, syncs nothing more, resets.
+    assert_eq!(vm.wait(), VmExit::Reset);
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&root.path)
+        .output()
+        .expect("run e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck found problems:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    assert_eq!(
+        fnv1a64_file(&data.path),
+        data_before,
+        "the read-only disk changed"
+    );
+}
