@@ -21,7 +21,7 @@ REBUILD="${VMM_IMAGES_REBUILD:-0}"
 JOBS=$(nproc)
 KSRC_TAR=/usr/src/linux-source-6.1.tar.xz
 PACKAGES=(linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev
-	cpio busybox-static xz-utils dpkg-dev file patch gzip
+	cpio busybox-static xz-utils dpkg-dev file patch gzip lz4
 	zlib1g-dev libaio-dev debian-archive-keyring)
 
 export LC_ALL=C

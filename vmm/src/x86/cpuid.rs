@@ -62,11 +62,13 @@ const KVM_PVM_HIDDEN: u32 = (1 << 7) | (1 << 11) | (1 << 13);
 
 /// Kernel parameters that keep Linux off those instructions on PVM hosts,
 /// where hiding them in CPUID alone was seen not to be enough.
-/// `no_int3_selftest` is our kernel patch's switch (kernel-images/patches).
+/// `no_int3_selftest` and `no_fpu_drop_fwait` are our kernel patches'
+/// switches (kernel-images/patches): int3 and fwait stop the VM there.
 pub const PVM_KERNEL_PARAMS: &[&str] = &[
     "clearcpuid=cx16,popcnt,rdrand,rdseed,fsgsbase,smap,invpcid,rdpid",
     "noxsave",
     "no_int3_selftest",
+    "no_fpu_drop_fwait",
 ];
 
 /// Bits needed to number `n` items (ceil(log2 n)).

@@ -23,7 +23,9 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Largest number of queues we offer.
 pub const MAX_QUEUES: u16 = 16;
-const BLOCK_SIZE: u32 = 4096;
+/// The logical block size the guest sees: 512, like a disk it can boot from
+/// with any file system (Linux takes blk_size as its logical block size).
+const BLOCK_SIZE: u32 = 512;
 const CONFIG_LEN: usize = 60;
 
 /// How the user configured a virtio-blk device.
