@@ -66,14 +66,27 @@ pub enum MmioError {
     },
 }
 
+const BAD_SIZE: u8 = 1;
+const BAD_DESC: u8 = 2;
+const BAD_AVAIL: u8 = 4;
+const BAD_USED: u8 = 8;
+
+/// The three rings of a split virtqueue.
+#[derive(Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
+}
+
 /// A virtio device on the MMIO transport.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
-    /// Per queue: the driver wrote a size the queue refused.
-    bad_size: Vec<bool>,
+    /// Per queue: which of its settings the driver got wrong (`BAD_*`).
+    bad: Vec<u8>,
     notifiers: Vec<EventFd>,
     status: u32,
     device_features_sel: u32,
@@ -109,7 +122,7 @@ impl MmioTransport {
             device,
             mem,
             interrupt,
-            bad_size: vec![false; queues.len()],
+            bad: vec![0; queues.len()],
             queues,
             notifiers,
             status: 0,
@@ -197,11 +210,10 @@ impl MmioTransport {
             },
             reg::QUEUE_SEL => self.queue_sel = value,
             reg::QUEUE_NUM => {
-                let sel = self.queue_sel as usize;
                 if let Some(q) = self.selected_queue() {
                     // An invalid size is remembered and refused at DRIVER_OK.
                     let ok = u16::try_from(value).is_ok_and(|size| q.try_set_size(size).is_ok());
-                    self.bad_size[sel] = !ok;
+                    self.mark(BAD_SIZE, !ok);
                 }
             }
             reg::QUEUE_READY => {
@@ -209,23 +221,12 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            reg::QUEUE_DESC_LOW => {
-                self.set_addr(|q, v| q.set_desc_table_address(Some(v), None), value)
+            reg::QUEUE_DESC_LOW | reg::QUEUE_DESC_HIGH => self.set_addr(Ring::Desc, offset, value),
+            reg::QUEUE_DRIVER_LOW | reg::QUEUE_DRIVER_HIGH => {
+                self.set_addr(Ring::Avail, offset, value)
             }
-            reg::QUEUE_DESC_HIGH => {
-                self.set_addr(|q, v| q.set_desc_table_address(None, Some(v)), value)
-            }
-            reg::QUEUE_DRIVER_LOW => {
-                self.set_addr(|q, v| q.set_avail_ring_address(Some(v), None), value)
-            }
-            reg::QUEUE_DRIVER_HIGH => {
-                self.set_addr(|q, v| q.set_avail_ring_address(None, Some(v)), value)
-            }
-            reg::QUEUE_DEVICE_LOW => {
-                self.set_addr(|q, v| q.set_used_ring_address(Some(v), None), value)
-            }
-            reg::QUEUE_DEVICE_HIGH => {
-                self.set_addr(|q, v| q.set_used_ring_address(None, Some(v)), value)
+            reg::QUEUE_DEVICE_LOW | reg::QUEUE_DEVICE_HIGH => {
+                self.set_addr(Ring::Used, offset, value)
             }
             reg::QUEUE_NOTIFY => {
                 // Normally an ioeventfd catches this in KVM; this path is for
@@ -244,10 +245,40 @@ impl MmioTransport {
         }
     }
 
-    fn set_addr(&mut self, set: impl FnOnce(&mut Queue, u32), value: u32) {
-        if let Some(q) = self.selected_queue() {
-            set(q, value);
+    fn mark(&mut self, what: u8, bad: bool) {
+        if let Some(flags) = self.bad.get_mut(self.queue_sel as usize) {
+            if bad {
+                *flags |= what;
+            } else {
+                *flags &= !what;
+            }
         }
+    }
+
+    /// Sets half of a ring address; a misaligned one is remembered and
+    /// refused at DRIVER_OK.
+    fn set_addr(&mut self, ring: Ring, offset: u64, value: u32) {
+        let high = offset % 8 == 4;
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let old = match ring {
+            Ring::Desc => q.desc_table(),
+            Ring::Avail => q.avail_ring(),
+            Ring::Used => q.used_ring(),
+        };
+        let new = if high {
+            (old & 0xffff_ffff) | (u64::from(value) << 32)
+        } else {
+            (old & !0xffff_ffff) | u64::from(value)
+        };
+        let addr = vm_memory::GuestAddress(new);
+        let (ok, flag) = match ring {
+            Ring::Desc => (q.try_set_desc_table_address(addr).is_ok(), BAD_DESC),
+            Ring::Avail => (q.try_set_avail_ring_address(addr).is_ok(), BAD_AVAIL),
+            Ring::Used => (q.try_set_used_ring_address(addr).is_ok(), BAD_USED),
+        };
+        self.mark(flag, !ok);
     }
 
     fn write_status(&mut self, value: u32) {
@@ -291,7 +322,7 @@ impl MmioTransport {
             if !q.ready() {
                 continue;
             }
-            if self.bad_size[index] || !q.is_valid(&self.mem) {
+            if self.bad[index] != 0 || !q.is_valid(&self.mem) {
                 log::debug!("{name}: queue {index} has a bad size or ring address");
                 self.needs_reset();
                 return;
@@ -352,7 +383,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
-        self.bad_size.fill(false);
+        self.bad.fill(0);
         for fd in &self.notifiers {
             // Drop notifications that arrived for the old queues.
             let _ = fd.read();
@@ -401,5 +432,189 @@ impl BusDevice for MmioTransport {
             ),
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Record {
+        activated: Vec<Vec<u16>>,
+        resets: usize,
+    }
+
+    struct Fake(Arc<Mutex<Record>>);
+
+    impl VirtioDevice for Fake {
+        fn name(&self) -> &str {
+            "fake0"
+        }
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![16, 16]
+        }
+        fn features(&self) -> u64 {
+            F_VERSION_1 | 1
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+        fn activate(&mut self, a: Activation) -> Result<(), super::super::ActivateError> {
+            let sizes = a.queues.iter().map(|q| q.queue.size()).collect();
+            self.0.lock().unwrap().activated.push(sizes);
+            Ok(())
+        }
+        fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
+            self.0.lock().unwrap().resets += 1;
+            None
+        }
+    }
+
+    fn transport() -> (MmioTransport, Arc<Mutex<Record>>) {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(
+            Box::new(Fake(record.clone())),
+            mem,
+            Arc::new(Interrupt::new(irq)),
+        )
+        .unwrap();
+        (t, record)
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut data = [0u8; 4];
+        t.read(offset, &mut data);
+        u32::from_le_bytes(data)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    /// Negotiates `features` and sets up queue 0 with `size` at valid rings.
+    fn set_up(t: &mut MmioTransport, features: u64, size: u32) -> u32 {
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 0);
+        w(t, reg::DRIVER_FEATURES, features as u32);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
+        let accepted = r(t, reg::STATUS);
+        w(t, reg::QUEUE_SEL, 0);
+        w(t, reg::QUEUE_NUM, size);
+        w(t, reg::QUEUE_DESC_LOW, 0x1000);
+        w(t, reg::QUEUE_DRIVER_LOW, 0x2000);
+        w(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        w(t, reg::QUEUE_READY, 1);
+        accepted
+    }
+
+    const DRIVER_OK: u32 =
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+    #[test]
+    fn identification_registers_read_as_virtio_mmio_version_2() {
+        let (mut t, _) = transport();
+        assert_eq!(r(&mut t, reg::MAGIC), MAGIC);
+        assert_eq!(r(&mut t, reg::VERSION), 2);
+        assert_eq!(r(&mut t, reg::DEVICE_ID), 42);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        assert_eq!(
+            r(&mut t, reg::DEVICE_FEATURES),
+            1,
+            "VERSION_1 in the high word"
+        );
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 16);
+        w(&mut t, reg::QUEUE_SEL, 7);
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 0, "no such queue");
+    }
+
+    #[test]
+    fn features_not_offered_or_without_version_1_are_refused() {
+        let (mut t, _) = transport();
+        assert_eq!(
+            set_up(&mut t, F_VERSION_1 | 1 << 5, 16) & status::FEATURES_OK,
+            0
+        );
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(set_up(&mut t, 1, 16) & status::FEATURES_OK, 0);
+        w(&mut t, reg::STATUS, 0);
+        assert_ne!(set_up(&mut t, F_VERSION_1 | 1, 16) & status::FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn driver_ok_activates_the_ready_queues_and_reset_stops_the_device() {
+        let (mut t, record) = transport();
+        set_up(&mut t, F_VERSION_1, 8);
+        w(&mut t, reg::STATUS, DRIVER_OK);
+        assert_eq!(r(&mut t, reg::STATUS), DRIVER_OK);
+        assert_eq!(record.lock().unwrap().activated, vec![vec![8]]);
+        // Queue setup is frozen while the device runs.
+        w(&mut t, reg::QUEUE_NUM, 4);
+        w(&mut t, reg::STATUS, 0);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn bad_queue_sizes_or_rings_put_the_device_in_needs_reset() {
+        for (size, desc) in [
+            (3u32, 0x1000u32),
+            (16, 0x1001),
+            (16, 0xfff_f000),
+            (70000, 0x1000),
+        ] {
+            let (mut t, record) = transport();
+            set_up(&mut t, F_VERSION_1, size);
+            w(&mut t, reg::QUEUE_DESC_LOW, desc);
+            w(&mut t, reg::STATUS, DRIVER_OK);
+            assert_ne!(
+                r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET,
+                0,
+                "size {size} desc {desc:#x}"
+            );
+            assert!(record.lock().unwrap().activated.is_empty());
+            assert_ne!(
+                r(&mut t, reg::INTERRUPT_STATUS) & super::super::INT_CONFIG,
+                0
+            );
+            // A reset clears the error state.
+            w(&mut t, reg::STATUS, 0);
+            assert_eq!(r(&mut t, reg::STATUS), 0);
+        }
+    }
+
+    #[test]
+    fn odd_widths_and_clearing_status_bits_are_ignored() {
+        let (mut t, record) = transport();
+        let mut byte = [0xffu8];
+        t.read(reg::MAGIC, &mut byte);
+        assert_eq!(byte, [0]);
+        t.write(reg::STATUS, &[1]);
+        assert_eq!(r(&mut t, reg::STATUS), 0);
+        set_up(&mut t, F_VERSION_1, 8);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
+        assert_eq!(
+            r(&mut t, reg::STATUS) & status::FEATURES_OK,
+            status::FEATURES_OK
+        );
+        assert!(record.lock().unwrap().activated.is_empty());
+        let mut cfg = [0u8; 2];
+        t.read(0x104, &mut cfg);
+        assert_eq!(cfg, [4, 4], "config space reads go to the device");
     }
 }

@@ -615,3 +615,99 @@ mod tests {
         assert_eq!(err, RequestError::BadLength(19));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    //! The parser against descriptor tables a hostile driver could write.
+    use super::*;
+    use proptest::prelude::*;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::GuestMemoryMmap;
+
+    const MEM: u64 = 1 << 20;
+    const QUEUE: u16 = 16;
+
+    fn addr() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0x1_0000u64..MEM,
+            MEM - 64..MEM + 64,
+            Just(u64::MAX - 8),
+            any::<u64>(),
+        ]
+    }
+
+    fn descriptor() -> impl Strategy<Value = (u64, u32, u16, u16)> {
+        let flags = prop_oneof![
+            Just(0u16),
+            Just(VRING_DESC_F_NEXT as u16),
+            Just(VRING_DESC_F_WRITE as u16),
+            Just((VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16),
+            Just(VRING_DESC_F_INDIRECT as u16),
+            any::<u16>(),
+        ];
+        let len = prop_oneof![Just(16u32), Just(1), Just(512), 0u32..8192, any::<u32>()];
+        (addr(), len, flags, 0u16..QUEUE + 4)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #[test]
+        fn any_chain_is_refused_or_accepted_only_with_checked_buffers(
+            descs in proptest::collection::vec(descriptor(), QUEUE as usize),
+            head in 0u16..QUEUE,
+            req_type in prop_oneof![Just(T_IN), Just(T_OUT), Just(T_FLUSH), Just(T_GET_ID), Just(T_DISCARD), Just(T_WRITE_ZEROES), any::<u32>()],
+            sector in prop_oneof![0u64..80, any::<u64>()],
+            read_only in any::<bool>(),
+        ) {
+            let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+            // Every in-range descriptor address holds the same header.
+            let mut header = [0u8; 16];
+            header[0..4].copy_from_slice(&req_type.to_le_bytes());
+            header[8..16].copy_from_slice(&sector.to_le_bytes());
+            for (a, ..) in &descs {
+                let _ = mem.write_slice(&header, GuestAddress(*a));
+            }
+            let queue = MockSplitQueue::new(&mem, QUEUE);
+            for (i, (a, len, flags, next)) in descs.iter().enumerate() {
+                let d = RawDescriptor::from(SplitDescriptor::new(*a, *len, *flags, *next));
+                queue.desc_table().store(i as u16, d).unwrap();
+            }
+            queue.avail().ring().ref_at(0).unwrap().store(u16::to_le(head));
+            queue.avail().idx().store(u16::to_le(1));
+            let mut q: Queue = queue.create_queue().unwrap();
+            let chain = q.iter(&mem).unwrap().next().unwrap();
+            let limits = DiskLimits { capacity: 64, read_only, max_segments: 8, discard: true, write_zeroes: true };
+
+            match parse(chain, &limits) {
+                Ok(req) => {
+                    prop_assert!(mem.get_slice(req.status, 1).is_ok());
+                    let mut total = 0u64;
+                    for b in &req.data {
+                        prop_assert!(b.len == 0 || mem.get_slice(b.addr, b.len as usize).is_ok());
+                        total += u64::from(b.len);
+                    }
+                    prop_assert_eq!(total, req.data_len);
+                    prop_assert!(req.data_len <= MAX_REQUEST_BYTES);
+                    match req.kind {
+                        RequestKind::In | RequestKind::Out => {
+                            prop_assert!(req.sector * SECTOR_SIZE + req.data_len <= 64 * SECTOR_SIZE);
+                            prop_assert!(!(read_only && req.kind == RequestKind::Out));
+                        }
+                        RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => prop_assert!(!read_only),
+                        _ => {}
+                    }
+                }
+                Err(refused) => {
+                    if let Some(status) = refused.status {
+                        prop_assert!(mem.get_slice(status, 1).is_ok());
+                    }
+                }
+            }
+        }
+    }
+}
