@@ -215,9 +215,8 @@ impl Dataplane {
     }
 
     fn pop_requests(&mut self, q: usize) -> bool {
-        let mem = self.mem.clone();
         let mut parsed: Vec<(u16, Result<Request, Refused>)> = Vec::new();
-        match self.queues[q].queue.iter(&mem) {
+        match self.queues[q].queue.iter(&self.mem) {
             Ok(iter) => {
                 for chain in iter {
                     let head = chain.head_index();
@@ -353,59 +352,45 @@ impl Dataplane {
             }
             RequestKind::Flush => {}
         }
-        let is_read = req.kind == RequestKind::In;
         let slot = self.slot(entry);
         let tag = slot as u64;
         let iovecs: &[libc::iovec] = &self.slots[slot].as_ref().expect("just filled").iovecs;
-        let submitted = match &req.kind {
+        // On failure: the error and how many operations did get queued.
+        let submitted: Result<(), (block::IoError, u32)> = match &req.kind {
             // SAFETY: the iovecs point into guest memory that `self.mem`
             // keeps mapped, at ranges the parser checked; the iovec array
             // lives in the slot until this request's completion is reaped,
             // and the thread drains every request before it ends.
-            RequestKind::In => unsafe { self.engine.read_vectored(offset, iovecs, tag) }.map(|_| 1),
+            RequestKind::In => {
+                unsafe { self.engine.read_vectored(offset, iovecs, tag) }.map_err(|e| (e, 0))
+            }
             // SAFETY: as above.
             RequestKind::Out => {
-                unsafe { self.engine.write_vectored(offset, iovecs, tag) }.map(|_| 1)
+                unsafe { self.engine.write_vectored(offset, iovecs, tag) }.map_err(|e| (e, 0))
             }
-            RequestKind::Flush => self.engine.flush(tag).map(|_| 1),
+            RequestKind::Flush => self.engine.flush(tag).map_err(|e| (e, 0)),
             RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
                 let zero = matches!(req.kind, RequestKind::WriteZeroes(_));
-                let mut n = 0;
-                let mut result = Ok(());
-                for s in segs {
+                segs.iter().enumerate().try_for_each(|(n, s)| {
                     let (off, len) = (s.sector * SECTOR_SIZE, u64::from(s.sectors) * SECTOR_SIZE);
-                    result = if zero && !s.unmap {
+                    let queued = if zero && !s.unmap {
                         self.engine.write_zeroes(off, len, tag)
                     } else {
                         self.engine.punch_hole(off, len, tag)
                     };
-                    if result.is_err() {
-                        break;
-                    }
-                    n += 1;
-                }
-                result.map(|_| n)
+                    queued.map_err(|e| (e, n as u32))
+                })
             }
             RequestKind::GetId => unreachable!("answered above"),
         };
-        let _ = is_read;
-        match submitted {
-            Ok(_) => {}
-            Err(e) => {
-                log::warn!("{}: {e}", self.name);
-                // Operations already queued still complete; fail the rest.
-                if let Some(entry) = self.slots[slot].as_mut() {
-                    entry.failed = true;
-                    let queued = match &req.kind {
-                        RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
-                            segs.len() as u32
-                        }
-                        _ => 1,
-                    };
-                    entry.pending = entry.pending.saturating_sub(queued);
-                }
-                self.finish_if_done(slot);
+        if let Err((e, queued)) = submitted {
+            log::warn!("{}: {e}", self.name);
+            // Operations already queued still complete; the rest never will.
+            if let Some(entry) = self.slots[slot].as_mut() {
+                entry.failed = true;
+                entry.pending = queued;
             }
+            self.finish_if_done(slot);
         }
     }
 
