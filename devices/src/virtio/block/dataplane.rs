@@ -168,6 +168,13 @@ impl Dataplane {
     /// Keeps looking for work for `poll` after the last work found; returns
     /// true if it found some and the caller should go on serving.
     fn poll_for_work(&mut self) -> bool {
+        // Without EVENT_IDX this sets VIRTQ_USED_F_NO_NOTIFY; with it, the
+        // avail event index simply stays behind while we poll.
+        for q in &mut self.queues {
+            if q.queue.disable_notification(&self.mem).is_err() {
+                self.interrupt.fail();
+            }
+        }
         let mut deadline = Instant::now() + self.poll;
         let mut found = false;
         while Instant::now() < deadline {
