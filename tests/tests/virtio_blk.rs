@@ -89,8 +89,8 @@ fn every_request_type_works_with_a_sleeping_dataplane() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
-fn every_request_type_works_with_a_polling_dataplane() {
-    all_workloads("poll=200");
+fn every_request_type_works_with_a_polling_dataplane_on_an_o_direct_file() {
+    all_workloads("poll=200,direct=on");
 }
 
 #[test]

@@ -3,7 +3,9 @@
 //! asks for. Keeps `blk.qd` requests in flight on each of `blk.queues`
 //! queues, reaps completions by polling the used rings (interrupts
 //! suppressed), resubmits at once and notifies only when the device asks
-//! (VIRTQ_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX). Runs for
+//! (VIRTQ_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX), or after every
+//! request with `blk.notify=always` (`blk.irq=on` lets the device
+//! interrupt, see virtio.rs). Runs for
 //! `blk.seconds` (default 3) or `blk.ops` operations, timed with the TSC.
 
 use core::fmt::Write;
@@ -87,6 +89,9 @@ pub fn run(spec: Bench, dev: &mut Blk, env: &Env, user_mode: bool) -> Outcome {
                 rng.below(blocks)
             }
         };
+        // blk.notify=always: a notify per request, as a driver that
+        // ignores the device's suppression and kicks each one.
+        let per_request_kick = dev.notify_always;
         let hz = tsc::hz();
         let limit_ops = env.opts.ops;
         let start = tsc::now();
@@ -109,6 +114,9 @@ pub fn run(spec: Bench, dev: &mut Blk, env: &Env, user_mode: bool) -> Outcome {
                     fail!("no free descriptors");
                 }
                 submitted += 1;
+                if per_request_kick {
+                    dev.q(q).kick();
+                }
             }
             dev.q(q).kick();
         }
@@ -139,6 +147,9 @@ pub fn run(spec: Bench, dev: &mut Blk, env: &Env, user_mode: bool) -> Outcome {
                         }
                         submitted += 1;
                         resubmitted = true;
+                        if per_request_kick {
+                            dev.q(q).kick();
+                        }
                     }
                 }
                 if resubmitted {
@@ -174,12 +185,14 @@ pub fn run(spec: Bench, dev: &mut Blk, env: &Env, user_mode: bool) -> Outcome {
         fixed(&mut m, lat_sum * 1_000_000, completed.max(1) as u128 * hz, 1);
         let _ = write!(
             m,
-            " notifies={} tsc_hz={} queues={} bs={} mode={}",
+            " notifies={} tsc_hz={} queues={} bs={} mode={} notify={} irq={}",
             notifies,
             hz,
             queues,
             bs,
-            if user_mode { "user" } else { "kernel" }
+            if user_mode { "user" } else { "kernel" },
+            if dev.notify_always { "always" } else { "auto" },
+            if dev.irq { "on" } else { "off" }
         );
         Ok(m)
     })();

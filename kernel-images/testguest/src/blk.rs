@@ -100,6 +100,9 @@ pub struct Blk {
     ring_mem_size: u64,
     /// Timeout for one wait, in ms.
     pub timeout_ms: u64,
+    /// `blk.notify=always`, `blk.irq=on` (see virtio.rs), for every queue.
+    pub notify_always: bool,
+    pub irq: bool,
 }
 
 impl Blk {
@@ -127,6 +130,8 @@ impl Blk {
             ring_mem: 0,
             ring_mem_size: 0,
             timeout_ms,
+            notify_always: false,
+            irq: false,
         }
     }
 
@@ -219,7 +224,9 @@ impl Blk {
         let event_idx = self.has(F_EVENT_IDX);
         let indirect = self.has(F_INDIRECT_DESC);
         for i in 0..want_q {
-            let q = Vq::new(i as u16, size, self.ring_mem + per_q * i as u64, event_idx, indirect, m);
+            let mut q = Vq::new(i as u16, size, self.ring_mem + per_q * i as u64, event_idx, indirect, m);
+            q.notify_always = self.notify_always;
+            q.set_interrupts(self.irq);
             m.write(REG_QUEUE_SEL, i as u32);
             m.write(REG_QUEUE_NUM, size as u32);
             let w64 = |lo_reg: u64, hi_reg: u64, a: u64| {

@@ -70,6 +70,8 @@ pub fn run(opts: &BlkOptions, info: Option<&pvh::StartInfo>) -> bool {
             continue;
         }
         let mut blk = Blk::new(name, d.base, masked, opts.timeout_s * 1000);
+        blk.notify_always = opts.notify_always;
+        blk.irq = opts.irq;
         match blk.init() {
             Ok(()) => {
                 put("capacity=");

@@ -115,6 +115,15 @@ pub struct BlkOptions {
     pub indirect: bool,
     /// `blk.timeout=N`: seconds one request may take (default 10).
     pub timeout_s: u64,
+    /// `blk.notify=always`: notify the device on every kick that publishes
+    /// requests (the benchmarks kick after each request), even when it
+    /// suppresses notifications; `auto` (default): only when it asks.
+    pub notify_always: bool,
+    /// `blk.irq=on`: ask the device for an interrupt on every completion
+    /// (used_event follows the used index; without EVENT_IDX,
+    /// VIRTQ_AVAIL_F_NO_INTERRUPT stays clear). The guest still polls and
+    /// never takes them (IF=0). `off` (default): interrupts suppressed.
+    pub irq: bool,
 }
 
 impl BlkOptions {
@@ -167,6 +176,8 @@ pub fn parse(cmdline: &[u8], mut bad_value: impl FnMut(&str, &[u8])) -> Options 
         event_idx: true,
         indirect: true,
         timeout_s: 10,
+        notify_always: false,
+        irq: false,
     };
     let (mut njobs, mut nbench, mut ndev) = (0, 0, 0);
     for token in cmdline.split(|b| b.is_ascii_whitespace()) {
@@ -214,6 +225,16 @@ pub fn parse(cmdline: &[u8], mut bad_value: impl FnMut(&str, &[u8])) -> Options 
             b"blk.mode" => match value {
                 b"user" => blk.kernel_mode = false,
                 b"kernel" => blk.kernel_mode = true,
+                _ => ok = false,
+            },
+            b"blk.notify" => match value {
+                b"auto" => blk.notify_always = false,
+                b"always" => blk.notify_always = true,
+                _ => ok = false,
+            },
+            b"blk.irq" => match value {
+                b"off" => blk.irq = false,
+                b"on" => blk.irq = true,
                 _ => ok = false,
             },
             b"blk.event_idx" | b"blk.indirect" => {

@@ -7,7 +7,9 @@
 //! ring 3): the hot paths touch only the rings, and notify only when the
 //! device asks (VIRTQ_USED_F_NO_NOTIFY, or avail_event with EVENT_IDX).
 //! Interrupts are suppressed (VIRTQ_AVAIL_F_NO_INTERRUPT, or a used_event
-//! kept half the index space ahead).
+//! kept half the index space ahead). `blk.notify=always` and `blk.irq=on`
+//! turn both on, to measure what they cost the device (the driver still
+//! polls, and never takes the interrupts).
 
 use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
@@ -143,6 +145,10 @@ pub struct Vq {
     pub inflight: u16,
     /// Raw mode (malformed requests): descriptors are not freed by chain.
     raw: bool,
+    /// `blk.notify=always`: `kick` notifies whenever it publishes requests.
+    pub notify_always: bool,
+    /// `blk.irq=on`: let the device interrupt on every completion.
+    pub irq: bool,
 }
 
 impl Vq {
@@ -182,15 +188,25 @@ impl Vq {
             notifies: 0,
             inflight: 0,
             raw: false,
+            notify_always: false,
+            irq: false,
         };
         q.rebuild_free();
-        if event_idx {
-            q.set_used_event();
-        } else {
-            // SAFETY: our ring.
-            unsafe { write_volatile(q.avail as *mut u16, AVAIL_F_NO_INTERRUPT) };
-        }
+        q.set_interrupts(false);
         q
+    }
+
+    /// Asks the device for an interrupt on every completion (`on`) or for
+    /// none. The driver polls either way and never takes them.
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.irq = on;
+        if self.event_idx {
+            self.set_used_event();
+        } else {
+            let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
+            // SAFETY: our ring.
+            unsafe { write_volatile(self.avail as *mut u16, flags) };
+        }
     }
 
     pub fn desc_addr(&self) -> u64 {
@@ -322,7 +338,7 @@ impl Vq {
     }
 
     /// Publishes the avail index and notifies the device if it asks for
-    /// it. Returns true if it notified.
+    /// it (or always, with `notify_always`). Returns true if it notified.
     pub fn kick(&mut self) -> bool {
         let new = self.avail_idx;
         let old = self.kicked_idx;
@@ -342,10 +358,10 @@ impl Vq {
             let flags = unsafe { read_volatile(self.used as *const u16) };
             flags & USED_F_NO_NOTIFY == 0
         };
-        if need {
+        if need || self.notify_always {
             self.notify_now();
         }
-        need
+        need || self.notify_always
     }
 
     /// Writes the queue index to QueueNotify.
@@ -355,9 +371,10 @@ impl Vq {
     }
 
     fn set_used_event(&mut self) {
-        // Half the index space ahead: the device never crosses it before
-        // the next update, so it never interrupts.
-        let ev = self.last_used.wrapping_add(0x8000);
+        // Without interrupts: half the index space ahead, so the device
+        // never crosses it before the next update and never interrupts.
+        // With them: the next used entry (as Linux's virtqueue_enable_cb).
+        let ev = if self.irq { self.last_used } else { self.last_used.wrapping_add(0x8000) };
         // SAFETY: used_event follows the avail ring entries.
         unsafe { write_volatile((self.avail + 4 + 2 * self.size as u64) as *mut u16, ev) };
     }
