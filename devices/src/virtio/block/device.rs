@@ -222,3 +222,152 @@ impl Drop for Block {
         self.reset();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::Interrupt;
+    use block::DiskOptions;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    const REQUESTS: u16 = 64;
+    const HDRS: u64 = 0x10_0000;
+    const BUFS: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn disk(name: &str) -> (std::path::PathBuf, Arc<DiskFile>) {
+        let path = std::env::temp_dir().join(format!("devices-blk-{}-{name}", std::process::id()));
+        std::fs::write(&path, vec![0x5a; 1 << 20]).unwrap();
+        let file = DiskFile::open(&path, DiskOptions::default()).unwrap();
+        (path, Arc::new(file))
+    }
+
+    fn config(poll_us: u64) -> BlockConfig {
+        BlockConfig {
+            id: "vdt".into(),
+            read_only: false,
+            queues: 1,
+            queue_size: 256,
+            serial: "S".into(),
+            poll: Duration::from_micros(poll_us),
+        }
+    }
+
+    /// Queues `REQUESTS` 4 KiB reads, starts the device, notifies, and
+    /// resets it at once; returns (requests taken, requests completed).
+    fn reset_with_reads_in_flight(poll_us: u64) -> (u16, u16) {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mock = MockSplitQueue::new(&mem, 256);
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        let mut descs = Vec::new();
+        for k in 0..REQUESTS {
+            let mut header = [0u8; 16];
+            header[8..16].copy_from_slice(&(u64::from(k) * 8).to_le_bytes());
+            mem.write_slice(&header, GuestAddress(HDRS + u64::from(k) * 16))
+                .unwrap();
+            let d = 3 * k;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                HDRS + u64::from(k) * 16,
+                16,
+                next,
+                d + 1,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                BUFS + u64::from(k) * 4096,
+                4096,
+                next | write,
+                d + 2,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                STATUS + u64::from(k),
+                1,
+                write,
+                0,
+            )));
+        }
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let mut queue: virtio_queue::Queue = mock.create_queue().unwrap();
+        queue.set_event_idx(false);
+
+        let (path, file) = disk(&format!("reset-{poll_us}"));
+        let mut device = Block::new(config(poll_us), file);
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notifier = notify.try_clone().unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        device
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![ActiveQueue {
+                    index: 0,
+                    queue,
+                    notify,
+                }],
+                interrupt: Arc::new(Interrupt::new(irq)),
+                acked_features: F_VERSION_1,
+            })
+            .unwrap();
+        notifier.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+        let mut queues = device.reset().expect("the device was active");
+        std::fs::remove_file(path).unwrap();
+
+        let taken = queues[0].queue.next_avail();
+        let used_idx: u16 = mem.read_obj(GuestAddress(mock.used_addr().0 + 2)).unwrap();
+        // Every completed request carries its status and its data.
+        for k in 0..used_idx {
+            let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(k))).unwrap();
+            assert_eq!(status, 0, "request {k}");
+            let first: u8 = mem
+                .read_obj(GuestAddress(BUFS + u64::from(k) * 4096))
+                .unwrap();
+            assert_eq!(first, 0x5a, "request {k} read the disk");
+        }
+        assert!(queues.pop().is_some());
+        (taken, used_idx)
+    }
+
+    #[test]
+    fn a_reset_with_reads_in_flight_completes_every_request_it_took() {
+        for poll in [0, 500] {
+            let (taken, used) = reset_with_reads_in_flight(poll);
+            assert!(
+                taken > 0,
+                "the dataplane took nothing within 1 ms (poll {poll})"
+            );
+            assert_eq!(
+                taken, used,
+                "requests taken but not completed at reset (poll {poll})"
+            );
+        }
+    }
+
+    #[test]
+    fn config_space_reports_capacity_queues_and_limits() {
+        let (path, file) = disk("config");
+        let mut cfg = config(0);
+        cfg.queues = 4;
+        let device = Block::new(cfg, file);
+        std::fs::remove_file(path).unwrap();
+        let mut capacity = [0u8; 8];
+        device.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 2048);
+        let mut queues = [0u8; 2];
+        device.read_config(34, &mut queues);
+        assert_eq!(u16::from_le_bytes(queues), 4);
+        let mut past_end = [0xffu8; 8];
+        device.read_config(56, &mut past_end);
+        assert_eq!(
+            past_end,
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            "write_zeroes_may_unmap, then zeros past the end"
+        );
+        device.read_config(u64::MAX, &mut past_end);
+        assert_eq!(past_end, [0; 8]);
+        assert_eq!(device.features() & (1 << VIRTIO_BLK_F_RO), 0);
+    }
+}
