@@ -8,7 +8,7 @@
 //! 0x1_0000_0000 RAM beyond 3 GiB, if any
 //! ```
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
 
@@ -122,10 +122,28 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(addr, len)| (addr, len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryAlloc {
         size_mib: size >> 20,
         reason: e.to_string(),
-    })
+    })?;
+    for region in mem.iter() {
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        // Ask for huge pages where the host's THP mode is "madvise": large
+        // transfers into guest RAM pin fewer pages (in bench/blk.py QEMU's
+        // 128k sequential reads fell from 13.0k to 7.7k IOPS without them).
+        // SAFETY: the range is exactly one mapping `mem` owns; MADV_HUGEPAGE
+        // changes how it is backed, never its contents or its validity.
+        let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            log::debug!(
+                "guest RAM: MADV_HUGEPAGE refused: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(mem)
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! (they stay suppressed by leaving the avail event index behind), before
 //! it re-arms them and sleeps in epoll.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,32 @@ use super::request::{
     self, status, Buffer, DiskLimits, Refused, Request, RequestError, RequestKind, SECTOR_SIZE,
 };
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
+
+/// Tells a dataplane to stop: a flag its poll loop can read without a
+/// system call, and an eventfd that wakes it from epoll.
+pub(crate) struct StopSignal {
+    requested: AtomicBool,
+    wake: EventFd,
+}
+
+impl StopSignal {
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            requested: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Asks the dataplane to stop.
+    pub fn request(&self) -> std::io::Result<()> {
+        self.requested.store(true, Ordering::Release);
+        self.wake.write(1)
+    }
+
+    fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+}
 
 /// A request handed to the engine, waiting for its completions.
 struct InFlight {
@@ -48,7 +75,7 @@ pub(crate) struct Dataplane {
     limits: DiskLimits,
     id: [u8; request::ID_BYTES as usize],
     poll: Duration,
-    stop: EventFd,
+    stop: Arc<StopSignal>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     /// Queues whose used ring changed since the last interrupt decision.
@@ -67,7 +94,7 @@ impl Dataplane {
         limits: DiskLimits,
         id: [u8; request::ID_BYTES as usize],
         poll: Duration,
-        stop: EventFd,
+        stop: Arc<StopSignal>,
     ) -> Self {
         let queues = activation.queues.len();
         Self {
@@ -143,7 +170,7 @@ impl Dataplane {
             add(q.notify.as_raw_fd(), i as u64)?;
         }
         add(self.engine.notifier().as_raw_fd(), ENGINE_TOKEN)?;
-        add(self.stop.as_raw_fd(), STOP_TOKEN)?;
+        add(self.stop.wake.as_raw_fd(), STOP_TOKEN)?;
         Ok(epoll)
     }
 
@@ -151,8 +178,8 @@ impl Dataplane {
         // Clearing an eventfd only fails when it was already clear.
         match token {
             STOP_TOKEN => {
-                let _ = self.stop.read();
-                self.stopping = true;
+                let _ = self.stop.wake.read();
+                self.stopping = self.stop.requested();
             }
             ENGINE_TOKEN => {
                 let _ = self.engine.notifier().read();
@@ -178,7 +205,7 @@ impl Dataplane {
         let mut deadline = Instant::now() + self.poll;
         let mut found = false;
         while Instant::now() < deadline {
-            if self.stop.read().is_ok() {
+            if self.stop.requested() {
                 self.stopping = true;
                 return true;
             }

@@ -11,9 +11,8 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::dataplane::Dataplane;
+use super::dataplane::{Dataplane, StopSignal};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use crate::virtio::{ActivateError, Activation, ActiveQueue, VirtioDevice, F_VERSION_1};
 
@@ -46,7 +45,7 @@ pub struct BlockConfig {
 }
 
 struct Worker {
-    stop: EventFd,
+    stop: Arc<StopSignal>,
     thread: JoinHandle<Vec<ActiveQueue>>,
 }
 
@@ -176,8 +175,8 @@ impl VirtioDevice for Block {
         use virtio_queue::QueueT;
         let engine = UringIo::new(self.disk.as_raw_fd(), entries.clamp(1, 4096))
             .map_err(|e| fail(e.to_string()))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
-        let stop_for_thread = stop.try_clone().map_err(|e| fail(e.to_string()))?;
+        let stop = Arc::new(StopSignal::new().map_err(|e| fail(e.to_string()))?);
+        let stop_for_thread = stop.clone();
         let disk = self.disk.clone();
         let name = self.config.id.clone();
         let poll = self.config.poll;
@@ -204,7 +203,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
         let worker = self.worker.take()?;
-        if let Err(e) = worker.stop.write(1) {
+        if let Err(e) = worker.stop.request() {
             log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
         }
         match worker.thread.join() {
@@ -233,6 +232,7 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
 
     const REQUESTS: u16 = 64;
     const HDRS: u64 = 0x10_0000;
