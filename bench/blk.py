@@ -207,18 +207,21 @@ def ours_cmd(cmdline, image):
             "--disk", f"path={image},direct=on,poll={POLL_US}", "--cmdline", cmdline]
 
 
-def qemu_cmd(cmdline, image):
+def qemu_cmd(cmdline, image, boot=None):
+    """QEMU microvm with the test guest, or with `boot` = (kernel, initrd, memory MiB) for Linux."""
+    kernel, initrd, memory = boot or (KERNEL, None, MEMORY_MIB)
+    machine = "microvm,acpi=off" + (",auto-kernel-cmdline=off" if boot else "")
     return [
         str(QEMU_BIN), "-name", "blk-bench,debug-threads=on", "-L", str(SEABIOS_DIR),
-        "-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host,-arch-capabilities",
-        "-m", str(MEMORY_MIB), "-smp", str(CPUS),
+        "-M", machine, "-enable-kvm", "-cpu", "host,-arch-capabilities",
+        "-m", str(memory), "-smp", str(CPUS),
         "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-global", "virtio-mmio.force-legacy=false",
         "-object", f"iothread,id=io0,poll-max-ns={QEMU_POLL_MAX_NS}",
         "-drive", f"file={image},format=raw,if=none,id=d0,cache=none,aio=io_uring",
         "-device", "virtio-blk-device,drive=d0,iothread=io0",
-        "-kernel", str(KERNEL), "-append", cmdline,
+        "-kernel", str(kernel), *(["-initrd", str(initrd)] if initrd else []), "-append", cmdline,
     ]
 
 
@@ -467,6 +470,14 @@ def parse_strace(text):
     return calls
 
 
+def fio_result(text, spec):
+    """IOPS, MB/s, mean latency and I/O count from fio's JSON output, wherever it starts in `text`."""
+    j = json.JSONDecoder().raw_decode(text[text.index("{"):])[0]["jobs"][0]
+    d = j["write" if "write" in SPECS[spec][0] else "read"]
+    return j, {"iops": d["iops"], "mbps": d["bw_bytes"] / 1e6, "lat_us": d["lat_ns"]["mean"] / 1e3,
+               "ops": d["total_ios"]}
+
+
 def run_fio(spec, qd, seconds, image):
     oa, ca, ta = proc_ticks(), cpu_ticks(), now_ns()
     p = subprocess.Popen(fio_cmd(spec, qd, seconds, image), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -481,16 +492,67 @@ def run_fio(spec, qd, seconds, image):
     r = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
     if r.returncode != 0:
         raise BenchError(f"fio failed ({' '.join(fio_cmd(spec, qd, seconds, image))}):\n{r.stderr.strip()}")
-    j = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]
-    d = j["write" if "write" in SPECS[spec][0] else "read"]
+    j, fig = fio_result(r.stdout, spec)
     # Over fio's whole run (start-up included): busy CPUs, fio's own (usr_cpu + sys_cpu, %), the rest.
     split = cpu_split(ca, cb)
     fio_cpus = (j.get("usr_cpu", 0) + j.get("sys_cpu", 0)) / 100
     _, top = others(oa, ob, {p.pid, os.getpid()}, dt)
-    return {"vmm": "host", "spec": spec, "qd": qd, "iops": d["iops"], "mbps": d["bw_bytes"] / 1e6,
-            "lat_us": d["lat_ns"]["mean"] / 1e3, "ops": d["total_ios"], "machine_cpus": split["tasks"],
+    return {"vmm": "host", "spec": spec, "qd": qd, **fig, "machine_cpus": split["tasks"],
             "irq_cpus": split["irq"], "steal_cpus": split["steal"], "fio_cpus": fio_cpus,
             "other_cpus": max(0.0, split["tasks"] - fio_cpus), "other_top": top}
+
+
+# ---------------------------------------------------------------- fio in a Linux guest (hardware KVM)
+
+LINUX = REPO / "kernel-images" / "out" / "vmlinux"
+INITRD = REPO / "kernel-images" / "out" / "initramfs.cpio.gz"
+LINUX_MEMORY_MIB = 512
+# With auto-kernel-cmdline=off QEMU microvm does not append this itself (it
+# would put it after `--`, where the kernel no longer reads parameters).
+QEMU_FIRST_VIRTIO_MMIO = "virtio_mmio.device=512@0xfeb00e00:12"
+
+
+def linux_fio_cmd(vmm, spec, qd, seconds, image):
+    rw, bs, _, _ = SPECS[spec]
+    fio = (f"fio --name=blk --ioengine=io_uring --direct=1 --iodepth={qd} --rw={rw} --bs={bs} "
+           f"--filename=/dev/vda --time_based --runtime={seconds} --output-format=json")
+    kernel_params = "console=ttyS0 reboot=k panic=1 loglevel=1"
+    if vmm == "ours":
+        return [str(VMM), "--kernel", str(LINUX), "--initrd", str(INITRD), "--memory", f"{LINUX_MEMORY_MIB}M",
+                "--cpus", str(CPUS), "--disk", f"path={image},direct=on,poll={POLL_US}",
+                "--cmdline", f"{kernel_params} -- {fio}"]
+    return qemu_cmd(f"{kernel_params} {QEMU_FIRST_VIRTIO_MMIO} -- {fio}", image,
+                    boot=(LINUX, INITRD, LINUX_MEMORY_MIB))
+
+
+def run_linux_fio(vmm, spec, qd, seconds, image):
+    """fio inside a Linux guest (the initramfs runs what follows `--`); needs guest user space."""
+    argv = linux_fio_cmd(vmm, spec, qd, seconds, image)
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           errors="replace", timeout=seconds + 180)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{vmm}: the Linux guest running fio did not end within {seconds + 180} s")
+    out = r.stdout
+    ready = out.find("vmm-initramfs: ready")
+    # The initramfs reports fio's status through the exit port: ours exits with it, QEMU with (v << 1) | 1.
+    ok = r.returncode == (0 if vmm == "ours" else 1)
+    if ready < 0 or not ok:
+        raise BenchError(f"{vmm}: fio in the Linux guest failed (exit {r.returncode}); last output:\n"
+                         + "\n".join(out.splitlines()[-15:]))
+    _, fig = fio_result(out[ready:], spec)
+    return {"vmm": vmm, "spec": spec, "qd": qd, **fig}
+
+
+def table4(rows):
+    head = f"{'':20}|{'ours':^27}|{'QEMU':^27}| ours/"
+    sub = f"{'':20}|{'IOPS':>10}{'MB/s':>8}{'lat µs':>9} |{'IOPS':>10}{'MB/s':>8}{'lat µs':>9} |  QEMU"
+    lines = [head, sub, "-" * len(sub)]
+    for r in rows:
+        cells = "".join(f"|{num(r[w]['iops'], 10)}{num(r[w]['mbps'], 8, 1)}{num(r[w]['lat_us'], 9, 1)} "
+                        for w in ("ours", "qemu"))
+        lines.append(f"{row_label(r['spec'], r['qd']):20}{cells}|{ratio(r['ours']['iops'], r['qemu']['iops']):>6}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- report
@@ -714,6 +776,18 @@ def main():
                                              sample=False, strace=True)
         evidence.append(e)
 
+    # Table 4: the same rows with fio inside a Linux guest, where guest user space can run.
+    pvm = Path("/sys/module/kvm_pvm").exists()
+    t4 = []
+    if not pvm:
+        log(f"table 4: {len(t1_rows)} rows x (ours, QEMU) with fio in a Linux guest, {seconds} s each")
+        for spec, qd in t1_rows:
+            row = {"spec": spec, "qd": qd}
+            for who in ("ours", "qemu") if len(t4) % 2 == 0 else ("qemu", "ours"):
+                row[who] = run_linux_fio(who, spec, qd, seconds, image)
+            log(f"  {row_label(spec, qd)}: ours {row['ours']['iops']:.0f}, QEMU {row['qemu']['iops']:.0f} IOPS")
+            t4.append(row)
+
     load_after = os.getloadavg()
     mc = machine()
     res = {
@@ -726,7 +800,7 @@ def main():
         "ours_cmd": " ".join(ours_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "qemu_cmd": " ".join(qemu_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "fio_cmd": " ".join(fio_cmd("randread4k", "QD", seconds, image)),
-        "table1": t1, "table2": t2, "table3": evidence,
+        "table1": t1, "table2": t2, "table3": evidence, "table4": t4,
         "duration_s": round(time.monotonic() - started, 1),
     }
 
@@ -760,6 +834,14 @@ def main():
           "every system call): system calls of the dataplane thread (all; io_uring_enter; read; epoll_wait/ppoll; "
           "write; other), of the vCPU thread and of QEMU's main thread.")
     print(table3(evidence))
+    print()
+    if pvm:
+        print("Table 4: fio inside a Linux guest: skipped, needs hardware KVM (on PVM hosts guest user space "
+              "cannot make system calls, so fio cannot run in the guest)")
+    else:
+        print(f"Table 4: fio inside a Linux guest (vmlinux + initramfs, {LINUX_MEMORY_MIB} MiB, {CPUS} vCPU; "
+              "fio io_uring direct=1 on /dev/vda; same VMM settings)")
+        print(table4(t4))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
