@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from common import (KERNEL, QEMU_BIN, REPO, SEABIOS_DIR, VMM, BenchError, Run, check_kvm,
-                    ensure_kernel, ensure_qemu, ensure_vmm, log, machine, now_ns)
+                    ensure_kernel, ensure_qemu, ensure_vmm, log, machine, now_ns, run_main)
 
 MEMORY_MIB = 128
 CPUS = 1
@@ -850,10 +850,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench/blk.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "bench/blk.py")

@@ -250,3 +250,14 @@ def machine():
 
 def fmt_ratio(a, b):
     return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def run_main(main, script):
+    """Runs a bench script's main(): a BenchError is one line on stderr and exit 1."""
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -28,7 +28,7 @@ import sys
 import time
 
 from common import (KERNEL, QEMU_BIN, REPO, SEABIOS_DIR, VMM, BenchError, Run, check_kvm,
-                    ensure_kernel, ensure_qemu, ensure_vmm, fmt_ratio, log, machine, ms)
+                    ensure_kernel, ensure_qemu, ensure_vmm, fmt_ratio, log, machine, ms, run_main)
 
 # Boot and start-up runs: same guest size for both VMMs.
 BOOT_MEMORY_MIB = 64
@@ -243,10 +243,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"bench/startup.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, "bench/startup.py")

@@ -43,7 +43,6 @@ pub enum DiskError {
 /// An open disk file.
 #[derive(Debug)]
 pub struct DiskFile {
-    path: PathBuf,
     file: File,
     size: u64,
     options: DiskOptions,
@@ -83,16 +82,10 @@ impl DiskFile {
             });
         }
         Ok(Self {
-            path: path.to_path_buf(),
             file,
             size,
             options,
         })
-    }
-
-    /// The path the user gave.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Size in bytes.
@@ -103,11 +96,6 @@ impl DiskFile {
     /// How it was opened.
     pub fn options(&self) -> DiskOptions {
         self.options
-    }
-
-    /// The open file.
-    pub fn file(&self) -> &File {
-        &self.file
     }
 }
 

@@ -46,6 +46,29 @@ impl SyncIo {
         self.notifier.write(1).map_err(IoError::Submit)
     }
 
+    /// `preadv` or `pwritev` at `offset`, its result queued as a completion.
+    ///
+    /// # Safety
+    /// The iovecs must be valid for the call.
+    unsafe fn vectored(
+        &mut self,
+        call: unsafe extern "C" fn(i32, *const libc::iovec, i32, libc::off_t) -> isize,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+    ) -> Result<(), IoError> {
+        // SAFETY: the caller promises the iovecs are valid; the count is theirs.
+        let rc = unsafe {
+            call(
+                self.fd,
+                iovecs.as_ptr(),
+                iovecs.len() as i32,
+                offset as libc::off_t,
+            )
+        };
+        self.complete(user_data, result(rc))
+    }
+
     fn fallocate(
         &mut self,
         mode: i32,
@@ -72,15 +95,7 @@ impl AsyncIo for SyncIo {
         user_data: u64,
     ) -> Result<(), IoError> {
         // SAFETY: the caller promises the iovecs are valid (trait contract).
-        let rc = unsafe {
-            libc::preadv(
-                self.fd,
-                iovecs.as_ptr(),
-                iovecs.len() as i32,
-                offset as libc::off_t,
-            )
-        };
-        self.complete(user_data, result(rc))
+        unsafe { self.vectored(libc::preadv, offset, iovecs, user_data) }
     }
 
     unsafe fn write_vectored(
@@ -90,15 +105,7 @@ impl AsyncIo for SyncIo {
         user_data: u64,
     ) -> Result<(), IoError> {
         // SAFETY: the caller promises the iovecs are valid (trait contract).
-        let rc = unsafe {
-            libc::pwritev(
-                self.fd,
-                iovecs.as_ptr(),
-                iovecs.len() as i32,
-                offset as libc::off_t,
-            )
-        };
-        self.complete(user_data, result(rc))
+        unsafe { self.vectored(libc::pwritev, offset, iovecs, user_data) }
     }
 
     fn flush(&mut self, user_data: u64) -> Result<(), IoError> {

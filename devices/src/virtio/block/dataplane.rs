@@ -78,6 +78,8 @@ pub(crate) struct Dataplane {
     stop: Arc<StopSignal>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
+    /// Requests popped from a queue, kept to reuse its allocation.
+    parsed: Vec<(u16, Result<Request, Refused>)>,
     /// Queues whose used ring changed since the last interrupt decision.
     to_signal: Vec<bool>,
     stopping: bool,
@@ -109,6 +111,7 @@ impl Dataplane {
             stop,
             slots: Vec::new(),
             free: Vec::new(),
+            parsed: Vec::new(),
             to_signal: vec![false; queues],
             stopping: false,
         }
@@ -249,7 +252,7 @@ impl Dataplane {
     }
 
     fn pop_requests(&mut self, q: usize) -> bool {
-        let mut parsed: Vec<(u16, Result<Request, Refused>)> = Vec::new();
+        let mut parsed = std::mem::take(&mut self.parsed);
         match self.queues[q].queue.iter(&self.mem) {
             Ok(iter) => {
                 for chain in iter {
@@ -261,11 +264,12 @@ impl Dataplane {
                 // A driver that corrupts its avail index: the queue is unusable.
                 log::debug!("{}: queue {}: {e:?}", self.name, self.queues[q].index);
                 self.interrupt.fail();
+                self.parsed = parsed;
                 return false;
             }
         }
         let worked = !parsed.is_empty();
-        for (head, req) in parsed {
+        for (head, req) in parsed.drain(..) {
             match req {
                 Ok(req) => self.start(q, head, req),
                 // A chain that loops or outgrows the queue has no status to
@@ -289,6 +293,7 @@ impl Dataplane {
                 }
             }
         }
+        self.parsed = parsed;
         worked
     }
 
