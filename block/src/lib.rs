@@ -9,11 +9,20 @@
 //!          └─ SyncIo   (plain system calls, same interface)
 //! ```
 //!
-//! The block graph (nodes, leases, jobs) grows here later; this crate knows
-//! nothing of KVM or virtio.
+//! Above them sits the block graph (`graph`): nodes opened by drivers
+//! (`driver`: file, raw, null-co), kept alive by counted references and
+//! guarded by an exclusive, named in-use lease. This crate knows nothing of
+//! KVM or virtio.
 
+pub mod driver;
+pub mod error;
 pub mod file;
+pub mod graph;
 pub mod io;
 
+pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions};
-pub use io::{AsyncIo, Completion, IoError, SyncIo, UringIo};
+pub use graph::{
+    ChildOptions, DriverOptions, Graph, Holder, Lease, NodeInfo, NodeOptions, NodeRef,
+};
+pub use io::{AsyncIo, Completion, IoError, NullIo, SyncIo, UringIo};

@@ -1,0 +1,35 @@
+//! Block drivers: what each kind of node does. A node asks its driver for
+//! its size, its children and an I/O engine; the graph does the rest.
+
+mod file;
+mod null;
+mod raw;
+
+pub use file::File;
+pub use null::{Null, DEFAULT_SIZE as NULL_DEFAULT_SIZE};
+pub use raw::Raw;
+
+use crate::error::BlockError;
+use crate::graph::NodeRef;
+use crate::io::AsyncIo;
+
+/// One kind of block node.
+pub trait Driver: Send + Sync {
+    /// QEMU's driver name: `file`, `raw`, `null-co`.
+    fn name(&self) -> &'static str;
+
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// The host file at the bottom of this node, as QEMU's `file` field.
+    fn filename(&self) -> String;
+
+    /// Child edges: role and child.
+    fn children(&self) -> Vec<(&'static str, &NodeRef)> {
+        Vec::new()
+    }
+
+    /// An I/O engine on this node for up to `depth` operations in flight.
+    /// `node` is this node's name, for errors.
+    fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError>;
+}

@@ -1,0 +1,49 @@
+//! The `null-co` driver: reads zeros, drops writes. For benchmarks: it
+//! measures everything but the disk.
+
+use super::Driver;
+use crate::error::BlockError;
+use crate::io::{AsyncIo, NullIo};
+
+/// QEMU's default size for a null node: 1 GiB.
+pub const DEFAULT_SIZE: u64 = 1 << 30;
+
+/// A disk of zeros.
+pub struct Null {
+    size: u64,
+}
+
+impl Null {
+    /// A null node of `size` bytes (a whole number of 512-byte sectors).
+    pub fn new(node: &str, size: u64) -> Result<Self, BlockError> {
+        if size % 512 != 0 {
+            return Err(BlockError::Options {
+                node: node.into(),
+                reason: format!("size {size} is not a whole number of 512-byte sectors"),
+            });
+        }
+        Ok(Self { size })
+    }
+}
+
+impl Driver for Null {
+    fn name(&self) -> &'static str {
+        "null-co"
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn filename(&self) -> String {
+        "null-co://".into()
+    }
+
+    fn open_io(&self, node: &str, _depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
+        let io = NullIo::new().map_err(|source| BlockError::Io {
+            node: node.into(),
+            source,
+        })?;
+        Ok(Box::new(io))
+    }
+}

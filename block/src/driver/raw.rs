@@ -1,0 +1,41 @@
+//! The `raw` format: the guest sees its `file` child byte for byte.
+
+use super::Driver;
+use crate::error::BlockError;
+use crate::graph::NodeRef;
+use crate::io::AsyncIo;
+
+/// A raw format node over one child.
+pub struct Raw {
+    file: NodeRef,
+}
+
+impl Raw {
+    /// A raw node over `file` (a reference the node now owns).
+    pub fn new(file: NodeRef) -> Self {
+        Self { file }
+    }
+}
+
+impl Driver for Raw {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn size(&self) -> u64 {
+        self.file.driver().size()
+    }
+
+    fn filename(&self) -> String {
+        self.file.driver().filename()
+    }
+
+    fn children(&self) -> Vec<(&'static str, &NodeRef)> {
+        vec![("file", &self.file)]
+    }
+
+    fn open_io(&self, _node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
+        // Raw adds nothing to the path: the child's engine serves it.
+        self.file.driver().open_io(self.file.name(), depth)
+    }
+}

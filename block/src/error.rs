@@ -1,0 +1,46 @@
+//! The block layer's errors. Each names the node or holder the user knows,
+//! and the texts follow QEMU's where QEMU has one, so its users recognise
+//! them.
+
+use crate::file::DiskError;
+use crate::io::IoError;
+
+/// What went wrong in the block graph.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// No node has this name.
+    #[error("Cannot find device='{name}' nor node-name='{name}'")]
+    NotFound { name: String },
+    /// A node-name that breaks QEMU's rules for names.
+    #[error("Invalid node-name: '{name}' (start with a letter; then letters, digits, '-', '.', '_'; at most 31 characters)")]
+    InvalidName { name: String },
+    /// The name is taken by another node.
+    #[error("Duplicate nodes with node-name='{name}'")]
+    Duplicate { name: String },
+    /// Someone else holds the node's in-use lease.
+    #[error("Node '{node}' is busy: block device is in use by {holder}")]
+    Busy { node: String, holder: String },
+    /// `blockdev-del` on a node others still reference.
+    #[error("Node '{node}' is in use by {}", holders.join(", "))]
+    InUse { node: String, holders: Vec<String> },
+    /// `blockdev-del` on a node the user did not add by name.
+    #[error("Node '{node}' is not owned by the monitor")]
+    NotOwned { node: String },
+    /// A node's options are wrong.
+    #[error("Node '{node}': {reason}")]
+    Options { node: String, reason: String },
+    /// The node's file could not be opened.
+    #[error("Node '{node}': {source}")]
+    Open {
+        node: String,
+        #[source]
+        source: DiskError,
+    },
+    /// An I/O engine could not be set up for the node.
+    #[error("Node '{node}': {source}")]
+    Io {
+        node: String,
+        #[source]
+        source: IoError,
+    },
+}

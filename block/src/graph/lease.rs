@@ -1,0 +1,87 @@
+//! The in-use lease: at most one holder at a time may do I/O on a node.
+//!
+//! A lease covers the node and everything below it, so nobody can write to
+//! a `file` node while someone else uses the `raw` node above it. Every
+//! lease is decided under one graph-wide lock, so two takers cannot both
+//! win, and a refusal names the holder at once: nothing waits.
+
+use std::sync::Arc;
+
+use super::node::{lock, next_id, Node, NodeRef};
+use super::Holder;
+use crate::error::BlockError;
+use crate::io::AsyncIo;
+
+/// A held lease. Dropping it releases the lease; the node lives on as long
+/// as other references do.
+pub struct Lease {
+    /// The lease holder's own reference, so the node cannot vanish under it.
+    node: NodeRef,
+    covered: Vec<Arc<Node>>,
+    holder: Holder,
+    id: u64,
+}
+
+impl NodeRef {
+    /// Takes this node's lease (and its children's) for `holder`, or says
+    /// who has it.
+    pub fn take_lease(&self, holder: Holder) -> Result<Lease, BlockError> {
+        let graph = self.node.graph.clone();
+        let _decide = lock(&graph.leases);
+        let covered = self.node.subtree();
+        for n in &covered {
+            if let Some((_, h)) = lock(&n.lease).as_ref() {
+                return Err(BlockError::Busy {
+                    node: n.name().to_string(),
+                    holder: h.to_string(),
+                });
+            }
+        }
+        let id = next_id();
+        for n in &covered {
+            *lock(&n.lease) = Some((id, holder.clone()));
+        }
+        Ok(Lease {
+            node: self.clone_for(holder.clone()),
+            covered,
+            holder,
+            id,
+        })
+    }
+}
+
+impl Lease {
+    /// The leased node.
+    pub fn node(&self) -> &NodeRef {
+        &self.node
+    }
+
+    /// Who holds it.
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    /// An I/O engine on the node with room for `depth` operations in
+    /// flight. Only a lease holder gets one: busy state guards I/O.
+    pub fn open_io(&self, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
+        self.node.driver().open_io(self.node.name(), depth)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _decide = lock(&self.node.graph.leases);
+        for n in &self.covered {
+            let mut slot = lock(&n.lease);
+            if slot.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({} by {})", self.node.name(), self.holder)
+    }
+}

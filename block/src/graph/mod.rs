@@ -1,0 +1,303 @@
+//! The block graph: named nodes, counted references, and in-use leases.
+//!
+//! ```text
+//!  monitor name ─┐   virtio-blk 'vda' ─┐   block job ─┐
+//!                ▼                      ▼              ▼
+//!              [raw 'drive0'] ◄── lease: one holder at a time
+//!                │ child 'file' (a reference)
+//!                ▼
+//!              [file '#block001'] ── the host file
+//! ```
+//!
+//! Lifetime and busy state are separate: references keep a node open,
+//! the lease says who may do I/O on it. Releasing a lease never closes a
+//! node, and a lease holder always holds a reference.
+
+mod holder;
+mod lease;
+mod node;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+pub use holder::Holder;
+pub use lease::Lease;
+pub use node::{Node, NodeRef};
+
+use crate::driver::{self, Driver};
+use crate::error::BlockError;
+use node::lock;
+
+/// State every node of a graph shares.
+pub(crate) struct GraphShared {
+    /// Every open node by name; weak, so the registry keeps nothing alive.
+    nodes: Mutex<BTreeMap<String, Weak<Node>>>,
+    /// Held while deciding or releasing a lease.
+    leases: Mutex<()>,
+    /// Counter for the names of nodes the user did not name.
+    auto_names: AtomicU64,
+}
+
+/// How to open one node (what `blockdev-add` or `--disk` asks for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeOptions {
+    /// Its name; generated (`#blockNNN`) for a child the user did not name.
+    pub node_name: Option<String>,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// The driver and its options.
+    pub driver: DriverOptions,
+}
+
+/// The drivers and their options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriverOptions {
+    /// A host file, I/O through io_uring.
+    File { filename: PathBuf, direct: bool },
+    /// The raw format over a `file` child.
+    Raw { file: ChildOptions },
+    /// Reads zeros, drops writes; `size` bytes.
+    Null { size: u64 },
+}
+
+/// A child edge: an existing node by name, or a new node defined inline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChildOptions {
+    /// An existing node.
+    Node(String),
+    /// A node to create as the child.
+    Inline(Box<NodeOptions>),
+}
+
+/// What `query-named-block-nodes` shows of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node-name.
+    pub name: String,
+    /// `file`, `raw` or `null-co`.
+    pub driver: &'static str,
+    /// The host file (or `null-co://`) at the bottom of the node.
+    pub filename: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether writes are refused.
+    pub read_only: bool,
+    /// Child role and child node-name.
+    pub children: Vec<(&'static str, String)>,
+    /// Who holds references.
+    pub references: Vec<Holder>,
+    /// Who holds the lease.
+    pub lease: Option<Holder>,
+}
+
+/// A block graph.
+pub struct Graph {
+    shared: Arc<GraphShared>,
+    /// The user's name-references: one per node the user added by name.
+    named: Mutex<BTreeMap<String, NodeRef>>,
+}
+
+impl Default for Graph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// QEMU's rule: a letter, then letters, digits, '-', '.', '_'; at most 31.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 31
+        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
+
+impl Graph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self {
+            shared: Arc::new(GraphShared {
+                nodes: Mutex::new(BTreeMap::new()),
+                leases: Mutex::new(()),
+                auto_names: AtomicU64::new(1),
+            }),
+            named: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Opens a node tree as `blockdev-add` does: the top node must be
+    /// named, and the user's name holds it.
+    pub fn add(&self, options: NodeOptions) -> Result<(), BlockError> {
+        let Some(name) = options.node_name.clone() else {
+            return Err(BlockError::Options {
+                node: String::new(),
+                reason: "'node-name' must be specified for the root node".into(),
+            });
+        };
+        if !valid_name(&name) {
+            return Err(BlockError::InvalidName { name });
+        }
+        let node = self.open(options, Holder::Monitor)?;
+        lock(&self.named).insert(name, node);
+        Ok(())
+    }
+
+    /// Opens a disk as `--disk` does: a `file` node for the host file and a
+    /// `raw` node named `name` above it.
+    pub fn add_disk(
+        &self,
+        name: &str,
+        filename: PathBuf,
+        read_only: bool,
+        direct: bool,
+    ) -> Result<(), BlockError> {
+        self.add(NodeOptions {
+            node_name: Some(name.to_string()),
+            read_only,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Inline(Box::new(NodeOptions {
+                    node_name: None,
+                    read_only,
+                    driver: DriverOptions::File { filename, direct },
+                })),
+            },
+        })
+    }
+
+    /// A reference to the node called `name`, for `holder`.
+    pub fn get(&self, name: &str, holder: Holder) -> Result<NodeRef, BlockError> {
+        let node = lock(&self.shared.nodes).get(name).and_then(Weak::upgrade);
+        match node {
+            Some(node) => Ok(NodeRef::first(&node, holder)),
+            None => Err(BlockError::NotFound { name: name.into() }),
+        }
+    }
+
+    /// `blockdev-del`: drops the user's name-reference, which closes the
+    /// node; refused while anyone else holds it, naming them.
+    pub fn remove(&self, name: &str) -> Result<(), BlockError> {
+        let mut named = lock(&self.named);
+        let Some(node) = named.get(name) else {
+            return Err(
+                match lock(&self.shared.nodes).get(name).and_then(Weak::upgrade) {
+                    Some(_) => BlockError::NotOwned { node: name.into() },
+                    None => BlockError::NotFound { name: name.into() },
+                },
+            );
+        };
+        let others: Vec<String> = node
+            .holders()
+            .into_iter()
+            .filter(|h| *h != Holder::Monitor)
+            .map(|h| h.to_string())
+            .collect();
+        if !others.is_empty() {
+            return Err(BlockError::InUse {
+                node: name.into(),
+                holders: others,
+            });
+        }
+        named.remove(name);
+        Ok(())
+    }
+
+    /// Every open node, by name.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        let nodes: Vec<Arc<Node>> = lock(&self.shared.nodes)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        nodes.iter().map(|n| info(n)).collect()
+    }
+
+    /// What `query-named-block-nodes` shows of one node.
+    pub fn info(&self, node: &NodeRef) -> NodeInfo {
+        info(&node.node)
+    }
+
+    fn auto_name(&self) -> String {
+        format!(
+            "#block{:03}",
+            self.shared.auto_names.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// Opens `options` (children first) and registers it; the one
+    /// reference returned belongs to `holder`.
+    fn open(&self, options: NodeOptions, holder: Holder) -> Result<NodeRef, BlockError> {
+        let name = match options.node_name {
+            Some(name) if !valid_name(&name) => return Err(BlockError::InvalidName { name }),
+            Some(name) => name,
+            None => self.auto_name(),
+        };
+        // Fail before opening anything if the name is taken.
+        if lock(&self.shared.nodes)
+            .get(&name)
+            .is_some_and(|w| w.upgrade().is_some())
+        {
+            return Err(BlockError::Duplicate { name });
+        }
+        let read_only = options.read_only;
+        let driver: Box<dyn Driver> = match options.driver {
+            DriverOptions::File { filename, direct } => {
+                Box::new(driver::File::open(&name, &filename, read_only, direct)?)
+            }
+            DriverOptions::Null { size } => Box::new(driver::Null::new(&name, size)?),
+            DriverOptions::Raw { file } => {
+                let parent = Holder::Parent {
+                    node: name.clone(),
+                    child: "file",
+                };
+                let child = match file {
+                    ChildOptions::Node(child) => self.get(&child, parent)?,
+                    ChildOptions::Inline(mut child) => {
+                        // An inline child opens the way its parent does.
+                        child.read_only |= read_only;
+                        self.open(*child, parent)?
+                    }
+                };
+                if child.read_only() && !read_only {
+                    return Err(BlockError::Options {
+                        node: name,
+                        reason: format!(
+                            "its 'file' child '{}' is read-only; add this node with read-only=true",
+                            child.name()
+                        ),
+                    });
+                }
+                Box::new(driver::Raw::new(child))
+            }
+        };
+        let node = Node::new(name.clone(), read_only, driver, self.shared.clone());
+        let mut nodes = lock(&self.shared.nodes);
+        if nodes.get(&name).is_some_and(|w| w.upgrade().is_some()) {
+            drop(nodes);
+            return Err(BlockError::Duplicate { name });
+        }
+        nodes.insert(name, Arc::downgrade(&node));
+        drop(nodes);
+        Ok(NodeRef::first(&node, holder))
+    }
+}
+
+fn info(node: &Arc<Node>) -> NodeInfo {
+    let driver = node.driver();
+    NodeInfo {
+        name: node.name().to_string(),
+        driver: driver.name(),
+        filename: driver.filename(),
+        size: driver.size(),
+        read_only: node.read_only(),
+        children: driver
+            .children()
+            .into_iter()
+            .map(|(role, c)| (role, c.name().to_string()))
+            .collect(),
+        references: node.holders(),
+        lease: node.lease_holder(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,166 @@
+//! A node and the counted, named references to it.
+//!
+//! The `Arc` does the counting: a node is closed (its driver dropped, its
+//! file closed, its children released) exactly when the last [`NodeRef`]
+//! goes. Each `NodeRef` also records who holds it, so the graph can say who
+//! keeps a node alive.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::{GraphShared, Holder};
+use crate::driver::Driver;
+
+/// Ids for references and leases, so each can remove exactly itself.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked:
+/// every critical section here is a single push, retain or assignment.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One layer of a disk.
+pub struct Node {
+    name: String,
+    read_only: bool,
+    driver: Box<dyn Driver>,
+    refs: Mutex<Vec<(u64, Holder)>>,
+    pub(crate) lease: Mutex<Option<(u64, Holder)>>,
+    pub(crate) graph: Arc<GraphShared>,
+}
+
+impl Node {
+    pub(crate) fn new(
+        name: String,
+        read_only: bool,
+        driver: Box<dyn Driver>,
+        graph: Arc<GraphShared>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            read_only,
+            driver,
+            refs: Mutex::new(Vec::new()),
+            lease: Mutex::new(None),
+            graph,
+        })
+    }
+
+    /// The node-name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The driver serving this layer.
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_ref()
+    }
+
+    /// Who holds references to it, in the order they took them.
+    pub fn holders(&self) -> Vec<Holder> {
+        lock(&self.refs).iter().map(|(_, h)| h.clone()).collect()
+    }
+
+    /// Who holds its in-use lease, if anyone.
+    pub fn lease_holder(&self) -> Option<Holder> {
+        lock(&self.lease).as_ref().map(|(_, h)| h.clone())
+    }
+
+    /// This node and every node below it, each once.
+    pub(crate) fn subtree(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut out: Vec<Arc<Node>> = vec![self.clone()];
+        let mut i = 0;
+        while i < out.len() {
+            let children: Vec<Arc<Node>> = out[i]
+                .driver
+                .children()
+                .into_iter()
+                .map(|(_, c)| c.node.clone())
+                .collect();
+            for c in children {
+                if !out.iter().any(|n| Arc::ptr_eq(n, &c)) {
+                    out.push(c);
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    fn add_ref(self: &Arc<Self>, holder: Holder) -> NodeRef {
+        let id = next_id();
+        lock(&self.refs).push((id, holder));
+        NodeRef {
+            node: self.clone(),
+            id,
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        log::debug!("closing block node '{}'", self.name);
+        let mut nodes = lock(&self.graph.nodes);
+        // A new node may already have taken the name; only a dead entry is ours.
+        if nodes.get(&self.name).is_some_and(|w| w.upgrade().is_none()) {
+            nodes.remove(&self.name);
+        }
+    }
+}
+
+/// A counted reference to a node, naming its holder.
+pub struct NodeRef {
+    pub(crate) node: Arc<Node>,
+    id: u64,
+}
+
+impl NodeRef {
+    /// The first reference to a new node.
+    pub(crate) fn first(node: &Arc<Node>, holder: Holder) -> Self {
+        node.add_ref(holder)
+    }
+
+    /// Another reference to the same node, for `holder`.
+    pub fn clone_for(&self, holder: Holder) -> NodeRef {
+        self.node.add_ref(holder)
+    }
+
+    /// The node.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// Whether two references point at the same node.
+    pub fn same_node(&self, other: &NodeRef) -> bool {
+        Arc::ptr_eq(&self.node, &other.node)
+    }
+}
+
+impl std::ops::Deref for NodeRef {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Drop for NodeRef {
+    fn drop(&mut self) {
+        lock(&self.node.refs).retain(|(id, _)| *id != self.id);
+    }
+}
+
+impl std::fmt::Debug for NodeRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeRef({})", self.node.name)
+    }
+}

@@ -1,0 +1,362 @@
+use std::path::PathBuf;
+
+use super::*;
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, len: u64) -> Self {
+        let path = std::env::temp_dir().join(format!("block-graph-{}-{name}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn dataplane(id: &str) -> Holder {
+    Holder::Dataplane {
+        kind: "virtio-blk",
+        id: id.into(),
+    }
+}
+
+fn device(id: &str) -> Holder {
+    Holder::Device {
+        kind: "virtio-blk",
+        id: id.into(),
+    }
+}
+
+fn job(id: &str) -> Holder {
+    Holder::Job { id: id.into() }
+}
+
+fn names(graph: &Graph) -> Vec<String> {
+    graph.nodes().into_iter().map(|n| n.name).collect()
+}
+
+/// Open file descriptors of this process pointing at `path`.
+fn fds_on(path: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+#[test]
+fn a_disk_is_a_named_raw_node_over_an_unnamed_file_node() {
+    let file = TempFile::new("disk", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    let nodes = graph.nodes();
+    assert_eq!(nodes.len(), 2);
+    let raw = nodes.iter().find(|n| n.name == "drive0").unwrap();
+    assert_eq!(raw.driver, "raw");
+    assert_eq!(raw.size, 1 << 20);
+    assert_eq!(raw.filename, file.0.display().to_string());
+    assert_eq!(raw.references, vec![Holder::Monitor]);
+    let (role, child) = &raw.children[0];
+    assert_eq!(*role, "file");
+    assert!(child.starts_with("#block"), "{child}");
+    let file_node = nodes.iter().find(|n| &n.name == child).unwrap();
+    assert_eq!(file_node.driver, "file");
+    assert_eq!(
+        file_node.references,
+        vec![Holder::Parent {
+            node: "drive0".into(),
+            child: "file"
+        }]
+    );
+}
+
+#[test]
+fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
+    let file = TempFile::new("life", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    assert_eq!(fds_on(&file.0), 1);
+    let held = graph.get("drive0", device("vda")).unwrap();
+    // The user's name goes once nobody else holds the node; here a device does.
+    let err = graph.remove("drive0").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 'drive0' is in use by virtio-blk device 'vda'"
+    );
+    assert_eq!(
+        names(&graph).len(),
+        2,
+        "a refused blockdev-del closes nothing"
+    );
+    drop(held);
+    graph.remove("drive0").unwrap();
+    assert!(
+        names(&graph).is_empty(),
+        "both nodes closed with the last reference"
+    );
+    assert_eq!(fds_on(&file.0), 0, "the host file is closed");
+    // The name is free again.
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+}
+
+#[test]
+fn a_reference_outlives_the_users_name() {
+    let file = TempFile::new("outlive", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add(NodeOptions {
+            node_name: Some("f0".into()),
+            read_only: false,
+            driver: DriverOptions::File {
+                filename: file.0.clone(),
+                direct: false,
+            },
+        })
+        .unwrap();
+    graph
+        .add(NodeOptions {
+            node_name: Some("r0".into()),
+            read_only: false,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Node("f0".into()),
+            },
+        })
+        .unwrap();
+    let err = graph.remove("f0").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 'f0' is in use by node 'r0' (as its 'file' child)"
+    );
+    graph.remove("r0").unwrap();
+    // r0 is gone; f0 lost its parent and can go now.
+    graph.remove("f0").unwrap();
+    assert!(names(&graph).is_empty());
+}
+
+#[test]
+fn blockdev_del_of_unknown_or_unnamed_nodes_is_refused() {
+    let file = TempFile::new("del", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    assert_eq!(
+        graph.remove("nope").unwrap_err().to_string(),
+        "Cannot find device='nope' nor node-name='nope'"
+    );
+    let child = graph.nodes()[0].name.clone();
+    assert!(child.starts_with('#'));
+    assert_eq!(
+        graph.remove(&child).unwrap_err().to_string(),
+        format!("Node '{child}' is not owned by the monitor")
+    );
+}
+
+#[test]
+fn leases_are_exclusive_and_name_their_holder() {
+    let file = TempFile::new("lease", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    let node = graph.get("drive0", device("vda")).unwrap();
+    let lease = node.take_lease(dataplane("vda")).unwrap();
+    let err = node.take_lease(job("job0")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 'drive0' is busy: block device is in use by virtio-blk dataplane of device 'vda'"
+    );
+    let info = graph.info(&node);
+    assert_eq!(info.lease, Some(dataplane("vda")));
+    // The lease covers the child too: nobody writes under the dataplane.
+    let child = graph.get(&info.children[0].1, job("job0")).unwrap();
+    let err = child.take_lease(job("job0")).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("is busy: block device is in use by virtio-blk dataplane of device 'vda'"),
+        "{err}"
+    );
+    drop(lease);
+    assert_eq!(graph.info(&node).lease, None, "released on drop");
+    let lease = child.take_lease(job("job0")).unwrap();
+    // A lease below blocks a lease above.
+    let err = node.take_lease(dataplane("vda")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Node '{}' is busy: block device is in use by block job 'job0'",
+            child.name()
+        )
+    );
+    drop(lease);
+    node.take_lease(dataplane("vda")).unwrap();
+}
+
+#[test]
+fn a_held_lease_keeps_its_node_alive() {
+    let file = TempFile::new("alive", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    let node = graph.get("drive0", job("job0")).unwrap();
+    let lease = node.take_lease(job("job0")).unwrap();
+    drop(node);
+    // The lease holder's reference is there for blockdev-del to see.
+    assert_eq!(
+        graph.remove("drive0").unwrap_err().to_string(),
+        "Node 'drive0' is in use by block job 'job0'"
+    );
+    assert!(lease.open_io(4).is_ok());
+    drop(lease);
+    graph.remove("drive0").unwrap();
+    assert!(names(&graph).is_empty());
+}
+
+#[test]
+fn releasing_a_lease_never_closes_a_node() {
+    let file = TempFile::new("release", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false)
+        .unwrap();
+    let node = graph.get("drive0", device("vda")).unwrap();
+    drop(node.take_lease(dataplane("vda")).unwrap());
+    assert_eq!(names(&graph).len(), 2);
+    assert_eq!(fds_on(&file.0), 1);
+}
+
+#[test]
+fn names_follow_qemus_rules_and_are_unique() {
+    let file = TempFile::new("names", 1 << 20);
+    let graph = Graph::new();
+    for bad in ["0drive", "#block001", "", "a b", &"x".repeat(32)] {
+        let err = graph
+            .add_disk(bad, file.0.clone(), false, false)
+            .unwrap_err();
+        assert!(
+            matches!(err, BlockError::InvalidName { .. }),
+            "{bad}: {err}"
+        );
+    }
+    graph.add_disk("d", file.0.clone(), false, false).unwrap();
+    let err = graph
+        .add(NodeOptions {
+            node_name: Some("d".into()),
+            read_only: false,
+            driver: DriverOptions::Null { size: 4096 },
+        })
+        .unwrap_err();
+    assert_eq!(err.to_string(), "Duplicate nodes with node-name='d'");
+    // A refused node opens nothing: the file is open once, by 'd'.
+    assert_eq!(fds_on(&file.0), 1);
+    let err = graph
+        .add(NodeOptions {
+            node_name: None,
+            read_only: false,
+            driver: DriverOptions::Null { size: 4096 },
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("'node-name' must be specified"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_raw_node_refuses_writes_it_cannot_pass_down() {
+    let file = TempFile::new("ro", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add(NodeOptions {
+            node_name: Some("f0".into()),
+            read_only: true,
+            driver: DriverOptions::File {
+                filename: file.0.clone(),
+                direct: false,
+            },
+        })
+        .unwrap();
+    let err = graph
+        .add(NodeOptions {
+            node_name: Some("r0".into()),
+            read_only: false,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Node("f0".into()),
+            },
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("child 'f0' is read-only"), "{err}");
+    assert_eq!(names(&graph), vec!["f0".to_string()]);
+}
+
+#[test]
+fn missing_children_and_files_are_named() {
+    let graph = Graph::new();
+    let err = graph
+        .add(NodeOptions {
+            node_name: Some("r0".into()),
+            read_only: false,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Node("ghost".into()),
+            },
+        })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Cannot find device='ghost' nor node-name='ghost'"
+    );
+    let err = graph
+        .add_disk("d", "/nonexistent/x.img".into(), false, false)
+        .unwrap_err();
+    assert!(err.to_string().starts_with("Node '#block"), "{err}");
+    assert!(err.to_string().contains("/nonexistent/x.img"), "{err}");
+    assert!(names(&graph).is_empty());
+}
+
+#[test]
+fn null_nodes_read_zeros_through_their_lease() {
+    let graph = Graph::new();
+    graph
+        .add(NodeOptions {
+            node_name: Some("n0".into()),
+            read_only: false,
+            driver: DriverOptions::Null { size: 1 << 30 },
+        })
+        .unwrap();
+    let node = graph.get("n0", job("bench")).unwrap();
+    let info = graph.info(&node);
+    assert_eq!((info.driver, info.size), ("null-co", 1 << 30));
+    assert_eq!(info.filename, "null-co://");
+    let lease = node.take_lease(job("bench")).unwrap();
+    let mut io = lease.open_io(8).unwrap();
+    let mut buf = vec![1u8; 512];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the buffer outlives the completion reaped below.
+    unsafe { io.read_vectored(0, &iov, 1).unwrap() };
+    io.submit().unwrap();
+    assert_eq!(io.next_completion().unwrap().result, 512);
+    assert!(buf.iter().all(|&b| b == 0));
+    assert!(matches!(
+        Graph::new().add(NodeOptions {
+            node_name: Some("odd".into()),
+            read_only: false,
+            driver: DriverOptions::Null { size: 1000 },
+        }),
+        Err(BlockError::Options { .. })
+    ));
+}
