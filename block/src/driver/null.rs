@@ -16,7 +16,7 @@ pub struct Null {
 impl Null {
     /// A null node of `size` bytes (a whole number of 512-byte sectors).
     pub fn new(node: &str, size: u64) -> Result<Self, BlockError> {
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(BlockError::Options {
                 node: node.into(),
                 reason: format!("size {size} is not a whole number of 512-byte sectors"),

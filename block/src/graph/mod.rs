@@ -208,7 +208,7 @@ impl Graph {
             .values()
             .filter_map(Weak::upgrade)
             .collect();
-        nodes.iter().map(|n| info(n)).collect()
+        nodes.iter().map(info).collect()
     }
 
     /// What `query-named-block-nodes` shows of one node.
