@@ -29,8 +29,8 @@ pub enum BlockError {
     /// A node's options are wrong.
     #[error("Node '{node}': {reason}")]
     Options { node: String, reason: String },
-    /// The node's file could not be opened.
-    #[error("Node '{node}': {source}")]
+    /// The node's file could not be opened (the error names the file).
+    #[error("{source}")]
     Open {
         node: String,
         #[source]

@@ -32,9 +32,12 @@ pub struct Cli {
         allow_negative_numbers = true
     )]
     pub cpus: u32,
-    /// A virtio-blk disk: path=FILE[,id=ID][,readonly=on][,direct=on][,queues=N][,queue-size=N][,serial=STR][,poll=USECS]
+    /// A virtio-blk disk: path=FILE[,id=ID][,node-name=NAME][,readonly=on][,direct=on][,queues=N][,queue-size=N][,serial=STR][,poll=USECS]
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<DiskConfig>,
+    /// Serve QMP (QEMU's machine protocol) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: Option<PathBuf>,
 }
 
 impl From<Cli> for VmConfig {
@@ -46,6 +49,7 @@ impl From<Cli> for VmConfig {
             memory: cli.memory,
             cpus: cli.cpus,
             disks: cli.disks,
+            qmp: cli.qmp,
         }
     }
 }

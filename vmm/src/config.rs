@@ -25,6 +25,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// virtio-blk disks, in the order the guest sees them.
     pub disks: Vec<DiskConfig>,
+    /// Serve QMP on this Unix socket.
+    pub qmp: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -38,6 +40,7 @@ impl VmConfig {
             memory: MemorySize::mib(128),
             cpus: 1,
             disks: Vec::new(),
+            qmp: None,
         }
     }
 }

@@ -13,6 +13,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// The device's name; `vda`, `vdb`... by position when not given.
     pub id: Option<String>,
+    /// The block node's name; the device's name when not given.
+    pub node_name: Option<String>,
     /// Refuse guest writes.
     pub read_only: bool,
     /// Open the file with O_DIRECT.
@@ -34,7 +36,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, id, readonly, direct, queues, queue-size, serial, poll)")]
+    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, queues, queue-size, serial, poll)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -81,6 +83,7 @@ impl FromStr for DiskConfig {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
             id: None,
+            node_name: None,
             read_only: false,
             direct: false,
             queues: 1,
@@ -116,6 +119,17 @@ impl FromStr for DiskConfig {
                     }
                     disk.id = Some(value.into());
                 }
+                "node-name" => {
+                    // QEMU's rule for node names, so blockdev commands accept it.
+                    let mut chars = value.chars();
+                    let ok = value.len() <= 31
+                        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+                        && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                    if !ok {
+                        return Err(bad("start with a letter, then letters, digits, '-', '_' or '.'; at most 31"));
+                    }
+                    disk.node_name = Some(value.into());
+                }
                 "readonly" => disk.read_only = on_off(key, value)?,
                 "direct" => disk.direct = on_off(key, value)?,
                 "queues" => disk.queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
@@ -149,11 +163,12 @@ mod tests {
 
     #[test]
     fn every_option_is_read() {
-        let d: DiskConfig = "path=/tmp/a.img,id=root,readonly=on,direct=on,queues=4,queue-size=128,serial=SN1,poll=50"
+        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,queues=4,queue-size=128,serial=SN1,poll=50"
             .parse()
             .unwrap();
         assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
         assert_eq!(d.id.as_deref(), Some("root"));
+        assert_eq!(d.node_name.as_deref(), Some("drive0"));
         assert!(d.read_only && d.direct);
         assert_eq!((d.queues, d.queue_size), (4, 128));
         assert_eq!(d.serial.as_deref(), Some("SN1"));
@@ -178,6 +193,7 @@ mod tests {
         assert!(err("path=x,queue-size=4096").contains("from 2 to 1024"));
         assert!(err("path=x,serial=waytoolongserialnumber1").contains("at most 20"));
         assert!(err("path=x,id=a b").contains("letters"));
+        assert!(err("path=x,node-name=1x").contains("start with a letter"));
         assert!(err("path=x,poll=-1").contains("poll='-1'"));
     }
 }

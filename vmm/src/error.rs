@@ -75,7 +75,7 @@ pub enum Error {
     Disk {
         id: String,
         #[source]
-        source: block::DiskError,
+        source: block::BlockError,
     },
     /// More disks than interrupt lines.
     #[error("{0} disks are more than the {max} this VM can give interrupt lines to", max = crate::virtio::MAX_DISKS)]

@@ -34,6 +34,10 @@ impl Vcpu {
             trace_first_run(self.id);
         }
         while !self.shared.stopping.load(Ordering::Acquire) {
+            self.shared.parking.wait_while_paused(&self.shared.stopping);
+            if self.shared.stopping.load(Ordering::Acquire) {
+                return;
+            }
             if let Some(exit) = self.step() {
                 self.shared.finish(exit);
                 return;

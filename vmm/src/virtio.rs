@@ -5,8 +5,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use block::{DiskFile, DiskOptions};
-use devices::virtio::block::{Block, BlockConfig};
+use block::Graph;
+use devices::virtio::block::{device_holder, Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::Interrupt;
 use devices::Bus;
@@ -22,10 +22,10 @@ use crate::x86::mptable::IOAPIC_PINS;
 /// As many disks as there are IOAPIC pins above the first virtio line.
 pub const MAX_DISKS: usize = (IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ) as usize;
 
-/// A disk whose file is open, waiting for a VM.
+/// A disk whose nodes are open, waiting for a VM.
 pub struct OpenDisk {
     config: BlockConfig,
-    file: Arc<DiskFile>,
+    node: block::NodeRef,
 }
 
 /// The name a disk goes by: its `id=`, or `vda`, `vdb`... by position.
@@ -36,8 +36,10 @@ fn disk_name(index: usize, disk: &DiskConfig) -> String {
     })
 }
 
-/// Opens every disk file; the first that fails is the error.
-pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
+/// Opens every disk as a `file` node under a `raw` node in `graph` (named
+/// by `node-name=`, else the device's name); the first that fails is the
+/// error.
+pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
     if disks.len() > MAX_DISKS {
         return Err(Error::TooManyDisks(disks.len()));
     }
@@ -47,14 +49,17 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
         if open.iter().any(|o: &OpenDisk| o.config.id == id) {
             return Err(Error::DuplicateDisk(id));
         }
-        let options = DiskOptions {
-            read_only: d.read_only,
-            direct: d.direct,
-        };
-        let file = DiskFile::open(&d.path, options).map_err(|source| Error::Disk {
+        let node_name = d.node_name.clone().unwrap_or_else(|| id.clone());
+        let disk_err = |source| Error::Disk {
             id: id.clone(),
             source,
-        })?;
+        };
+        graph
+            .add_disk(&node_name, d.path.clone(), d.read_only, d.direct)
+            .map_err(disk_err)?;
+        let node = graph
+            .get(&node_name, device_holder(&id))
+            .map_err(disk_err)?;
         open.push(OpenDisk {
             config: BlockConfig {
                 id,
@@ -64,7 +69,7 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
                 serial: d.serial.clone().unwrap_or_default(),
                 poll: d.poll,
             },
-            file: Arc::new(file),
+            node,
         });
     }
     Ok(open)
@@ -103,7 +108,7 @@ pub fn attach_disks(
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
         vm.register_irqfd(&irq, irq_line)
             .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
-        let device = Block::new(disk.config, disk.file);
+        let device = Block::new(disk.config, disk.node);
         let transport =
             MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
                 .map_err(|e| fail(e.to_string()))?;
@@ -148,11 +153,11 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-virtio-dup-{}", std::process::id()));
         std::fs::File::create(&path).unwrap().set_len(4096).unwrap();
         let a: DiskConfig = format!("path={},id=same", path.display()).parse().unwrap();
-        let result = open_disks(&[a.clone(), a]);
+        let result = open_disks(&Graph::new(), &[a.clone(), a]);
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(result, Err(Error::DuplicateDisk(id)) if id == "same"));
         let missing: DiskConfig = "path=/nonexistent.img".parse().unwrap();
-        let err = open_disks(&[missing]).err().unwrap();
+        let err = open_disks(&Graph::new(), &[missing]).err().unwrap();
         assert_eq!(
             err.to_string(),
             "disk 'vda': cannot open disk '/nonexistent.img': No such file or directory (os error 2)"

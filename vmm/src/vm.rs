@@ -12,14 +12,13 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use block::Graph;
 use devices::legacy::{self, ExitPort, Serial, I8042};
-use devices::virtio::mmio::MmioTransport;
 use devices::Bus;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
@@ -33,6 +32,7 @@ use crate::boot::{self, cmdline, InitrdImage, KernelImage};
 use crate::config::VmConfig;
 use crate::console::{Console, SerialLog};
 use crate::error::{kvm, Error, Result};
+use crate::runstate::{ContError, Parking, PauseError, RunState};
 use crate::vcpu::Vcpu;
 use crate::x86::{cpuid, mptable, regs};
 use crate::{host, memory, virtio};
@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     ended: Condvar,
     /// Set once the VM is ending; vCPUs check it between runs.
     pub stopping: AtomicBool,
+    /// Where vCPUs wait while the VM is paused.
+    pub parking: Parking,
 }
 
 impl Shared {
@@ -118,11 +120,11 @@ pub enum WaitError {
 /// A running VM.
 pub struct VmHandle {
     shared: Arc<Shared>,
-    vcpus: Vec<JoinHandle<()>>,
+    /// vCPU threads and devices; paused, resumed and stopped through it.
+    run: Arc<RunState>,
+    graph: Arc<Graph>,
     console: Option<SerialLog>,
     input: Option<JoinHandle<()>>,
-    /// Reset when the VM ends, so each dataplane drains and stops.
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
     // KVM keeps using these until every vCPU has left KVM_RUN.
     _vm: VmFd,
     _memory: GuestMemoryMmap,
@@ -132,6 +134,26 @@ impl VmHandle {
     /// How the VM ended, if it has.
     pub fn exit(&self) -> Option<VmExit> {
         self.shared.exit()
+    }
+
+    /// Pauses the guest as QMP's `stop` does; false if it was paused already.
+    pub fn pause(&self) -> std::result::Result<bool, PauseError> {
+        self.run.pause()
+    }
+
+    /// Resumes the guest as QMP's `cont` does; false if it was running.
+    pub fn resume(&self) -> std::result::Result<bool, ContError> {
+        self.run.resume()
+    }
+
+    /// Whether the guest runs (not paused).
+    pub fn is_running(&self) -> bool {
+        self.run.is_running()
+    }
+
+    /// The VM's block graph.
+    pub fn graph(&self) -> &Arc<Graph> {
+        &self.graph
     }
 
     /// Asks the VM to end; `wait` then returns [`VmExit::Killed`] unless it
@@ -200,38 +222,18 @@ impl VmHandle {
         })
     }
 
-    /// Kicks every vCPU out of `KVM_RUN` until all have returned, then joins them.
+    /// Stops every thread: vCPUs, serial input, dataplanes.
     fn stop_threads(&mut self) {
-        self.shared.stopping.store(true, Ordering::Release);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // A kick that lands just before a vCPU enters KVM_RUN is lost, so
-        // kick again until the thread is gone.
-        while self.vcpus.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
-            for t in self.vcpus.iter().filter(|t| !t.is_finished()) {
-                // SAFETY: the thread has not been joined, so its pthread_t
-                // is valid; the signal's handler does nothing.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        for t in self.vcpus.drain(..).filter(|t| t.is_finished()) {
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked while stopping");
-            }
-        }
+        self.run.shutdown();
         if let Some(t) = self.input.take() {
             let _ = t.join();
-        }
-        // No vCPU runs now: stop the dataplanes, letting requests in flight finish.
-        for t in self.transports.drain(..) {
-            t.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
         }
     }
 }
 
 impl Drop for VmHandle {
     fn drop(&mut self) {
-        if !self.vcpus.is_empty() {
+        if self.run.has_threads() {
             self.shared.finish(VmExit::Killed);
             self.stop_threads();
         }
@@ -243,7 +245,7 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN()
 }
 
@@ -361,7 +363,8 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: mptable::MAX_CPUS,
         });
     }
-    let disks = virtio::open_disks(&config.disks)?;
+    let graph = Arc::new(Graph::new());
+    let disks = virtio::open_disks(&graph, &config.disks)?;
     let pvm = host::is_pvm();
     let mut extra: Vec<String> = virtio::cmdline_params(disks.len());
     if pvm {
@@ -406,6 +409,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         exit: Mutex::new(None),
         ended: Condvar::new(),
         stopping: AtomicBool::new(false),
+        parking: Parking::default(),
     });
     let device_err = |name: &str| {
         let name = name.to_string();
@@ -452,6 +456,12 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     .map_err(|e| device_err("legacy")(&e))?;
     let mut mmio = Bus::new();
     let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks)?;
+    let run = Arc::new(RunState::new(shared.clone(), transports));
+    // Devices take their nodes' leases now, before the guest can probe them.
+    run.start_devices().map_err(|e| Error::Device {
+        name: e.device.clone(),
+        reason: e.reason,
+    })?;
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let supported = kvm_fd
@@ -485,10 +495,10 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     install_kick_handler()?;
     let mut handle = VmHandle {
         shared: shared.clone(),
-        vcpus: Vec::new(),
+        run: run.clone(),
+        graph,
         console: log,
         input: None,
-        transports,
         _vm: vm,
         _memory: mem,
     };
@@ -505,7 +515,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
                 }
             })
             .map_err(|source| Error::Thread { name, source })?;
-        handle.vcpus.push(thread);
+        run.add_vcpu(thread);
     }
     if wants_stdin {
         handle.input = Some(spawn_stdin(serial, shared)?);

@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Activation, ActiveQueue, Interrupt, VirtioDevice, F_VERSION_1};
+use super::{status, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1};
 use crate::bus::{BusDevice, GuestRequest};
 
 /// "virt" in little endian.
@@ -144,6 +144,23 @@ impl MmioTransport {
     /// Stops the device as a reset would: its worker drains and ends.
     pub fn shutdown(&mut self) {
         self.reset();
+    }
+
+    /// The VM pauses: the device finishes its requests in flight and
+    /// releases what it holds.
+    pub fn pause(&mut self) {
+        self.device.pause();
+    }
+
+    /// The VM resumes: the device takes back what it released, or says why
+    /// it cannot.
+    pub fn resume(&mut self) -> Result<(), ResumeError> {
+        self.device.resume()
+    }
+
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        self.device.name()
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {

@@ -133,6 +133,16 @@ pub struct ActivateError {
     pub reason: String,
 }
 
+/// Why a paused device could not serve again.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub struct ResumeError {
+    /// The device's name as the user gave it.
+    pub device: String,
+    /// What is in the way, naming it (e.g. the holder of a node's lease).
+    pub reason: String,
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// The device's name, as the user gave it (used in errors and thread names).
@@ -152,4 +162,12 @@ pub trait VirtioDevice: Send {
     /// Stops serving: waits for requests in flight, ends the worker, and
     /// gives the queues back (None if the device was not active).
     fn reset(&mut self) -> Option<Vec<ActiveQueue>>;
+    /// The VM is pausing (no vCPU runs): finish requests in flight and let
+    /// go of anything others may want meanwhile. The queues stay as they are.
+    fn pause(&mut self) {}
+    /// The VM is about to run again: take back what `pause` let go and
+    /// serve the queues again, or say who is in the way.
+    fn resume(&mut self) -> Result<(), ResumeError> {
+        Ok(())
+    }
 }

@@ -1,20 +1,28 @@
 //! The virtio-blk device: what it offers the driver (features, config
 //! space), and starting and stopping its dataplane.
+//!
+//! The device holds a reference to its block node for as long as it
+//! exists, and the node's in-use lease while the VM runs: from VM start
+//! (before the guest can probe the disk) until a pause, and again from
+//! resume. All its I/O goes through an engine the lease opened.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use block::{DiskFile, UringIo};
+use block::{Holder, Lease, NodeRef};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::GuestMemoryMmap;
 
 use super::dataplane::{Dataplane, StopSignal};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
-use crate::virtio::{ActivateError, Activation, ActiveQueue, VirtioDevice, F_VERSION_1};
+use crate::virtio::{
+    ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
+};
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -49,18 +57,47 @@ struct Worker {
     thread: JoinHandle<Vec<ActiveQueue>>,
 }
 
-/// A virtio-blk device over a disk file.
+/// What an activated device needs to start its dataplane again.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<Interrupt>,
+    acked_features: u64,
+    /// The queues, while no dataplane runs (paused).
+    parked: Option<Vec<ActiveQueue>>,
+}
+
+/// A virtio-blk device over a block node.
 pub struct Block {
     config: BlockConfig,
-    disk: Arc<DiskFile>,
+    node: NodeRef,
+    lease: Option<Lease>,
     config_space: [u8; CONFIG_LEN],
     features: u64,
+    active: Option<Active>,
     worker: Option<Worker>,
 }
 
+/// The lease holder name of a virtio-blk device's dataplane.
+pub fn dataplane_holder(id: &str) -> Holder {
+    Holder::Dataplane {
+        kind: "virtio-blk",
+        id: id.to_string(),
+    }
+}
+
+/// The reference holder name of a virtio-blk device.
+pub fn device_holder(id: &str) -> Holder {
+    Holder::Device {
+        kind: "virtio-blk",
+        id: id.to_string(),
+    }
+}
+
 impl Block {
-    /// A device serving `disk` as `config` says.
-    pub fn new(config: BlockConfig, disk: Arc<DiskFile>) -> Self {
+    /// A device serving `node` as `config` says; a read-only node makes a
+    /// read-only device.
+    pub fn new(mut config: BlockConfig, node: NodeRef) -> Self {
+        config.read_only |= node.read_only();
         let mut features = F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -73,13 +110,84 @@ impl Block {
         } else {
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let config_space = config_space(&config, disk.size());
+        let config_space = config_space(&config, node.driver().size());
         Self {
             config,
-            disk,
+            node,
+            lease: None,
             config_space,
             features,
+            active: None,
             worker: None,
+        }
+    }
+
+    /// Takes the node's lease for the dataplane, unless already held.
+    fn take_lease(&mut self) -> Result<&Lease, block::BlockError> {
+        if self.lease.is_none() {
+            self.lease = Some(self.node.take_lease(dataplane_holder(&self.config.id))?);
+        }
+        Ok(self.lease.as_ref().expect("just taken"))
+    }
+
+    /// Starts a dataplane thread over `queues`.
+    fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        let active = self.active.as_ref().ok_or("it is not active")?;
+        let activation = Activation {
+            mem: active.mem.clone(),
+            queues,
+            interrupt: active.interrupt.clone(),
+            acked_features: active.acked_features,
+        };
+        let mut id = [0u8; ID_BYTES as usize];
+        let serial = self.config.serial.as_bytes();
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial[..n]);
+        let limits = DiskLimits {
+            capacity: self.node.driver().size() / SECTOR_SIZE,
+            read_only: self.config.read_only,
+            max_segments: self.seg_max(),
+            discard: activation.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: activation.acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+        };
+        // One submission per descriptor is the most a full set of queues
+        // can have in flight at once.
+        use virtio_queue::QueueT;
+        let entries: u32 = activation
+            .queues
+            .iter()
+            .map(|q| u32::from(q.queue.size()))
+            .sum();
+        let engine = self
+            .take_lease()
+            .and_then(|lease| lease.open_io(entries.clamp(1, 4096)))
+            .map_err(|e| e.to_string())?;
+        let stop = Arc::new(StopSignal::new().map_err(|e| e.to_string())?);
+        let stop_for_thread = stop.clone();
+        let name = self.config.id.clone();
+        let poll = self.config.poll;
+        let thread = std::thread::Builder::new()
+            .name(format!("blk-{}", self.config.id))
+            .spawn(move || {
+                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread).run()
+            })
+            .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
+        self.worker = Some(Worker { stop, thread });
+        Ok(())
+    }
+
+    /// Stops the dataplane, letting requests in flight finish; the queues.
+    fn stop_worker(&mut self) -> Option<Vec<ActiveQueue>> {
+        let worker = self.worker.take()?;
+        if let Err(e) = worker.stop.request() {
+            log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
+        }
+        match worker.thread.join() {
+            Ok(queues) => Some(queues),
+            Err(_) => {
+                log::error!("{}: the dataplane thread panicked", self.config.id);
+                None
+            }
         }
     }
 
@@ -146,73 +254,61 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let fail = |reason: String| ActivateError {
-            device: self.config.id.clone(),
-            reason,
-        };
-        if self.worker.is_some() {
-            return Err(fail("it is already active".into()));
+        if self.active.is_some() {
+            return Err(ActivateError {
+                device: self.config.id.clone(),
+                reason: "it is already active".into(),
+            });
         }
-        let mut id = [0u8; ID_BYTES as usize];
-        let serial = self.config.serial.as_bytes();
-        let n = serial.len().min(id.len());
-        id[..n].copy_from_slice(&serial[..n]);
-        let limits = DiskLimits {
-            capacity: self.disk.size() / SECTOR_SIZE,
-            read_only: self.config.read_only,
-            max_segments: self.seg_max(),
-            discard: activation.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: activation.acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
-        };
-        // One submission per descriptor is the most a full set of queues
-        // can have in flight at once.
-        let entries: u32 = activation
-            .queues
-            .iter()
-            .map(|q| u32::from(q.queue.size()))
-            .sum();
-        use std::os::fd::AsRawFd;
-        use virtio_queue::QueueT;
-        let engine = UringIo::new(self.disk.as_raw_fd(), entries.clamp(1, 4096))
-            .map_err(|e| fail(e.to_string()))?;
-        let stop = Arc::new(StopSignal::new().map_err(|e| fail(e.to_string()))?);
-        let stop_for_thread = stop.clone();
-        let disk = self.disk.clone();
-        let name = self.config.id.clone();
-        let poll = self.config.poll;
-        let thread = std::thread::Builder::new()
-            .name(format!("blk-{}", self.config.id))
-            .spawn(move || {
-                // The disk must outlive the ring that has it registered.
-                let _disk = disk;
-                Dataplane::new(
-                    name,
-                    activation,
-                    Box::new(engine),
-                    limits,
-                    id,
-                    poll,
-                    stop_for_thread,
-                )
-                .run()
-            })
-            .map_err(|e| fail(format!("cannot start its dataplane thread: {e}")))?;
-        self.worker = Some(Worker { stop, thread });
-        Ok(())
+        self.active = Some(Active {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            acked_features: activation.acked_features,
+            parked: None,
+        });
+        self.spawn(activation.queues).map_err(|reason| {
+            self.active = None;
+            ActivateError {
+                device: self.config.id.clone(),
+                reason,
+            }
+        })
     }
 
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
-        let worker = self.worker.take()?;
-        if let Err(e) = worker.stop.request() {
-            log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
-        }
-        match worker.thread.join() {
-            Ok(queues) => Some(queues),
-            Err(_) => {
-                log::error!("{}: the dataplane thread panicked", self.config.id);
-                None
+        let queues = self.stop_worker();
+        let active = self.active.take()?;
+        queues.or(active.parked)
+    }
+
+    fn pause(&mut self) {
+        if let Some(queues) = self.stop_worker() {
+            if let Some(active) = self.active.as_mut() {
+                active.parked = Some(queues);
             }
         }
+        // Every request has completed: nothing of ours touches the node now.
+        self.lease = None;
+    }
+
+    fn resume(&mut self) -> Result<(), ResumeError> {
+        let device = self.config.id.clone();
+        self.take_lease().map_err(|e| ResumeError {
+            device,
+            reason: e.to_string(),
+        })?;
+        let parked = self.active.as_mut().and_then(|a| a.parked.take());
+        if let Some(queues) = parked {
+            if let Err(reason) = self.spawn(queues) {
+                // The queues are gone with the failed start; only a reset
+                // brings the device back, as for any dataplane failure.
+                log::error!("{}: cannot resume: {reason}", self.config.id);
+                if let Some(active) = &self.active {
+                    active.interrupt.fail();
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -226,7 +322,7 @@ impl Drop for Block {
 mod tests {
     use super::*;
     use crate::virtio::Interrupt;
-    use block::DiskOptions;
+    use block::Graph;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -239,11 +335,16 @@ mod tests {
     const BUFS: u64 = 0x20_0000;
     const STATUS: u64 = 0x30_0000;
 
-    fn disk(name: &str) -> (std::path::PathBuf, Arc<DiskFile>) {
+    /// A 1 MiB disk of 0x5a bytes as a graph node, and the device's reference.
+    fn disk(name: &str) -> (std::path::PathBuf, Graph, NodeRef) {
         let path = std::env::temp_dir().join(format!("devices-blk-{}-{name}", std::process::id()));
         std::fs::write(&path, vec![0x5a; 1 << 20]).unwrap();
-        let file = DiskFile::open(&path, DiskOptions::default()).unwrap();
-        (path, Arc::new(file))
+        let graph = Graph::new();
+        graph
+            .add_disk("drive0", path.clone(), false, false)
+            .unwrap();
+        let node = graph.get("drive0", device_holder("vdt")).unwrap();
+        (path, graph, node)
     }
 
     fn config(poll_us: u64) -> BlockConfig {
@@ -257,12 +358,10 @@ mod tests {
         }
     }
 
-    /// Queues `REQUESTS` 4 KiB reads, starts the device, notifies, and
-    /// resets it at once; returns (requests taken, requests completed).
-    fn reset_with_reads_in_flight(poll_us: u64) -> (u16, u16) {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        let mock = MockSplitQueue::new(&mem, 256);
+    /// Puts `REQUESTS` 4 KiB reads on a fresh queue; the queue and the
+    /// address of its used ring.
+    fn queued_reads(mem: &GuestMemoryMmap) -> (virtio_queue::Queue, GuestAddress) {
+        let mock = MockSplitQueue::new(mem, 256);
         let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
         let mut descs = Vec::new();
         for k in 0..REQUESTS {
@@ -293,9 +392,22 @@ mod tests {
         mock.add_desc_chains(&descs, 0).unwrap();
         let mut queue: virtio_queue::Queue = mock.create_queue().unwrap();
         queue.set_event_idx(false);
+        (queue, mock.used_addr())
+    }
 
-        let (path, file) = disk(&format!("reset-{poll_us}"));
-        let mut device = Block::new(config(poll_us), file);
+    fn used_idx(mem: &GuestMemoryMmap, used: GuestAddress) -> u16 {
+        mem.read_obj(GuestAddress(used.0 + 2)).unwrap()
+    }
+
+    /// Queues `REQUESTS` 4 KiB reads, starts the device, notifies, and
+    /// resets it at once; returns (requests taken, requests completed).
+    fn reset_with_reads_in_flight(poll_us: u64) -> (u16, u16) {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let (queue, used) = queued_reads(&mem);
+
+        let (path, _graph, node) = disk(&format!("reset-{poll_us}"));
+        let mut device = Block::new(config(poll_us), node);
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let notifier = notify.try_clone().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -317,7 +429,7 @@ mod tests {
         std::fs::remove_file(path).unwrap();
 
         let taken = queues[0].queue.next_avail();
-        let used_idx: u16 = mem.read_obj(GuestAddress(mock.used_addr().0 + 2)).unwrap();
+        let used_idx = used_idx(&mem, used);
         // Every completed request carries its status and its data.
         for k in 0..used_idx {
             let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(k))).unwrap();
@@ -347,11 +459,74 @@ mod tests {
     }
 
     #[test]
+    fn pause_drains_and_releases_the_lease_and_resume_takes_it_back() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let (queue, used) = queued_reads(&mem);
+        let (path, graph, node) = disk("pause");
+        let job_ref = graph
+            .get("drive0", Holder::Job { id: "job0".into() })
+            .unwrap();
+        let mut device = Block::new(config(0), node);
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let notifier = notify.try_clone().unwrap();
+        device.resume().unwrap();
+        assert_eq!(
+            graph.info(&job_ref).lease,
+            Some(dataplane_holder("vdt")),
+            "the lease is taken before the driver activates the device"
+        );
+        device
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![ActiveQueue {
+                    index: 0,
+                    queue,
+                    notify,
+                }],
+                interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+                acked_features: F_VERSION_1,
+            })
+            .unwrap();
+        notifier.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+        device.pause();
+        std::fs::remove_file(path).unwrap();
+        let done = used_idx(&mem, used);
+        assert_eq!(graph.info(&job_ref).lease, None, "released on pause");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(used_idx(&mem, used), done, "no I/O while paused");
+
+        let job_lease = job_ref
+            .take_lease(Holder::Job { id: "job0".into() })
+            .unwrap();
+        let err = device.resume().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Node 'drive0' is busy: block device is in use by block job 'job0'"
+        );
+        drop(job_lease);
+        device.resume().unwrap();
+        // The parked queue is served again: every request completes.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while used_idx(&mem, used) < REQUESTS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests not served after resume"
+            );
+            notifier.write(1).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(graph.info(&job_ref).lease, Some(dataplane_holder("vdt")));
+        assert!(device.reset().is_some());
+    }
+
+    #[test]
     fn config_space_reports_capacity_queues_and_limits() {
-        let (path, file) = disk("config");
+        let (path, _graph, node) = disk("config");
         let mut cfg = config(0);
         cfg.queues = 4;
-        let device = Block::new(cfg, file);
+        let device = Block::new(cfg, node);
         std::fs::remove_file(path).unwrap();
         let mut capacity = [0u8; 8];
         device.read_config(0, &mut capacity);

@@ -4,4 +4,4 @@ mod dataplane;
 pub mod device;
 pub mod request;
 
-pub use device::{Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use device::{dataplane_holder, device_holder, Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};

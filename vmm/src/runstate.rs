@@ -1,0 +1,233 @@
+//! Pausing and resuming a running VM, as QMP's `stop` and `cont` do.
+//!
+//! ```text
+//! pause:  vCPUs asked to park ── kicked out of KVM_RUN until all wait
+//!         ── each device pauses (virtio-blk: drain, release the lease)
+//! resume: each device resumes (virtio-blk: take the lease back, or fail
+//!         naming the holder: then the devices resumed so far pause again
+//!         and the VM stays paused) ── vCPUs unparked
+//! ```
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::virtio::mmio::MmioTransport;
+use devices::virtio::ResumeError;
+
+use crate::vm::Shared;
+
+/// How long the vCPUs get to leave KVM_RUN when asked to park.
+const PARK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Where the vCPUs wait while the VM is paused.
+#[derive(Default)]
+pub(crate) struct Parking {
+    /// Set while vCPUs must not enter KVM_RUN; read before every run.
+    requested: AtomicBool,
+    parked: Mutex<u32>,
+    changed: Condvar,
+}
+
+impl Parking {
+    /// Called by a vCPU before each KVM_RUN: waits while the VM is paused
+    /// (or until it ends).
+    pub fn wait_while_paused(&self, stopping: &AtomicBool) {
+        if !self.requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = lock(&self.parked);
+        *parked += 1;
+        self.changed.notify_all();
+        while self.requested.load(Ordering::Acquire) && !stopping.load(Ordering::Acquire) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Wakes every parked vCPU (the VM resumes or ends).
+    pub fn release(&self) {
+        let _parked = lock(&self.parked);
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they see the VM is ending.
+    pub fn wake_all(&self) {
+        let _parked = lock(&self.parked);
+        self.changed.notify_all();
+    }
+}
+
+/// Why `stop` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// The VM has ended.
+    #[error("the VM is not running: it has ended")]
+    Ended,
+    /// A vCPU did not leave the guest in time.
+    #[error("the vCPUs did not stop within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Why `cont` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ContError {
+    /// The VM has ended.
+    #[error("the VM is not running: it has ended")]
+    Ended,
+    /// A device could not take back what it needs; the VM stays paused.
+    #[error(transparent)]
+    Device(#[from] ResumeError),
+}
+
+/// The threads and devices of a running VM, and whether it runs.
+pub struct RunState {
+    shared: Arc<Shared>,
+    vcpus: Mutex<Vec<JoinHandle<()>>>,
+    transports: Mutex<Vec<Arc<Mutex<MmioTransport>>>>,
+    running: Mutex<bool>,
+}
+
+impl RunState {
+    pub(crate) fn new(shared: Arc<Shared>, transports: Vec<Arc<Mutex<MmioTransport>>>) -> Self {
+        Self {
+            shared,
+            vcpus: Mutex::new(Vec::new()),
+            transports: Mutex::new(transports),
+            running: Mutex::new(true),
+        }
+    }
+
+    pub(crate) fn add_vcpu(&self, thread: JoinHandle<()>) {
+        lock(&self.vcpus).push(thread);
+    }
+
+    /// Whether the guest is running (not paused by `stop`).
+    pub fn is_running(&self) -> bool {
+        *lock(&self.running)
+    }
+
+    /// Each device's name, so a caller can report which one failed.
+    pub fn device_names(&self) -> Vec<String> {
+        lock(&self.transports)
+            .iter()
+            .map(|t| lock(t).name().to_string())
+            .collect()
+    }
+
+    /// Pauses the VM; false if it was already paused.
+    pub fn pause(&self) -> Result<bool, PauseError> {
+        let mut running = lock(&self.running);
+        if !*running {
+            return Ok(false);
+        }
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(PauseError::Ended);
+        }
+        let parking = &self.shared.parking;
+        parking.requested.store(true, Ordering::Release);
+        let vcpus = lock(&self.vcpus);
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        loop {
+            let alive = vcpus.iter().filter(|t| !t.is_finished()).count() as u32;
+            if *lock(&parking.parked) >= alive || self.shared.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            if Instant::now() > deadline {
+                parking.release();
+                return Err(PauseError::Timeout(PARK_TIMEOUT));
+            }
+            // A kick that lands just before KVM_RUN is lost: kick until parked.
+            for t in vcpus.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the handle is in `vcpus`, which this lock keeps
+                // unjoined, so its pthread_t is valid; the handler does nothing.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vm::kick_signal()) };
+            }
+            let parked = lock(&parking.parked);
+            let _ = parking
+                .changed
+                .wait_timeout(parked, Duration::from_millis(1));
+        }
+        drop(vcpus);
+        for t in lock(&self.transports).iter() {
+            lock(t).pause();
+        }
+        *running = false;
+        Ok(true)
+    }
+
+    /// Resumes the VM; false if it was already running. If a device cannot
+    /// resume, the VM stays paused and the error names who is in the way.
+    pub fn resume(&self) -> Result<bool, ContError> {
+        let mut running = lock(&self.running);
+        if *running {
+            return Ok(false);
+        }
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(ContError::Ended);
+        }
+        let transports = lock(&self.transports);
+        for (i, t) in transports.iter().enumerate() {
+            if let Err(e) = lock(t).resume() {
+                for done in &transports[..i] {
+                    lock(done).pause();
+                }
+                return Err(e.into());
+            }
+        }
+        drop(transports);
+        self.shared.parking.release();
+        *running = true;
+        Ok(true)
+    }
+
+    /// Takes every device's busy state at VM start, before any vCPU runs.
+    pub(crate) fn start_devices(&self) -> Result<(), ResumeError> {
+        for t in lock(&self.transports).iter() {
+            lock(t).resume()?;
+        }
+        Ok(())
+    }
+
+    /// Stops every thread: vCPUs leave KVM_RUN and end, then the devices
+    /// drain and stop. Called once the VM has ended.
+    pub(crate) fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.parking.wake_all();
+        let mut vcpus = lock(&self.vcpus);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A kick that lands just before a vCPU enters KVM_RUN is lost, so
+        // kick again until the thread is gone.
+        while vcpus.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            for t in vcpus.iter().filter(|t| !t.is_finished()) {
+                // SAFETY: the thread has not been joined, so its pthread_t
+                // is valid; the signal's handler does nothing.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vm::kick_signal()) };
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in vcpus.drain(..).filter(|t| t.is_finished()) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked while stopping");
+            }
+        }
+        drop(vcpus);
+        // No vCPU runs now: stop the dataplanes, letting requests in flight finish.
+        for t in lock(&self.transports).drain(..) {
+            lock(&t).shutdown();
+        }
+    }
+
+    /// Whether any vCPU thread is still to be stopped.
+    pub(crate) fn has_threads(&self) -> bool {
+        !lock(&self.vcpus).is_empty()
+    }
+}
