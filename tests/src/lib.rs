@@ -6,6 +6,8 @@
 //! `#[cfg_attr(no_kvm, ignore = "...")]` or `#[cfg_attr(pvm_host, ignore = "...")]`
 //! (cfgs set by `build.rs`), so `cargo test` lists them as ignored with the reason.
 
+pub mod qmp;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -1,0 +1,149 @@
+//! A small QMP client for the integration tests: connect, negotiate,
+//! run commands, and collect the events that arrive meanwhile.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// One QMP connection.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// The greeting the server sent.
+    pub greeting: Value,
+    /// Events received and not yet taken.
+    pub events: Vec<Value>,
+}
+
+/// A QMP error reply: class and description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpErr {
+    pub class: String,
+    pub desc: String,
+}
+
+impl Qmp {
+    /// Connects to `path` (waiting up to 10 s for the socket to appear) and
+    /// negotiates capabilities.
+    pub fn connect(path: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut qmp = Self {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: Value::Null,
+            events: Vec::new(),
+        };
+        qmp.greeting = qmp.read();
+        assert!(qmp.greeting.get("QMP").is_some(), "{}", qmp.greeting);
+        qmp.ok("qmp_capabilities", json!({}));
+        qmp
+    }
+
+    fn read(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("QMP read");
+        assert!(n > 0, "the QMP server closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// Sends raw bytes (for malformed-input tests).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Reads the next reply, keeping events that come first.
+    pub fn reply(&mut self) -> Value {
+        loop {
+            let v = self.read();
+            if v.get("event").is_some() {
+                self.events.push(v);
+            } else {
+                return v;
+            }
+        }
+    }
+
+    /// Runs a command; its `return` value or its error.
+    pub fn execute(&mut self, command: &str, args: Value) -> Result<Value, QmpErr> {
+        let msg = json!({"execute": command, "arguments": args});
+        self.send_raw(msg.to_string().as_bytes());
+        let reply = self.reply();
+        if let Some(ret) = reply.get("return") {
+            return Ok(ret.clone());
+        }
+        let err = &reply["error"];
+        assert!(err.is_object(), "neither return nor error: {reply}");
+        Err(QmpErr {
+            class: err["class"].as_str().unwrap().to_string(),
+            desc: err["desc"].as_str().unwrap().to_string(),
+        })
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&mut self, command: &str, args: Value) -> Value {
+        self.execute(command, args.clone())
+            .unwrap_or_else(|e| panic!("{command} {args} failed: {e:?}"))
+    }
+
+    /// Runs a command that must fail; its error.
+    pub fn err(&mut self, command: &str, args: Value) -> QmpErr {
+        match self.execute(command, args.clone()) {
+            Ok(v) => panic!("{command} {args} succeeded with {v}, expected an error"),
+            Err(e) => e,
+        }
+    }
+
+    /// Waits for an event named `name` whose data satisfies `matches`;
+    /// earlier events stay in `events`.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self
+                .events
+                .iter()
+                .position(|e| e["event"] == name && matches(&e["data"]))
+            {
+                return self.events.remove(i);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} event within {timeout:?}; events: {:?}",
+                self.events
+            );
+            let v = self.read();
+            assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.events.push(v);
+        }
+    }
+
+    /// The `status` of every JOB_STATUS_CHANGE for `job` received so far, in order.
+    pub fn job_statuses(&self, job: &str) -> Vec<String> {
+        self.events
+            .iter()
+            .filter(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job)
+            .map(|e| e["data"]["status"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
