@@ -24,6 +24,7 @@ pub mod disk;
 pub mod error;
 pub mod host;
 pub mod memory;
+pub mod qmp;
 mod vcpu;
 pub mod virtio;
 pub mod vm;
