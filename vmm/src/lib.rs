@@ -24,6 +24,8 @@ pub mod disk;
 pub mod error;
 pub mod host;
 pub mod memory;
+pub mod monitor;
+pub mod qmp;
 pub mod runstate;
 mod vcpu;
 pub mod virtio;
