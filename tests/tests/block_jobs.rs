@@ -52,7 +52,10 @@ fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
     let inserted = &block[0]["inserted"];
     assert_eq!(inserted["node-name"], "drive0");
     assert_eq!(inserted["drv"], "raw");
-    assert_eq!(inserted["in-use-by"], "virtio-blk dataplane of device 'vda'");
+    assert_eq!(
+        inserted["in-use-by"],
+        "virtio-blk dataplane of device 'vda'"
+    );
     let refs = inserted["references"].to_string();
     assert!(refs.contains("virtio-blk device 'vda'"), "{refs}");
     qmp.ok(
@@ -66,9 +69,16 @@ fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
         err.desc,
         "Node 'drive0' is busy: block device is in use by virtio-blk dataplane of device 'vda'"
     );
-    assert_eq!(qmp.ok("query-jobs", json!({})), json!([]), "refused at once");
+    assert_eq!(
+        qmp.ok("query-jobs", json!({})),
+        json!([]),
+        "refused at once"
+    );
     let err = qmp.err("blockdev-del", json!({"node-name": "drive0"}));
-    assert_eq!(err.desc, "Node 'drive0' is in use by virtio-blk device 'vda'");
+    assert_eq!(
+        err.desc,
+        "Node 'drive0' is in use by virtio-blk device 'vda', virtio-blk dataplane of device 'vda'"
+    );
 
     // Stopped, the dataplane has drained and let go.
     qmp.ok("stop", json!({}));
@@ -106,7 +116,14 @@ fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
     assert_eq!(done["data"]["offset"], DISK);
     assert_eq!(
         qmp.job_statuses("job0"),
-        ["created", "running", "waiting", "pending", "concluded", "null"]
+        [
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            "concluded",
+            "null"
+        ]
     );
     assert_eq!(fnv1a64_file(&target.path), frozen, "target equals source");
     assert_eq!(fnv1a64_file(&disk.path), frozen, "source untouched");
@@ -128,7 +145,11 @@ fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
     qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_secs(5), |d| {
         d["id"] == "job1" && d["status"] == "null"
     });
-    assert_eq!(fnv1a64_file(&disk.path), frozen, "source untouched by the cancel");
+    assert_eq!(
+        fnv1a64_file(&disk.path),
+        frozen,
+        "source untouched by the cancel"
+    );
 
     // The job is over: cont takes the lease back and the guest's I/O,
     // checked by the guest itself, carries on.

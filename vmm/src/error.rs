@@ -83,6 +83,9 @@ pub enum Error {
     /// Two disks with the same id.
     #[error("two disks are named '{0}': give each a different id=")]
     DuplicateDisk(String),
+    /// The QMP socket could not be served.
+    #[error(transparent)]
+    Qmp(crate::qmp::QmpServerError),
     /// A device could not be set up.
     #[error("cannot set up device '{name}': {reason}")]
     Device { name: String, reason: String },

@@ -32,6 +32,8 @@ use crate::boot::{self, cmdline, InitrdImage, KernelImage};
 use crate::config::VmConfig;
 use crate::console::{Console, SerialLog};
 use crate::error::{kvm, Error, Result};
+use crate::monitor::Monitor;
+use crate::qmp::{EventSink, QmpServer, QmpThread};
 use crate::runstate::{ContError, Parking, PauseError, RunState};
 use crate::vcpu::Vcpu;
 use crate::x86::{cpuid, mptable, regs};
@@ -51,16 +53,31 @@ pub enum VmExit {
     PowerOff,
     /// The VM was killed through its handle.
     Killed,
+    /// A QMP client asked the VM to end (`quit`).
+    Quit,
     /// The VM failed: a KVM internal error, a triple fault, a failed vCPU.
     Failed(String),
 }
 
 impl VmExit {
+    /// The SHUTDOWN event's data for this exit: whether the guest asked,
+    /// and QEMU's name for the cause.
+    fn shutdown_event(&self) -> serde_json::Value {
+        let (guest, reason) = match self {
+            VmExit::Status(_) | VmExit::PowerOff => (true, "guest-shutdown"),
+            VmExit::Reset => (true, "guest-reset"),
+            VmExit::Killed => (false, "host-signal"),
+            VmExit::Quit => (false, "host-qmp-quit"),
+            VmExit::Failed(_) => (false, "host-error"),
+        };
+        serde_json::json!({"guest": guest, "reason": reason})
+    }
+
     /// The exit status the `vmm` binary ends with.
     pub fn code(&self) -> i32 {
         match self {
             VmExit::Status(v) => i32::from(*v),
-            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Quit => 0,
             VmExit::Killed => 137,
             VmExit::Failed(_) => 125,
         }
@@ -125,6 +142,8 @@ pub struct VmHandle {
     graph: Arc<Graph>,
     console: Option<SerialLog>,
     input: Option<JoinHandle<()>>,
+    /// The QMP server, and its sink for the SHUTDOWN event.
+    qmp: Option<(QmpThread, EventSink)>,
     // KVM keeps using these until every vCPU has left KVM_RUN.
     _vm: VmFd,
     _memory: GuestMemoryMmap,
@@ -222,11 +241,20 @@ impl VmHandle {
         })
     }
 
-    /// Stops every thread: vCPUs, serial input, dataplanes.
+    /// Stops every thread: vCPUs, serial input, dataplanes, and last the
+    /// QMP server, once it has told its clients why the VM ended.
     fn stop_threads(&mut self) {
         self.run.shutdown();
         if let Some(t) = self.input.take() {
             let _ = t.join();
+        }
+        if let Some((thread, events)) = self.qmp.take() {
+            if let Some(exit) = self.exit() {
+                events.emit("SHUTDOWN", Some(exit.shutdown_event()));
+            }
+            if let Err(e) = thread.stop_and_join() {
+                log::error!("{e}");
+            }
         }
     }
 }
@@ -493,12 +521,30 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     }
 
     install_kick_handler()?;
+    let qmp = match &config.qmp {
+        Some(path) => {
+            let quit = shared.clone();
+            let server = QmpServer::bind_with(path, |events| {
+                Monitor::new(
+                    run.clone(),
+                    graph.clone(),
+                    events,
+                    Box::new(move || quit.finish(VmExit::Quit)),
+                )
+            })
+            .map_err(Error::Qmp)?;
+            let events = server.events();
+            Some((server.spawn().map_err(Error::Qmp)?, events))
+        }
+        None => None,
+    };
     let mut handle = VmHandle {
         shared: shared.clone(),
         run: run.clone(),
         graph,
         console: log,
         input: None,
+        qmp,
         _vm: vm,
         _memory: mem,
     };

@@ -47,7 +47,9 @@ pub(super) fn query_named_block_nodes(m: &Monitor, mut args: Args) -> Result<Val
     // Every node is listed either way; `flat` only trims QEMU's backing chains.
     let _flat = args.opt_bool("flat")?;
     args.finish()?;
-    Ok(Value::Array(m.graph.nodes().iter().map(node_json).collect()))
+    Ok(Value::Array(
+        m.graph.nodes().iter().map(node_json).collect(),
+    ))
 }
 
 /// `query-block`: one entry per guest device, with its node.
@@ -156,4 +158,3 @@ pub(super) fn blockdev_del(m: &Monitor, mut args: Args) -> Result<Value, QmpErro
     m.graph.remove(&name).map_err(error)?;
     Ok(json!({}))
 }
-

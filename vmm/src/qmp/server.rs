@@ -242,6 +242,15 @@ impl QmpServer {
         path: impl AsRef<Path>,
         commands: impl Commands + 'static,
     ) -> Result<Self, QmpServerError> {
+        Self::bind_with(path, |_| commands)
+    }
+
+    /// As [`QmpServer::bind`], for commands that emit events themselves:
+    /// `make` gets the server's event sink and builds them.
+    pub fn bind_with<C: Commands + 'static>(
+        path: impl AsRef<Path>,
+        make: impl FnOnce(EventSink) -> C,
+    ) -> Result<Self, QmpServerError> {
         let path = path.as_ref().to_path_buf();
         remove_stale(&path)?;
         let bind_err = |source| QmpServerError::Bind {
@@ -275,6 +284,9 @@ impl QmpServer {
         };
         watch(listener.as_raw_fd(), LISTENER).map_err(sys("watch the listener"))?;
         watch(shared.wake.as_raw_fd(), WAKE).map_err(sys("watch the eventfd"))?;
+        let commands = make(EventSink {
+            shared: shared.clone(),
+        });
         Ok(Self {
             commands: Box::new(commands),
             shared,

@@ -1,0 +1,80 @@
+//! The VMM's QMP commands: what each command does to the VM, its block
+//! graph and its jobs. The protocol itself is in `qmp/`.
+//!
+//! - `machine.rs`: version, run state (`stop`, `cont`), `quit`.
+//! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
+
+mod block;
+mod machine;
+
+use std::sync::Arc;
+
+use ::block::Graph;
+use serde_json::{Map, Value};
+
+use crate::qmp::{Args, Commands, EventSink, QmpError};
+use crate::runstate::RunState;
+
+/// Every command we implement, as `query-commands` lists them.
+const COMMANDS: &[&str] = &[
+    "query-version",
+    "query-status",
+    "stop",
+    "cont",
+    "quit",
+    "query-block",
+    "query-named-block-nodes",
+    "blockdev-add",
+    "blockdev-del",
+];
+
+/// The VM as QMP commands see it.
+pub struct Monitor {
+    run: Arc<RunState>,
+    graph: Arc<Graph>,
+    events: EventSink,
+    /// Ends the VM (`quit`).
+    quit: Box<dyn Fn() + Send>,
+}
+
+impl Monitor {
+    /// Commands acting on `run` and `graph`, emitting through `events`;
+    /// `quit` ends the VM.
+    pub fn new(
+        run: Arc<RunState>,
+        graph: Arc<Graph>,
+        events: EventSink,
+        quit: Box<dyn Fn() + Send>,
+    ) -> Self {
+        Self {
+            run,
+            graph,
+            events,
+            quit,
+        }
+    }
+}
+
+impl Commands for Monitor {
+    fn names(&self) -> Vec<&'static str> {
+        COMMANDS.to_vec()
+    }
+
+    fn execute(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let args = Args::new(args);
+        match name {
+            "query-version" => machine::query_version(args),
+            "query-status" => machine::query_status(self, args),
+            "stop" => machine::stop(self, args),
+            "cont" => machine::cont(self, args),
+            "quit" => machine::quit(self, args),
+            "query-block" => block::query_block(self, args),
+            "query-named-block-nodes" => block::query_named_block_nodes(self, args),
+            "blockdev-add" => block::blockdev_add(self, args),
+            "blockdev-del" => block::blockdev_del(self, args),
+            other => Err(QmpError::command_not_found(format!(
+                "The command {other} has not been found"
+            ))),
+        }
+    }
+}
