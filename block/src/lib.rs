@@ -9,11 +9,13 @@
 //!          └─ SyncIo   (plain system calls, same interface)
 //! ```
 //!
-//! The block graph (nodes, leases, jobs) grows here later; this crate knows
-//! nothing of KVM or virtio.
+//! Block jobs (`job`) run on their own threads through QEMU's job state
+//! machine. The block graph (nodes, leases) grows here later; this crate
+//! knows nothing of KVM or virtio.
 
 pub mod file;
 pub mod io;
+pub mod job;
 
 pub use file::{DiskError, DiskFile, DiskOptions};
 pub use io::{AsyncIo, Completion, IoError, SyncIo, UringIo};
