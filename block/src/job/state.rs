@@ -57,6 +57,11 @@ impl JobStatus {
         }
     }
 
+    /// Position in [`JobStatus::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     /// The statuses a job may move to from this one.
     fn successors(self) -> &'static [JobStatus] {
         match self {
@@ -244,6 +249,9 @@ mod tests {
                 "null"
             ]
         );
+        for (i, status) in JobStatus::ALL.iter().enumerate() {
+            assert_eq!(status.index(), i);
+        }
         assert_eq!(JobVerb::SetSpeed.to_string(), "set-speed");
     }
 }
