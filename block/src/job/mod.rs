@@ -29,6 +29,9 @@ mod rate;
 mod runner;
 pub mod state;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::sync::Arc;
 
