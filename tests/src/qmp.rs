@@ -16,6 +16,8 @@ pub struct Qmp {
     pub greeting: Value,
     /// Events received and not yet taken.
     pub events: Vec<Value>,
+    /// Every event received, taken or not, in order.
+    pub history: Vec<Value>,
 }
 
 /// A QMP error reply: class and description.
@@ -49,6 +51,7 @@ impl Qmp {
             writer,
             greeting: Value::Null,
             events: Vec::new(),
+            history: Vec::new(),
         };
         qmp.greeting = qmp.read();
         assert!(qmp.greeting.get("QMP").is_some(), "{}", qmp.greeting);
@@ -73,6 +76,7 @@ impl Qmp {
         loop {
             let v = self.read();
             if v.get("event").is_some() {
+                self.history.push(v.clone());
                 self.events.push(v);
             } else {
                 return v;
@@ -134,13 +138,14 @@ impl Qmp {
             );
             let v = self.read();
             assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.history.push(v.clone());
             self.events.push(v);
         }
     }
 
     /// The `status` of every JOB_STATUS_CHANGE for `job` received so far, in order.
     pub fn job_statuses(&self, job: &str) -> Vec<String> {
-        self.events
+        self.history
             .iter()
             .filter(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job)
             .map(|e| e["data"]["status"].as_str().unwrap().to_string())
