@@ -112,3 +112,56 @@ fn dev_kvm_without_permission_is_reported_plainly() {
     assert!(Path::new("/dev/kvm").exists());
     assert_start_error(&out, "/dev/kvm may not be opened by this user");
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn a_qmp_path_that_cannot_be_a_socket_is_refused_and_left_alone() {
+    let guest = image("testguest");
+    let file = temp_path("not-a-socket");
+    std::fs::write(&file, b"precious").unwrap();
+    let out = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--qmp",
+        file.to_str().unwrap(),
+    ]);
+    assert_start_error(
+        &out,
+        &format!(
+            "cannot create QMP socket '{}': the path exists and is not a socket",
+            file.display()
+        ),
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    std::fs::remove_file(&file).unwrap();
+    let out = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--qmp",
+        "/nonexistent-dir/vmm.qmp",
+    ]);
+    assert_start_error(&out, "/nonexistent-dir/vmm.qmp");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn a_disk_node_name_taken_twice_is_refused() {
+    let guest = image("testguest");
+    let disk = temp_path("dup-node");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let a = format!("path={},id=vda,node-name=root", disk.display());
+    let b = format!("path={},id=vdb,node-name=root", disk.display());
+    let out = run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--disk",
+        &a,
+        "--disk",
+        &b,
+    ]);
+    std::fs::remove_file(&disk).unwrap();
+    assert_start_error(&out, "disk 'vdb': Duplicate nodes with node-name='root'");
+}
