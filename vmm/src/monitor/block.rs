@@ -158,3 +158,78 @@ pub(super) fn blockdev_del(m: &Monitor, mut args: Args) -> Result<Value, QmpErro
     m.graph.remove(&name).map_err(error)?;
     Ok(json!({}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: Value) -> Result<NodeOptions, QmpError> {
+        let Value::Object(map) = v else { panic!() };
+        node_options(Args::new(map))
+    }
+
+    #[test]
+    fn blockdev_add_reads_each_driver_and_inline_children() {
+        let raw = parse(json!({
+            "driver": "raw", "node-name": "r0", "read-only": true,
+            "file": {"driver": "file", "filename": "/tmp/x.img", "cache": {"direct": true}, "aio": "io_uring"},
+        }))
+        .unwrap();
+        assert_eq!(
+            raw,
+            NodeOptions {
+                node_name: Some("r0".into()),
+                read_only: true,
+                driver: DriverOptions::Raw {
+                    file: ChildOptions::Inline(Box::new(NodeOptions {
+                        node_name: None,
+                        read_only: false,
+                        driver: DriverOptions::File {
+                            filename: "/tmp/x.img".into(),
+                            direct: true
+                        },
+                    })),
+                },
+            }
+        );
+        let over = parse(json!({"driver": "raw", "node-name": "r1", "file": "f0"})).unwrap();
+        assert_eq!(
+            over.driver,
+            DriverOptions::Raw {
+                file: ChildOptions::Node("f0".into())
+            }
+        );
+        let null = parse(json!({"driver": "null-co", "node-name": "n"})).unwrap();
+        assert_eq!(
+            null.driver,
+            DriverOptions::Null {
+                size: NULL_DEFAULT_SIZE
+            }
+        );
+    }
+
+    #[test]
+    fn blockdev_add_refuses_what_it_cannot_honour() {
+        let desc = |v: Value| parse(v).unwrap_err().desc;
+        assert_eq!(
+            desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "aio": "threads"})),
+            "Parameter 'aio' does not accept value 'threads': the file driver always uses io_uring"
+        );
+        assert_eq!(
+            desc(json!({"driver": "null-co", "node-name": "n", "read-zeroes": false})),
+            "Parameter 'read-zeroes' does not accept value 'false': null-co nodes always read zeros"
+        );
+        assert_eq!(
+            desc(json!({"driver": "null-co", "node-name": "n", "size": -1})),
+            "Parameter 'size' does not accept value '-1'"
+        );
+        assert_eq!(
+            desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "discard": "unmap"})),
+            "Parameter 'discard' is unexpected"
+        );
+        assert_eq!(
+            desc(json!({"driver": "raw", "node-name": "r", "file": {"driver": "file"}})),
+            "Parameter 'filename' is missing"
+        );
+    }
+}
