@@ -4,6 +4,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,10 +19,23 @@ const DISK: types::Fixed = types::Fixed(0);
 pub struct UringIo {
     ring: IoUring,
     notifier: EventFd,
+    /// Whatever keeps the registered fd open; dropped after the ring.
+    _owner: Option<Arc<dyn Send + Sync>>,
 }
 
 impl UringIo {
-    /// A ring of `entries` submissions (rounded up to a power of two) over `fd`.
+    /// A ring over a file it keeps open as long as the ring lives.
+    pub fn with_owner<F: AsRawFd + Send + Sync + 'static>(
+        file: Arc<F>,
+        entries: u32,
+    ) -> Result<Self, IoError> {
+        let mut ring = Self::new(file.as_raw_fd(), entries)?;
+        ring._owner = Some(file);
+        Ok(ring)
+    }
+
+    /// A ring of `entries` submissions (rounded up to a power of two) over
+    /// `fd`, which the caller keeps open while the ring lives.
     pub fn new(fd: RawFd, entries: u32) -> Result<Self, IoError> {
         let setup = |source: io::Error| IoError::Setup {
             engine: ENGINE,
@@ -49,7 +63,11 @@ impl UringIo {
             .register_restrictions(&mut allowed)
             .map_err(setup)?;
         submitter.register_enable_rings().map_err(setup)?;
-        Ok(Self { ring, notifier })
+        Ok(Self {
+            ring,
+            notifier,
+            _owner: None,
+        })
     }
 
     fn push(&mut self, entry: squeue::Entry) -> Result<(), IoError> {
