@@ -11,14 +11,16 @@
 //!
 //! Above them sits the block graph (`graph`): nodes opened by drivers
 //! (`driver`: file, raw, null-co), kept alive by counted references and
-//! guarded by an exclusive, named in-use lease. This crate knows nothing of
-//! KVM or virtio.
+//! guarded by an exclusive, named in-use lease. Block jobs (`job`: backup)
+//! take leases and run on their own threads through QEMU's job state
+//! machine. This crate knows nothing of KVM or virtio.
 
 pub mod driver;
 pub mod error;
 pub mod file;
 pub mod graph;
 pub mod io;
+pub mod job;
 
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions};

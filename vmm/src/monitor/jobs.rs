@@ -1,0 +1,204 @@
+//! Block jobs over QMP: `blockdev-backup`, the `job-*` verbs,
+//! `block-job-set-speed`, the queries, and the events jobs send.
+
+use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions};
+use block::job::backup::Backup;
+use block::Holder;
+use serde_json::{json, Value};
+
+use super::block::error as block_error;
+use super::Monitor;
+use crate::qmp::{Args, EventSink, QmpError};
+
+/// Turns a job's events into QMP events, in QEMU's shapes.
+pub(super) fn event_sink(events: EventSink) -> block::job::EventSink {
+    std::sync::Arc::new(move |event| {
+        let (name, data) = match event {
+            JobEvent::StatusChange { id, status } => (
+                "JOB_STATUS_CHANGE",
+                json!({"id": id, "status": status.as_str()}),
+            ),
+            JobEvent::Pending { job_type, id } => {
+                ("BLOCK_JOB_PENDING", json!({"type": job_type, "id": id}))
+            }
+            JobEvent::IoError { id, operation } => (
+                "BLOCK_JOB_ERROR",
+                json!({"device": id, "operation": operation.as_str(), "action": "report"}),
+            ),
+            JobEvent::Completed {
+                job_type,
+                id,
+                len,
+                offset,
+                speed,
+                error,
+            } => {
+                let mut data = json!({
+                    "type": job_type, "device": id, "len": len, "offset": offset, "speed": speed,
+                });
+                if let Some(error) = error {
+                    data["error"] = json!(error);
+                }
+                ("BLOCK_JOB_COMPLETED", data)
+            }
+            JobEvent::Cancelled {
+                job_type,
+                id,
+                len,
+                offset,
+                speed,
+            } => (
+                "BLOCK_JOB_CANCELLED",
+                json!({"type": job_type, "device": id, "len": len, "offset": offset, "speed": speed}),
+            ),
+        };
+        events.emit(name, Some(data));
+    })
+}
+
+/// `job-*` commands report every refusal as GenericError, as QEMU does.
+fn job_error(e: JobError) -> QmpError {
+    QmpError::generic(e.to_string())
+}
+
+/// `block-job-*` commands report an unknown job as DeviceNotActive.
+fn block_job_error(e: JobError) -> QmpError {
+    match e {
+        JobError::NotFound { id } => {
+            QmpError::device_not_active(format!("Block job '{id}' not found"))
+        }
+        other => job_error(other),
+    }
+}
+
+/// `blockdev-backup`: only `sync=full`; the job takes both nodes' leases
+/// at once, or is refused naming who holds one.
+pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpError> {
+    let device = args.str("device")?;
+    let target = args.str("target")?;
+    let sync = args.str("sync")?;
+    let job_id = args.opt_str("job-id")?.unwrap_or_else(|| device.clone());
+    let speed = args.opt_i64("speed")?.unwrap_or(0);
+    let auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
+    let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
+    for policy in ["on-source-error", "on-target-error"] {
+        if let Some(value) = args.opt_str(policy)? {
+            if value != "report" {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{policy}' does not accept value '{value}': backup jobs only report errors"
+                )));
+            }
+        }
+    }
+    if args.opt_bool("compress")? == Some(true) {
+        return Err(QmpError::generic(
+            "Parameter 'compress' does not accept value 'true': raw targets cannot be compressed",
+        ));
+    }
+    args.finish()?;
+    match sync.as_str() {
+        "full" => {}
+        "top" | "none" | "incremental" | "bitmap" => {
+            return Err(QmpError::generic(format!(
+                "Sync mode '{sync}' is not supported: backup jobs copy everything (sync=full)"
+            )))
+        }
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'sync' does not accept value '{other}'"
+            )))
+        }
+    }
+    if m.jobs.info(&job_id).is_ok() {
+        return Err(job_error(JobError::DuplicateId { id: job_id }));
+    }
+    let holder = Holder::Job { id: job_id.clone() };
+    let source = m.graph.get(&device, holder.clone()).map_err(block_error)?;
+    let target = m.graph.get(&target, holder).map_err(block_error)?;
+    let backup =
+        Backup::new(&job_id, &source, &target).map_err(|e| QmpError::generic(e.to_string()))?;
+    let options = JobOptions {
+        auto_finalize,
+        auto_dismiss,
+        speed,
+    };
+    m.jobs
+        .create(&job_id, Box::new(backup), options, m.job_events.clone())
+        .map_err(job_error)?;
+    m.jobs.start(&job_id).map_err(job_error)?;
+    Ok(json!({}))
+}
+
+fn job_json(j: &JobInfo) -> Value {
+    let mut v = json!({
+        "id": j.id,
+        "type": j.job_type,
+        "status": j.status.as_str(),
+        "current-progress": j.current_progress,
+        "total-progress": j.total_progress,
+    });
+    if let Some(e) = &j.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+fn block_job_json(j: &JobInfo) -> Value {
+    let mut v = json!({
+        "type": j.job_type,
+        "device": j.id,
+        "len": j.total_progress,
+        "offset": j.current_progress,
+        "busy": j.busy,
+        "paused": j.paused,
+        "speed": j.speed,
+        "io-status": "ok",
+        "ready": false,
+        "status": j.status.as_str(),
+        "auto-finalize": j.auto_finalize,
+        "auto-dismiss": j.auto_dismiss,
+    });
+    if let Some(e) = &j.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+/// `query-jobs`.
+pub(super) fn query_jobs(m: &Monitor, args: Args) -> Result<Value, QmpError> {
+    args.finish()?;
+    Ok(Value::Array(m.jobs.query().iter().map(job_json).collect()))
+}
+
+/// `query-block-jobs`.
+pub(super) fn query_block_jobs(m: &Monitor, args: Args) -> Result<Value, QmpError> {
+    args.finish()?;
+    Ok(Value::Array(
+        m.jobs.query().iter().map(block_job_json).collect(),
+    ))
+}
+
+/// `job-pause`, `job-resume`, `job-cancel`, `job-finalize`, `job-dismiss`.
+pub(super) fn job_verb(m: &Monitor, verb: &str, mut args: Args) -> Result<Value, QmpError> {
+    let id = args.str("id")?;
+    args.finish()?;
+    let jobs: &JobManager = &m.jobs;
+    match verb {
+        "job-pause" => jobs.pause(&id),
+        "job-resume" => jobs.resume(&id),
+        "job-cancel" => jobs.cancel(&id),
+        "job-finalize" => jobs.finalize(&id),
+        _ => jobs.dismiss(&id),
+    }
+    .map_err(job_error)?;
+    Ok(json!({}))
+}
+
+/// `block-job-set-speed`.
+pub(super) fn block_job_set_speed(m: &Monitor, mut args: Args) -> Result<Value, QmpError> {
+    let id = args.str("device")?;
+    let speed = args.i64("speed")?;
+    args.finish()?;
+    m.jobs.set_speed(&id, speed).map_err(block_job_error)?;
+    Ok(json!({}))
+}
