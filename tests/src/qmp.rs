@@ -18,6 +18,8 @@ pub struct Qmp {
     pub events: Vec<Value>,
     /// What a read that timed out had of its line so far.
     partial: String,
+    /// Every event received, taken or not, in order.
+    pub history: Vec<Value>,
 }
 
 /// A QMP error reply: class and description.
@@ -52,6 +54,7 @@ impl Qmp {
             greeting: Value::Null,
             events: Vec::new(),
             partial: String::new(),
+            history: Vec::new(),
         };
         qmp.greeting = qmp.read();
         assert!(qmp.greeting.get("QMP").is_some(), "{}", qmp.greeting);
@@ -101,6 +104,7 @@ impl Qmp {
             match self.read_until(deadline) {
                 Some(v) => {
                     assert!(v.get("event").is_some(), "unexpected reply {v}");
+                    self.history.push(v.clone());
                     self.events.push(v);
                 }
                 None if Instant::now() >= deadline => return false,
@@ -120,6 +124,7 @@ impl Qmp {
         loop {
             let v = self.read();
             if v.get("event").is_some() {
+                self.history.push(v.clone());
                 self.events.push(v);
             } else {
                 return v;
@@ -181,13 +186,14 @@ impl Qmp {
             );
             let v = self.read();
             assert!(v.get("event").is_some(), "unexpected reply {v}");
+            self.history.push(v.clone());
             self.events.push(v);
         }
     }
 
     /// The `status` of every JOB_STATUS_CHANGE for `job` received so far, in order.
     pub fn job_statuses(&self, job: &str) -> Vec<String> {
-        self.events
+        self.history
             .iter()
             .filter(|e| e["event"] == "JOB_STATUS_CHANGE" && e["data"]["id"] == job)
             .map(|e| e["data"]["status"].as_str().unwrap().to_string())

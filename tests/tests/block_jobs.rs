@@ -1,7 +1,7 @@
 //! The block graph, its leases and the backup job, driven over QMP with a
 //! real guest doing verified I/O on the disk the whole time.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
@@ -17,12 +17,12 @@ fn socket(name: &str) -> PathBuf {
 
 /// A test guest writing and verifying random blocks on `vda` (node
 /// `drive0`) for a few seconds, then idling; QMP on `qmp`.
-fn guest(disk: &TempDisk, qmp: &PathBuf) -> VmConfig {
+fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
     let mut config = VmConfig::new(image("testguest"));
     // Requests may wait out the pauses below: give them time.
     config.cmdline = "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle".into();
     config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];
-    config.qmp = Some(qmp.clone());
+    config.qmp = Some(qmp.to_path_buf());
     config
 }
 
@@ -114,10 +114,16 @@ fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
     });
     assert!(done["data"].get("error").is_none(), "{done}");
     assert_eq!(done["data"]["offset"], DISK);
+    qmp.wait_event("JOB_STATUS_CHANGE", Duration::from_secs(5), |d| {
+        d["id"] == "job0" && d["status"] == "null"
+    });
+    // QEMU's sequence, down to the pause of its drained start.
     assert_eq!(
         qmp.job_statuses("job0"),
         [
             "created",
+            "running",
+            "paused",
             "running",
             "waiting",
             "pending",

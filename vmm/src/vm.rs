@@ -13,10 +13,11 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use block::job::JobManager;
 use block::Graph;
 use devices::legacy::{self, ExitPort, Serial, I8042};
 use devices::Bus;
@@ -92,6 +93,8 @@ pub(crate) struct Shared {
     pub stopping: AtomicBool,
     /// Where vCPUs wait while the VM is paused.
     pub parking: Parking,
+    /// QMP's event sink, once a QMP server runs: told when the VM ends.
+    pub events: OnceLock<EventSink>,
 }
 
 impl Shared {
@@ -99,6 +102,9 @@ impl Shared {
     pub fn finish(&self, exit: VmExit) {
         let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
         if slot.is_none() {
+            if let Some(events) = self.events.get() {
+                events.emit("SHUTDOWN", Some(exit.shutdown_event()));
+            }
             *slot = Some(exit);
         }
         self.stopping.store(true, Ordering::Release);
@@ -140,10 +146,11 @@ pub struct VmHandle {
     /// vCPU threads and devices; paused, resumed and stopped through it.
     run: Arc<RunState>,
     graph: Arc<Graph>,
+    jobs: Arc<JobManager>,
     console: Option<SerialLog>,
     input: Option<JoinHandle<()>>,
-    /// The QMP server, and its sink for the SHUTDOWN event.
-    qmp: Option<(QmpThread, EventSink)>,
+    /// The QMP server.
+    qmp: Option<QmpThread>,
     // KVM keeps using these until every vCPU has left KVM_RUN.
     _vm: VmFd,
     _memory: GuestMemoryMmap,
@@ -241,17 +248,16 @@ impl VmHandle {
         })
     }
 
-    /// Stops every thread: vCPUs, serial input, dataplanes, and last the
-    /// QMP server, once it has told its clients why the VM ended.
+    /// Stops every thread: vCPUs, serial input, dataplanes, jobs, and last
+    /// the QMP server, which gives its clients a moment to read the events.
     fn stop_threads(&mut self) {
         self.run.shutdown();
+        // Jobs end as in QEMU: cancelled, sending their events first.
+        self.jobs.cancel_all_and_wait();
         if let Some(t) = self.input.take() {
             let _ = t.join();
         }
-        if let Some((thread, events)) = self.qmp.take() {
-            if let Some(exit) = self.exit() {
-                events.emit("SHUTDOWN", Some(exit.shutdown_event()));
-            }
+        if let Some(thread) = self.qmp.take() {
             if let Err(e) = thread.stop_and_join() {
                 log::error!("{e}");
             }
@@ -438,6 +444,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         ended: Condvar::new(),
         stopping: AtomicBool::new(false),
         parking: Parking::default(),
+        events: OnceLock::new(),
     });
     let device_err = |name: &str| {
         let name = name.to_string();
@@ -521,6 +528,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     }
 
     install_kick_handler()?;
+    let jobs = Arc::new(JobManager::new());
     let qmp = match &config.qmp {
         Some(path) => {
             let quit = shared.clone();
@@ -528,13 +536,14 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
                 Monitor::new(
                     run.clone(),
                     graph.clone(),
+                    jobs.clone(),
                     events,
                     Box::new(move || quit.finish(VmExit::Quit)),
                 )
             })
             .map_err(Error::Qmp)?;
-            let events = server.events();
-            Some((server.spawn().map_err(Error::Qmp)?, events))
+            let _ = shared.events.set(server.events());
+            Some(server.spawn().map_err(Error::Qmp)?)
         }
         None => None,
     };
@@ -542,6 +551,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         shared: shared.clone(),
         run: run.clone(),
         graph,
+        jobs,
         console: log,
         input: None,
         qmp,

@@ -370,7 +370,10 @@ mod tests {
             .unwrap();
         let info = jobs.info("b0").unwrap();
         assert_eq!(info.error, None);
-        assert_eq!((info.current_progress, info.total_progress), (len as u64, len as u64));
+        assert_eq!(
+            (info.current_progress, info.total_progress),
+            (len as u64, len as u64)
+        );
         assert!(dst.bytes() == before, "the target equals the source");
         assert!(src.bytes() == before, "the source is unchanged");
         let completed = seen
@@ -412,7 +415,11 @@ mod tests {
         drop(held);
         let held = target.take_lease(dataplane).unwrap();
         assert!(Backup::new("b1", &source, &target).is_err());
-        assert_eq!(graph.info(&source).lease, None, "the source lease went back");
+        assert_eq!(
+            graph.info(&source).lease,
+            None,
+            "the source lease went back"
+        );
         drop(held);
         let err = Backup::new("b1", &source, &source).err().unwrap();
         assert!(matches!(err, BackupError::SameNode(_)), "{err}");

@@ -1,8 +1,10 @@
 //! Block jobs over QMP: `blockdev-backup`, the `job-*` verbs,
 //! `block-job-set-speed`, the queries, and the events jobs send.
 
-use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions};
 use block::job::backup::Backup;
+use std::time::Duration;
+
+use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions, JobStatus};
 use block::Holder;
 use serde_json::{json, Value};
 
@@ -125,7 +127,19 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     m.jobs
         .create(&job_id, Box::new(backup), options, m.job_events.clone())
         .map_err(job_error)?;
-    m.jobs.start(&job_id).map_err(job_error)?;
+    // QEMU starts a job inside a drained section, so its clients see
+    // created, running, paused, running; ours see the same.
+    m.jobs.drained_begin(&job_id).map_err(job_error)?;
+    let started = m.jobs.start(&job_id).map_err(job_error);
+    if started.is_ok() {
+        // It cannot leave `paused` while drained; a job that failed at
+        // once never gets there, hence the short bound.
+        let _ = m
+            .jobs
+            .wait_for(&job_id, JobStatus::Paused, Duration::from_secs(1));
+    }
+    m.jobs.drained_end(&job_id).map_err(job_error)?;
+    started?;
     Ok(json!({}))
 }
 

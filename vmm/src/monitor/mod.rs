@@ -3,12 +3,15 @@
 //!
 //! - `machine.rs`: version, run state (`stop`, `cont`), `quit`.
 //! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
+//! - `jobs.rs`: `blockdev-backup`, the `job-*` verbs, the job queries.
 
 mod block;
+mod jobs;
 mod machine;
 
 use std::sync::Arc;
 
+use ::block::job::JobManager;
 use ::block::Graph;
 use serde_json::{Map, Value};
 
@@ -26,29 +29,44 @@ const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "blockdev-add",
     "blockdev-del",
+    "blockdev-backup",
+    "query-jobs",
+    "query-block-jobs",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-finalize",
+    "job-dismiss",
+    "block-job-set-speed",
 ];
 
 /// The VM as QMP commands see it.
 pub struct Monitor {
     run: Arc<RunState>,
     graph: Arc<Graph>,
+    jobs: Arc<JobManager>,
     events: EventSink,
+    /// The same sink, for jobs' events.
+    job_events: ::block::job::EventSink,
     /// Ends the VM (`quit`).
     quit: Box<dyn Fn() + Send>,
 }
 
 impl Monitor {
-    /// Commands acting on `run` and `graph`, emitting through `events`;
-    /// `quit` ends the VM.
+    /// Commands acting on `run`, `graph` and `jobs`, emitting through
+    /// `events`; `quit` ends the VM.
     pub fn new(
         run: Arc<RunState>,
         graph: Arc<Graph>,
+        jobs: Arc<JobManager>,
         events: EventSink,
         quit: Box<dyn Fn() + Send>,
     ) -> Self {
         Self {
             run,
             graph,
+            jobs,
+            job_events: jobs::event_sink(events.clone()),
             events,
             quit,
         }
@@ -72,6 +90,13 @@ impl Commands for Monitor {
             "query-named-block-nodes" => block::query_named_block_nodes(self, args),
             "blockdev-add" => block::blockdev_add(self, args),
             "blockdev-del" => block::blockdev_del(self, args),
+            "blockdev-backup" => jobs::blockdev_backup(self, args),
+            "query-jobs" => jobs::query_jobs(self, args),
+            "query-block-jobs" => jobs::query_block_jobs(self, args),
+            "job-pause" | "job-resume" | "job-cancel" | "job-finalize" | "job-dismiss" => {
+                jobs::job_verb(self, name, args)
+            }
+            "block-job-set-speed" => jobs::block_job_set_speed(self, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),
