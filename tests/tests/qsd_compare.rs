@@ -249,24 +249,32 @@ fn job_events(log: &[Logged], job: &str) -> Vec<JobEvent> {
         .collect()
 }
 
-/// qsd's events without its internal drains.
+/// qsd's events without the drains ours does not imitate.
 ///
 /// QEMU drains a job's nodes around graph changes: `blockdev-backup` keeps
 /// its source drained for the whole command (blockdev.c: the transaction
 /// action calls `bdrv_drained_begin`, its `.clean` the end; the target is
 /// drained by `bdrv_try_change_aio_context`), and the job it creates is
 /// started inside that section. A drain pauses every job using the node and
-/// resumes it when it ends, so qsd sends `paused` then `running` for the new
-/// job, and for any other job on those nodes, before the command's reply
-/// (checked: both arrive in that one window). A job's completion drains
-/// its nodes the same way. Our VMM has no drains and must not send these.
-/// A pair counts as a drain only when both events came in the window of one
-/// command that is not job-pause or job-resume (a client's own pause and
-/// resume are two commands, so never one window).
+/// resumes it when it ends, so qsd sends `paused` then `running`, both
+/// before the command's reply (checked: they arrive in that one window),
+/// for the new job and for other running jobs; a refused `blockdev-backup`
+/// and a job's completion drain the same way.
+///
+/// Ours imitates the first, the pair of the job's own start, so that one is
+/// kept and compared: a pair in the window where the job was `created`.
+/// Any other pair counts as a drain and is left out when both events came
+/// in the window of one command that is not job-pause or job-resume (a
+/// client's own pause and resume are two commands, so never one window).
 fn without_drain_pauses(events: Vec<JobEvent>) -> Vec<JobEvent> {
+    let start = events
+        .iter()
+        .find(|e| e.token == "created")
+        .map(|e| e.window);
     let mut out: Vec<JobEvent> = Vec::new();
     for e in events {
         let is_drain_pair = e.token == "running"
+            && Some(e.window) != start
             && out.last().is_some_and(|p| {
                 p.token == "paused"
                     && p.window == e.window
@@ -494,7 +502,7 @@ impl Compare {
         let (ta, tb) = (tokens(&a), tokens(&b));
         if ta != tb {
             self.diffs.push(format!(
-                "job '{job}': status changes and BLOCK_JOB_* events (qsd's drain pauses left out)\n      qsd:  {ta:?}\n      ours: {tb:?}"
+                "job '{job}': status changes and BLOCK_JOB_* events (qsd's drain pauses after its start left out)\n      qsd:  {ta:?}\n      ours: {tb:?}"
             ));
             return;
         }
@@ -527,8 +535,8 @@ impl Compare {
         }
     }
 
-    /// Status changes of jobs never compared: jobs only one side created
-    /// (a refused command that made and dropped one).
+    /// Status changes of jobs never compared: jobs made and dropped inside
+    /// a refused command, or started on one side only.
     fn stray_jobs(&self) -> Vec<String> {
         let ids = |log: &[Logged]| {
             log.iter()
@@ -567,9 +575,10 @@ impl Compare {
         eprintln!("{name}: compared against {}", qsd_version());
         let stray = self.stray_jobs();
         if !stray.is_empty() {
-            // Not differences to fix: a job qsd makes and drops inside a
-            // refused command is QEMU's internal order of checks.
-            eprintln!("{name}: events of jobs that were never started on both sides:");
+            // Not asserted: a job made and dropped inside a refused command
+            // is QEMU's internal order of checks, and a job only one side
+            // started already shows as a differing reply above.
+            eprintln!("{name}: events of jobs not compared (made inside a refused command, or started on one side only):");
             for n in &stray {
                 eprintln!("  {n}");
             }
@@ -725,6 +734,8 @@ fn block_graph_commands_and_errors_match_qsd() {
     c.same("query-named-block-nodes", json!({"flat": "yes"}));
     c.same("no-such-command", json!({}));
     c.same("query-version", json!({}));
+    // Neither has a guest device: qsd has none, our VM was given no disk.
+    c.same("query-block", json!({}));
 
     // Deleting: unknown, in use by a parent, then the parent and the child.
     c.same("blockdev-del", json!({"node-name": "no-such-node"}));
