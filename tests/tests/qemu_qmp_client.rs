@@ -85,10 +85,9 @@ fn run_script(args: &[String]) -> (i32, String) {
 }
 
 /// Runs the script with `args` against `vm` until the script's `quit` ends
-/// the VM; the VM's exit, the script's status and output.
-///
-/// The library sends SHUTDOWN from `VmHandle::wait`, so the test must be
-/// waiting on the VM while the script waits for that event.
+/// the VM; the VM's exit, the script's status and output. A script that
+/// ends without ending the VM (it failed before its `quit`) gets the VM
+/// killed, so the test reports the script's failure instead of hanging.
 fn run_against(vm: VmHandle, args: Vec<String>) -> (Option<VmExit>, i32, String) {
     let script = std::thread::spawn(move || run_script(&args));
     let exit = loop {
