@@ -1,7 +1,7 @@
 //! A small QMP client for the integration tests: connect, negotiate,
 //! run commands, and collect the events that arrive meanwhile.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,6 +16,8 @@ pub struct Qmp {
     pub greeting: Value,
     /// Events received and not yet taken.
     pub events: Vec<Value>,
+    /// What a read that timed out had of its line so far.
+    partial: String,
     /// Every event received, taken or not, in order.
     pub history: Vec<Value>,
 }
@@ -51,6 +53,7 @@ impl Qmp {
             writer,
             greeting: Value::Null,
             events: Vec::new(),
+            partial: String::new(),
             history: Vec::new(),
         };
         qmp.greeting = qmp.read();
@@ -60,10 +63,55 @@ impl Qmp {
     }
 
     fn read(&mut self) -> Value {
-        let mut line = String::new();
-        let n = self.reader.read_line(&mut line).expect("QMP read");
+        let n = self.reader.read_line(&mut self.partial).expect("QMP read");
         assert!(n > 0, "the QMP server closed the connection");
+        let line = std::mem::take(&mut self.partial);
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}"))
+    }
+
+    /// The next message, or None if none came by `deadline`.
+    fn read_until(&mut self, deadline: Instant) -> Option<Value> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let stream = self.reader.get_ref();
+        stream.set_read_timeout(Some(left)).unwrap();
+        // A timed-out read keeps what it had of the line in `partial`,
+        // so the next read carries on from there.
+        let got = match self.reader.read_line(&mut self.partial) {
+            Ok(0) => panic!("the QMP server closed the connection"),
+            Ok(_) => true,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+            Err(e) => panic!("QMP read: {e}"),
+        };
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        if !got || !self.partial.ends_with('\n') {
+            return None;
+        }
+        let line = std::mem::take(&mut self.partial);
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad QMP line {line:?}: {e}")))
+    }
+
+    /// Reads events into `events` until `done(&events)` holds; false if it
+    /// did not within `timeout`. Nothing is taken out of `events`.
+    pub fn events_until(&mut self, timeout: Duration, done: impl Fn(&[Value]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.events) {
+            match self.read_until(deadline) {
+                Some(v) => {
+                    assert!(v.get("event").is_some(), "unexpected reply {v}");
+                    self.history.push(v.clone());
+                    self.events.push(v);
+                }
+                None if Instant::now() >= deadline => return false,
+                None => {}
+            }
+        }
+        true
     }
 
     /// Sends raw bytes (for malformed-input tests).
