@@ -12,8 +12,16 @@ pub enum BlockError {
     #[error("Cannot find device='{name}' nor node-name='{name}'")]
     NotFound { name: String },
     /// A node-name that breaks QEMU's rules for names.
-    #[error("Invalid node-name: '{name}' (start with a letter; then letters, digits, '-', '.', '_'; at most 31 characters)")]
+    #[error(
+        "Invalid node-name: '{name}' (start with a letter; then letters, digits, '-', '.', '_')"
+    )]
     InvalidName { name: String },
+    /// A node-name longer than QEMU allows.
+    #[error("Node name too long: '{name}' has {} characters, at most 31 are allowed", name.len())]
+    NameTooLong { name: String },
+    /// `blockdev-add` without a name for the node it adds.
+    #[error("'node-name' must be specified for the root node")]
+    RootUnnamed,
     /// The name is taken by another node.
     #[error("Duplicate nodes with node-name='{name}'")]
     Duplicate { name: String },

@@ -70,21 +70,96 @@ fn malformed_commands_get_qmp_errors_and_the_vm_keeps_serving_everyone() {
 
     // Every command's arguments, and the names it refers to.
     let cases: &[(&str, Value, &str, &str)] = &[
-        ("no-such-command", json!({}), "CommandNotFound", "The command no-such-command has not been found"),
-        ("blockdev-del", json!({"node-name": 5}), "GenericError", "Invalid parameter type for 'node-name', expected: string"),
-        ("blockdev-del", json!({}), "GenericError", "Parameter 'node-name' is missing"),
-        ("query-status", json!({"verbose": true}), "GenericError", "Parameter 'verbose' is unexpected"),
-        ("blockdev-del", json!({"node-name": "ghost"}), "GenericError", "Cannot find device='ghost' nor node-name='ghost'"),
-        ("blockdev-backup", json!({"device": "vda", "target": "ghost", "sync": "full"}), "GenericError", "Cannot find device='ghost' nor node-name='ghost'"),
-        ("blockdev-backup", json!({"device": "vda", "target": "vda", "sync": "sideways"}), "GenericError", "Parameter 'sync' does not accept value 'sideways'"),
-        ("blockdev-add", json!({"driver": "qcow9", "node-name": "x"}), "GenericError", "Parameter 'driver' does not accept value 'qcow9'"),
-        ("blockdev-add", json!({"driver": "file", "node-name": "x"}), "GenericError", "Parameter 'filename' is missing"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "9x"}), "GenericError", "Invalid node-name: '9x' (start with a letter; then letters, digits, '-', '.', '_'; at most 31 characters)"),
-        ("blockdev-add", json!({"driver": "null-co", "node-name": "vda"}), "GenericError", "Duplicate nodes with node-name='vda'"),
-        ("blockdev-add", json!({"driver": "raw", "node-name": "r", "file": 3}), "GenericError", "Invalid parameter type for 'file', expected: BlockdevRef (a node-name or an object)"),
-        ("job-pause", json!({"id": "ghost"}), "GenericError", "Job 'ghost' not found"),
-        ("block-job-set-speed", json!({"device": "ghost", "speed": 1}), "DeviceNotActive", "Block job 'ghost' not found"),
-        ("block-job-set-speed", json!({"device": "ghost", "speed": "fast"}), "GenericError", "Invalid parameter type for 'speed', expected: integer"),
+        (
+            "no-such-command",
+            json!({}),
+            "CommandNotFound",
+            "The command no-such-command has not been found",
+        ),
+        (
+            "blockdev-del",
+            json!({"node-name": 5}),
+            "GenericError",
+            "Invalid parameter type for 'node-name', expected: string",
+        ),
+        (
+            "blockdev-del",
+            json!({}),
+            "GenericError",
+            "Parameter 'node-name' is missing",
+        ),
+        (
+            "query-status",
+            json!({"verbose": true}),
+            "GenericError",
+            "Parameter 'verbose' is unexpected",
+        ),
+        (
+            "blockdev-del",
+            json!({"node-name": "ghost"}),
+            "GenericError",
+            "Cannot find device='ghost' nor node-name='ghost'",
+        ),
+        (
+            "blockdev-backup",
+            json!({"device": "vda", "target": "ghost", "sync": "full"}),
+            "GenericError",
+            "Cannot find device='ghost' nor node-name='ghost'",
+        ),
+        (
+            "blockdev-backup",
+            json!({"device": "vda", "target": "vda", "sync": "sideways"}),
+            "GenericError",
+            "Parameter 'sync' does not accept value 'sideways'",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "qcow9", "node-name": "x"}),
+            "GenericError",
+            "Parameter 'driver' does not accept value 'qcow9'",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "file", "node-name": "x"}),
+            "GenericError",
+            "Parameter 'filename' is missing",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "9x"}),
+            "GenericError",
+            "Invalid node-name: '9x' (start with a letter; then letters, digits, '-', '.', '_')",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "null-co", "node-name": "vda"}),
+            "GenericError",
+            "Duplicate nodes with node-name='vda'",
+        ),
+        (
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": "r", "file": 3}),
+            "GenericError",
+            "Invalid parameter type for 'file', expected: BlockdevRef (a node-name or an object)",
+        ),
+        (
+            "job-pause",
+            json!({"id": "ghost"}),
+            "GenericError",
+            "Job 'ghost' not found",
+        ),
+        (
+            "block-job-set-speed",
+            json!({"device": "ghost", "speed": 1}),
+            "DeviceNotActive",
+            "Block job 'ghost' not found",
+        ),
+        (
+            "block-job-set-speed",
+            json!({"device": "ghost", "speed": "fast"}),
+            "GenericError",
+            "Invalid parameter type for 'speed', expected: integer",
+        ),
     ];
     for (command, args, class, desc) in cases {
         let err = qmp.err(command, args.clone());

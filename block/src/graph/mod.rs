@@ -106,11 +106,17 @@ impl Default for Graph {
 }
 
 /// QEMU's rule: a letter, then letters, digits, '-', '.', '_'; at most 31.
-fn valid_name(name: &str) -> bool {
+fn check_name(name: &str) -> Result<(), BlockError> {
     let mut chars = name.chars();
-    name.len() <= 31
-        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !valid {
+        return Err(BlockError::InvalidName { name: name.into() });
+    }
+    if name.len() > 31 {
+        return Err(BlockError::NameTooLong { name: name.into() });
+    }
+    Ok(())
 }
 
 impl Graph {
@@ -130,14 +136,9 @@ impl Graph {
     /// named, and the user's name holds it.
     pub fn add(&self, options: NodeOptions) -> Result<(), BlockError> {
         let Some(name) = options.node_name.clone() else {
-            return Err(BlockError::Options {
-                node: String::new(),
-                reason: "'node-name' must be specified for the root node".into(),
-            });
+            return Err(BlockError::RootUnnamed);
         };
-        if !valid_name(&name) {
-            return Err(BlockError::InvalidName { name });
-        }
+        check_name(&name)?;
         let node = self.open(options, Holder::Monitor)?;
         lock(&self.named).insert(name, node);
         Ok(())
@@ -227,8 +228,10 @@ impl Graph {
     /// reference returned belongs to `holder`.
     fn open(&self, options: NodeOptions, holder: Holder) -> Result<NodeRef, BlockError> {
         let name = match options.node_name {
-            Some(name) if !valid_name(&name) => return Err(BlockError::InvalidName { name }),
-            Some(name) => name,
+            Some(name) => {
+                check_name(&name)?;
+                name
+            }
             None => self.auto_name(),
         };
         // Fail before opening anything if the name is taken.

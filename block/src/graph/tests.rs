@@ -246,7 +246,10 @@ fn names_follow_qemus_rules_and_are_unique() {
             .add_disk(bad, file.0.clone(), false, false)
             .unwrap_err();
         assert!(
-            matches!(err, BlockError::InvalidName { .. }),
+            matches!(
+                err,
+                BlockError::InvalidName { .. } | BlockError::NameTooLong { .. }
+            ),
             "{bad}: {err}"
         );
     }

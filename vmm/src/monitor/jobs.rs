@@ -79,7 +79,7 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     let device = args.str("device")?;
     let target = args.str("target")?;
     let sync = args.str("sync")?;
-    let job_id = args.opt_str("job-id")?.unwrap_or_else(|| device.clone());
+    let job_id = args.opt_str("job-id")?;
     let speed = args.opt_i64("speed")?.unwrap_or(0);
     let auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
     let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
@@ -111,11 +111,27 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
             )))
         }
     }
+    let source = m.graph.get(&device, Holder::Monitor).map_err(block_error)?;
+    // As QEMU: without a job-id, the job is named after the guest device
+    // the node is attached to; a node without one has no default.
+    let job_id = match job_id {
+        Some(id) => id,
+        None => m
+            .graph
+            .info(&source)
+            .references
+            .iter()
+            .find_map(|h| match h {
+                Holder::Device { id, .. } => Some(id.clone()),
+                _ => None,
+            })
+            .unwrap_or_default(),
+    };
     if m.jobs.info(&job_id).is_ok() {
         return Err(job_error(JobError::DuplicateId { id: job_id }));
     }
     let holder = Holder::Job { id: job_id.clone() };
-    let source = m.graph.get(&device, holder.clone()).map_err(block_error)?;
+    let source = source.clone_for(holder.clone());
     let target = m.graph.get(&target, holder).map_err(block_error)?;
     let backup =
         Backup::new(&job_id, &source, &target).map_err(|e| QmpError::generic(e.to_string()))?;
