@@ -9,14 +9,20 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::{IoOperation, JobDriver, JobFailure, Step};
 use crate::error::BlockError;
 use crate::graph::{Holder, Lease, NodeRef};
-use crate::io::{AsyncIo, Completion};
+use crate::io::AsyncIo;
 
 /// Bytes per read or write.
 const CHUNK: usize = 1 << 20;
-/// Chunks in flight at once: reads of one batch, then its writes.
-const BATCH: usize = 4;
+/// Chunks in flight at once, reads and writes together: reads of the next
+/// chunks overlap writes of the last ones.
+const SLOTS: usize = 8;
+/// Bytes a step writes before it lets the runtime pause, cancel or
+/// throttle the job.
+const STEP_BYTES: u64 = 4 << 20;
 /// O_DIRECT wants buffers aligned to the logical block size; a page is safe.
 const ALIGN: usize = 4096;
+/// The tag of the final flush.
+const FLUSH: u64 = u64::MAX;
 
 /// Why a backup could not start.
 #[derive(Debug, thiserror::Error)]
@@ -63,13 +69,30 @@ impl AlignedBuf {
     }
 }
 
-/// The engines of a running backup, each with the epoll that waits on it.
+/// The engines of a running backup and one epoll that waits on both.
 struct Engines {
     src: Box<dyn AsyncIo>,
     dst: Box<dyn AsyncIo>,
-    wait_src: Epoll,
-    wait_dst: Epoll,
+    wait: Epoll,
 }
+
+/// Where one chunk buffer is in its cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Free,
+    Reading { offset: u64, len: usize },
+    Full { offset: u64, len: usize },
+    Writing { offset: u64, len: usize },
+}
+
+/// One iovec per slot, kept where the kernel can read it until the
+/// operation completes (io_uring may read an iovec array after submission).
+struct SlotIovecs([[libc::iovec; 1]; SLOTS]);
+
+// SAFETY: the iovecs point into the `buffers` of the same `Backup`, heap
+// memory that moves with it; no other thread holds these pointers except
+// the kernel, which does not care which thread owns the struct.
+unsafe impl Send for SlotIovecs {}
 
 /// A full copy of one node to another.
 pub struct Backup {
@@ -79,19 +102,30 @@ pub struct Backup {
     source_name: String,
     target_name: String,
     len: u64,
-    offset: u64,
+    /// Where the next read starts.
+    next_read: u64,
+    /// Bytes written to the target so far.
+    written: u64,
+    slots: [Slot; SLOTS],
+    iovecs: SlotIovecs,
     buffers: Vec<AlignedBuf>,
+    in_flight: usize,
+    flushed: bool,
 }
 
-fn epoll_on(io: &dyn AsyncIo) -> std::io::Result<Epoll> {
+fn watch(epoll: &Epoll, io: &dyn AsyncIo, token: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let epoll = Epoll::new()?;
     epoll.ctl(
         ControlOperation::Add,
         io.notifier().as_raw_fd(),
-        EpollEvent::new(EventSet::IN, 0),
-    )?;
-    Ok(epoll)
+        EpollEvent::new(EventSet::IN, token),
+    )
+}
+
+fn failure(op: IoOperation, result: i32) -> JobFailure {
+    // A short transfer means the node ended early: an I/O error for the job.
+    let errno = if result < 0 { -result } else { libc::EIO };
+    JobFailure::io(op, &std::io::Error::from_raw_os_error(errno))
 }
 
 impl Backup {
@@ -116,86 +150,162 @@ impl Backup {
         let holder = Holder::Job { id: job.into() };
         let source_lease = source.take_lease(holder.clone())?;
         let target_lease = target.take_lease(holder)?;
-        let depth = BATCH as u32 + 1;
+        let depth = SLOTS as u32 + 1;
         let src = source_lease.open_io(depth)?;
         let dst = target_lease.open_io(depth)?;
-        let setup = |node: &str, e: std::io::Error| BlockError::Options {
-            node: node.into(),
-            reason: format!("cannot wait for its I/O: {e}"),
+        let setup = |e: std::io::Error| BlockError::Options {
+            node: source.name().into(),
+            reason: format!("cannot wait for the backup's I/O: {e}"),
         };
-        let wait_src = epoll_on(src.as_ref()).map_err(|e| setup(source.name(), e))?;
-        let wait_dst = epoll_on(dst.as_ref()).map_err(|e| setup(target.name(), e))?;
+        let wait = Epoll::new().map_err(setup)?;
+        watch(&wait, src.as_ref(), 0).map_err(setup)?;
+        watch(&wait, dst.as_ref(), 1).map_err(setup)?;
         Ok(Self {
-            io: Some(Engines {
-                src,
-                dst,
-                wait_src,
-                wait_dst,
-            }),
+            io: Some(Engines { src, dst, wait }),
             leases: Some((source_lease, target_lease)),
             source_name: source.name().into(),
             target_name: target.name().into(),
             len: source_size,
-            offset: 0,
-            buffers: (0..BATCH).map(|_| AlignedBuf::new(CHUNK)).collect(),
+            next_read: 0,
+            written: 0,
+            slots: [Slot::Free; SLOTS],
+            iovecs: SlotIovecs(
+                [[libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }]; SLOTS],
+            ),
+            buffers: (0..SLOTS).map(|_| AlignedBuf::new(CHUNK)).collect(),
+            in_flight: 0,
+            flushed: false,
         })
     }
 
-    /// Copies the next batch (up to `BATCH` chunks); the bytes copied, or
-    /// 0 once everything is copied and the target flushed.
-    fn copy_next(&mut self) -> Result<u64, JobFailure> {
-        if self.offset >= self.len {
-            return Ok(0);
-        }
-        let Some(io) = self.io.as_mut() else {
-            return Err(JobFailure::new("the backup has already ended"));
-        };
-        let mut chunks: Vec<(u64, usize)> = Vec::with_capacity(BATCH);
-        let mut at = self.offset;
-        while chunks.len() < BATCH && at < self.len {
-            let n = (self.len - at).min(CHUNK as u64) as usize;
-            chunks.push((at, n));
-            at += n as u64;
-        }
-        let iovecs: Vec<[libc::iovec; 1]> = chunks
-            .iter()
-            .zip(self.buffers.iter_mut())
-            .map(|(&(_, n), buf)| [buf.iovec(n)])
-            .collect();
-        let submit = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
-        for (i, (&(off, _), iov)) in chunks.iter().zip(&iovecs).enumerate() {
-            // SAFETY: each iovec points into one of our own buffers, which
-            // live in `self` and are not touched until wait_all below has
-            // reaped every completion of this batch.
-            unsafe { io.src.read_vectored(off, iov, i as u64) }
-                .map_err(|e| submit(IoOperation::Read, e))?;
-        }
-        io.src.submit().map_err(|e| submit(IoOperation::Read, e))?;
-        wait_all(io.src.as_mut(), &io.wait_src, &chunks, IoOperation::Read)?;
-        for (i, (&(off, _), iov)) in chunks.iter().zip(&iovecs).enumerate() {
-            // SAFETY: as above; the buffers now hold what was read.
-            unsafe { io.dst.write_vectored(off, iov, i as u64) }
-                .map_err(|e| submit(IoOperation::Write, e))?;
-        }
-        io.dst.submit().map_err(|e| submit(IoOperation::Write, e))?;
-        wait_all(io.dst.as_mut(), &io.wait_dst, &chunks, IoOperation::Write)?;
-        let copied = at - self.offset;
-        self.offset = at;
-        if self.offset >= self.len {
-            // Done means durable: the target is flushed before the job ends.
-            io.dst
-                .flush(u64::MAX)
-                .and_then(|_| io.dst.submit())
-                .map_err(|e| submit(IoOperation::Write, e))?;
-            let flushed = wait_one(io.dst.as_mut(), &io.wait_dst)?;
-            if flushed.result < 0 {
-                return Err(JobFailure::io(
-                    IoOperation::Write,
-                    &std::io::Error::from_raw_os_error(-flushed.result),
-                ));
+    /// Starts reads into free buffers and writes from full ones.
+    fn submit(&mut self) -> Result<(), JobFailure> {
+        let io = self.io.as_mut().expect("engines live until clean");
+        let queue = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            match *slot {
+                Slot::Free if self.next_read < self.len => {
+                    let len = (self.len - self.next_read).min(CHUNK as u64) as usize;
+                    self.iovecs.0[i] = [self.buffers[i].iovec(len)];
+                    let iov = &self.iovecs.0[i];
+                    // SAFETY: the iovec (kept in `self.iovecs`) points into
+                    // buffer i, owned by `self`; slot i stays Reading (so
+                    // nothing else touches either) until its completion is
+                    // reaped, and `drain` reaps every one before they go.
+                    unsafe { io.src.read_vectored(self.next_read, iov, i as u64) }
+                        .map_err(|e| queue(IoOperation::Read, e))?;
+                    *slot = Slot::Reading {
+                        offset: self.next_read,
+                        len,
+                    };
+                    self.next_read += len as u64;
+                    self.in_flight += 1;
+                }
+                Slot::Full { offset, len } => {
+                    self.iovecs.0[i] = [self.buffers[i].iovec(len)];
+                    let iov = &self.iovecs.0[i];
+                    // SAFETY: as above; the buffer holds what was read and
+                    // stays untouched while the slot is Writing.
+                    unsafe { io.dst.write_vectored(offset, iov, i as u64) }
+                        .map_err(|e| queue(IoOperation::Write, e))?;
+                    *slot = Slot::Writing { offset, len };
+                    self.in_flight += 1;
+                }
+                _ => {}
             }
         }
-        Ok(copied)
+        io.src.submit().map_err(|e| queue(IoOperation::Read, e))?;
+        io.dst.submit().map_err(|e| queue(IoOperation::Write, e))
+    }
+
+    /// Moves the slots of finished operations on, waiting up to a second
+    /// for one; the bytes written.
+    fn reap(&mut self) -> Result<u64, JobFailure> {
+        let io = self.io.as_mut().expect("engines live until clean");
+        let mut events = [EpollEvent::default(); 2];
+        let mut written = 0;
+        let mut error = None;
+        let mut any = false;
+        for round in 0..2 {
+            while let Some(c) = io.src.next_completion() {
+                any = true;
+                self.in_flight -= 1;
+                let i = c.user_data as usize;
+                if let Some(Slot::Reading { offset, len }) = self.slots.get(i).copied() {
+                    if c.result == len as i32 {
+                        self.slots[i] = Slot::Full { offset, len };
+                    } else {
+                        self.slots[i] = Slot::Free;
+                        error.get_or_insert(failure(IoOperation::Read, c.result));
+                    }
+                }
+            }
+            while let Some(c) = io.dst.next_completion() {
+                any = true;
+                self.in_flight -= 1;
+                if c.user_data == FLUSH {
+                    if c.result < 0 {
+                        error.get_or_insert(failure(IoOperation::Write, c.result));
+                    }
+                    continue;
+                }
+                let i = c.user_data as usize;
+                if let Some(Slot::Writing { len, .. }) = self.slots.get(i).copied() {
+                    self.slots[i] = Slot::Free;
+                    if c.result == len as i32 {
+                        written += len as u64;
+                    } else {
+                        error.get_or_insert(failure(IoOperation::Write, c.result));
+                    }
+                }
+            }
+            if !any && round == 0 {
+                match io.wait.wait(1000, &mut events) {
+                    Ok(n) => {
+                        for e in &events[..n] {
+                            let engine = if e.data() == 0 { &io.src } else { &io.dst };
+                            let _ = engine.notifier().read();
+                        }
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(e) => {
+                        return Err(JobFailure::new(format!("waiting for I/O failed: {e}")))
+                    }
+                }
+            }
+        }
+        self.written += written;
+        error.map_or(Ok(written), Err)
+    }
+
+    /// Reaps everything in flight, so no buffer is in the kernel's hands.
+    fn drain(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.in_flight > 0 && self.io.is_some() {
+            if std::time::Instant::now() > deadline {
+                // The kernel may still write into them: better leaked than reused.
+                log::error!(
+                    "backup of '{}': {} operations never completed; their buffers are leaked",
+                    self.source_name,
+                    self.in_flight
+                );
+                std::mem::forget(std::mem::take(&mut self.buffers));
+                self.in_flight = 0;
+                return;
+            }
+            if let Err(e) = self.reap() {
+                log::debug!("backup of '{}': while draining: {e}", self.source_name);
+            }
+        }
+    }
+
+    /// Fails the job after every operation in flight has ended.
+    fn fail(&mut self, e: JobFailure) -> Result<Step, JobFailure> {
+        self.drain();
+        Err(e)
     }
 }
 
@@ -208,14 +318,45 @@ impl JobDriver for Backup {
         self.len
     }
 
+    /// Keeps up to `SLOTS` chunks moving until `STEP_BYTES` more are
+    /// written; I/O may stay in flight between steps.
     fn step(&mut self) -> Result<Step, JobFailure> {
-        match self.copy_next()? {
-            0 => Ok(Step::Done),
-            n => Ok(Step::Progress(n)),
+        if self.flushed || self.io.is_none() {
+            return Ok(Step::Done);
         }
+        let mut done = 0;
+        while self.written < self.len && done < STEP_BYTES {
+            if let Err(e) = self.submit() {
+                return self.fail(e);
+            }
+            match self.reap() {
+                Ok(n) => done += n,
+                Err(e) => return self.fail(e),
+            }
+        }
+        if self.written >= self.len {
+            // Done means durable: the target is flushed before the job ends.
+            let io = self.io.as_mut().expect("checked above");
+            let queued = io.dst.flush(FLUSH).and_then(|_| io.dst.submit());
+            if let Err(e) = queued {
+                return self.fail(JobFailure::io(
+                    IoOperation::Write,
+                    &std::io::Error::other(e),
+                ));
+            }
+            self.in_flight += 1;
+            while self.in_flight > 0 {
+                if let Err(e) = self.reap() {
+                    return self.fail(e);
+                }
+            }
+            self.flushed = true;
+        }
+        Ok(Step::Progress(done))
     }
 
     fn clean(&mut self) {
+        self.drain();
         // Engines close before the leases go; the nodes stay open for
         // whoever else references them.
         self.io = None;
@@ -228,45 +369,12 @@ impl JobDriver for Backup {
     }
 }
 
-fn wait_one(io: &mut dyn AsyncIo, epoll: &Epoll) -> Result<Completion, JobFailure> {
-    let mut events = [EpollEvent::default(); 1];
-    loop {
-        if let Some(c) = io.next_completion() {
-            return Ok(c);
-        }
-        match epoll.wait(1000, &mut events) {
-            Ok(_) => {
-                let _ = io.notifier().read();
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(JobFailure::new(format!("waiting for I/O failed: {e}"))),
-        }
+impl Drop for Backup {
+    fn drop(&mut self) {
+        // A job dropped without clean (its creation failed) may not leave
+        // buffers in the kernel's hands.
+        self.drain();
     }
-}
-
-/// Waits for one completion per chunk (all of them, so no buffer is in
-/// use afterwards); an error or a short transfer fails the batch.
-fn wait_all(
-    io: &mut dyn AsyncIo,
-    epoll: &Epoll,
-    chunks: &[(u64, usize)],
-    op: IoOperation,
-) -> Result<(), JobFailure> {
-    let mut first_error = None;
-    for _ in chunks {
-        let c = wait_one(io, epoll)?;
-        let n = chunks.get(c.user_data as usize).map_or(0, |&(_, n)| n);
-        if c.result != n as i32 && first_error.is_none() {
-            let err = if c.result < 0 {
-                std::io::Error::from_raw_os_error(-c.result)
-            } else {
-                // A short transfer: the node ended early.
-                std::io::Error::from_raw_os_error(libc::EIO)
-            };
-            first_error = Some(JobFailure::io(op, &err));
-        }
-    }
-    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -489,7 +597,7 @@ mod tests {
 
     #[test]
     fn the_speed_limit_holds_the_copy_back() {
-        // 16 MiB at 16 MiB/s: after the first batch goes at once, the
+        // 16 MiB at 16 MiB/s: after the first step goes at once, the
         // other three wait their turn, so the copy cannot end before
         // three quarters of a second.
         let len = 16 * CHUNK;
