@@ -271,9 +271,7 @@ impl Backup {
                         }
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(e) => {
-                        return Err(JobFailure::new(format!("waiting for I/O failed: {e}")))
-                    }
+                    Err(e) => return Err(JobFailure::new(format!("waiting for I/O failed: {e}"))),
                 }
             }
         }
