@@ -110,6 +110,9 @@ pub struct Backup {
     iovecs: SlotIovecs,
     buffers: Vec<AlignedBuf>,
     in_flight: usize,
+    /// Bytes of writes this step may still start: a step writes at most
+    /// `STEP_BYTES`, so the speed limit and pauses see every byte.
+    write_budget: u64,
     flushed: bool,
 }
 
@@ -177,6 +180,7 @@ impl Backup {
             ),
             buffers: (0..SLOTS).map(|_| AlignedBuf::new(CHUNK)).collect(),
             in_flight: 0,
+            write_budget: 0,
             flushed: false,
         })
     }
@@ -204,7 +208,7 @@ impl Backup {
                     self.next_read += len as u64;
                     self.in_flight += 1;
                 }
-                Slot::Full { offset, len } => {
+                Slot::Full { offset, len } if self.write_budget >= len as u64 => {
                     self.iovecs.0[i] = [self.buffers[i].iovec(len)];
                     let iov = &self.iovecs.0[i];
                     // SAFETY: as above; the buffer holds what was read and
@@ -212,6 +216,7 @@ impl Backup {
                     unsafe { io.dst.write_vectored(offset, iov, i as u64) }
                         .map_err(|e| queue(IoOperation::Write, e))?;
                     *slot = Slot::Writing { offset, len };
+                    self.write_budget -= len as u64;
                     self.in_flight += 1;
                 }
                 _ => {}
@@ -317,15 +322,21 @@ impl JobDriver for Backup {
     }
 
     /// Keeps up to `SLOTS` chunks moving until `STEP_BYTES` more are
-    /// written; I/O may stay in flight between steps.
+    /// written; reads of the next chunks may stay in flight between steps.
     fn step(&mut self) -> Result<Step, JobFailure> {
         if self.flushed || self.io.is_none() {
             return Ok(Step::Done);
         }
         let mut done = 0;
+        // Reads run ahead across steps; writes stay within the step.
+        self.write_budget = STEP_BYTES;
         while self.written < self.len && done < STEP_BYTES {
             if let Err(e) = self.submit() {
                 return self.fail(e);
+            }
+            if self.in_flight == 0 {
+                // Nothing could start within this step's budget.
+                break;
             }
             match self.reap() {
                 Ok(n) => done += n,
