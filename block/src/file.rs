@@ -55,6 +55,12 @@ impl DiskFile {
             path: path.to_path_buf(),
             source,
         };
+        // Look before opening: opening a FIFO read-only would block until
+        // a writer came, and a QMP client must not be able to hang us.
+        let kind = std::fs::metadata(path).map_err(open_err)?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(DiskError::NotAFile(path.to_path_buf()));
+        }
         let mut open = OpenOptions::new();
         open.read(true).write(!options.read_only);
         if options.direct {
@@ -141,6 +147,21 @@ mod tests {
             "{err}"
         );
         let err = DiskFile::open(Path::new("/dev/null"), DiskOptions::default()).unwrap_err();
+        assert!(matches!(err, DiskError::NotAFile(_)), "{err}");
+        // A FIFO with no writer is refused, not waited on.
+        let fifo = std::env::temp_dir().join(format!("block-file-{}-fifo", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let read_only = DiskOptions {
+            read_only: true,
+            direct: false,
+        };
+        let err = DiskFile::open(&fifo, read_only).unwrap_err();
+        std::fs::remove_file(&fifo).unwrap();
         assert!(matches!(err, DiskError::NotAFile(_)), "{err}");
         let path = temp("odd", 1000);
         let err = DiskFile::open(&path, DiskOptions::default()).unwrap_err();
