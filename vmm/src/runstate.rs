@@ -231,3 +231,55 @@ impl RunState {
         !lock(&self.vcpus).is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two "vCPUs" count their runs; while paused the counts stand still.
+    #[test]
+    fn parked_threads_stop_running_until_released_or_the_vm_ends() {
+        let parking = Arc::new(Parking::default());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let runs: Arc<[std::sync::atomic::AtomicU64; 2]> = Arc::default();
+        let threads: Vec<_> = (0..2)
+            .map(|i| {
+                let (parking, stopping, runs) = (parking.clone(), stopping.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    while !stopping.load(Ordering::Acquire) {
+                        parking.wait_while_paused(&stopping);
+                        runs[i].fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                })
+            })
+            .collect();
+        let count = || runs.iter().map(|r| r.load(Ordering::Relaxed)).sum::<u64>();
+        parking.requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while *lock(&parking.parked) < 2 {
+            assert!(Instant::now() < deadline, "the threads did not park");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let parked_at = count();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(count(), parked_at, "a parked thread ran");
+        parking.release();
+        while count() < parked_at + 10 {
+            assert!(Instant::now() < deadline, "the threads did not resume");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Paused again, the VM ends: parked threads leave.
+        parking.requested.store(true, Ordering::Release);
+        while *lock(&parking.parked) < 2 {
+            assert!(Instant::now() < deadline, "the threads did not park again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stopping.store(true, Ordering::Release);
+        parking.wake_all();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*lock(&parking.parked), 0);
+    }
+}
