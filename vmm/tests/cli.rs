@@ -54,6 +54,12 @@ fn usage_errors_name_the_flag_and_exit_2() {
     assert_one_line_error(&vmm(&["--kernel", "k", "--cpus", "-1"]), 2, "--cpus");
     assert_one_line_error(&vmm(&["--kernel", "k", "--cpus", "two"]), 2, "--cpus");
     assert_one_line_error(&vmm(&["--kernel", "k", "--frobnicate"]), 2, "--frobnicate");
+    assert_one_line_error(
+        &vmm(&["--kernel", "k", "--disk", "path=x,node-name=#block1"]),
+        2,
+        "node-name='#block1' is invalid",
+    );
+    assert_one_line_error(&vmm(&["--kernel", "k", "--qmp"]), 2, "--qmp");
 }
 
 #[test]
