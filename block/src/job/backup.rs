@@ -605,6 +605,52 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_backup_reports_the_error_and_releases_both_nodes() {
+        let len = 8 * CHUNK;
+        let src = Image::new("fail-src", len, 13);
+        let dst = Image::new("fail-dst", len, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        // The file shrinks under its node: reads past 2 MiB come back short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.0)
+            .unwrap()
+            .set_len(2 * CHUNK as u64)
+            .unwrap();
+        let before = src.bytes();
+        let jobs = JobManager::new();
+        let seen = start(&graph, &jobs, "b5", 0);
+        jobs.wait_for("b5", JobStatus::Concluded, Duration::from_secs(30))
+            .unwrap();
+        let info = jobs.info("b5").unwrap();
+        assert_eq!(info.error.as_deref(), Some("Input/output error"));
+        assert!(info.current_progress < len as u64);
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter().any(|e| matches!(
+                e,
+                JobEvent::IoError {
+                    operation: IoOperation::Read,
+                    ..
+                }
+            )),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|e| matches!(e, JobEvent::Completed { error: Some(_), .. })),
+            "{seen:?}"
+        );
+        assert!(src.bytes() == before, "the source is unchanged");
+        for name in ["src", "dst"] {
+            let node = graph.get(name, job("check")).unwrap();
+            assert_eq!(graph.info(&node).lease, None, "{name} released");
+        }
+    }
+
+    #[test]
     fn the_speed_limit_holds_the_copy_back() {
         // 16 MiB at 16 MiB/s: after the first step goes at once, the
         // other three wait their turn, so the copy cannot end before
