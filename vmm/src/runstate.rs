@@ -115,14 +115,6 @@ impl RunState {
         *lock(&self.running)
     }
 
-    /// Each device's name, so a caller can report which one failed.
-    pub fn device_names(&self) -> Vec<String> {
-        lock(&self.transports)
-            .iter()
-            .map(|t| lock(t).name().to_string())
-            .collect()
-    }
-
     /// Pauses the VM; false if it was already paused.
     pub fn pause(&self) -> Result<bool, PauseError> {
         let mut running = lock(&self.running);

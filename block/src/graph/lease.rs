@@ -56,11 +56,6 @@ impl Lease {
         &self.node
     }
 
-    /// Who holds it.
-    pub fn holder(&self) -> &Holder {
-        &self.holder
-    }
-
     /// An I/O engine on the node with room for `depth` operations in
     /// flight. Only a lease holder gets one: busy state guards I/O.
     pub fn open_io(&self, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {

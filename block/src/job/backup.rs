@@ -69,11 +69,15 @@ impl AlignedBuf {
     }
 }
 
-/// The engines of a running backup and one epoll that waits on both.
-struct Engines {
+/// What a backup holds while it runs: an engine on each node, one epoll
+/// that waits on both, and the leases that opened them (declared last, so
+/// the engines close first).
+struct Running {
     src: Box<dyn AsyncIo>,
     dst: Box<dyn AsyncIo>,
     wait: Epoll,
+    source: Lease,
+    target: Lease,
 }
 
 /// Where one chunk buffer is in its cycle.
@@ -96,11 +100,8 @@ unsafe impl Send for SlotIovecs {}
 
 /// A full copy of one node to another.
 pub struct Backup {
-    // Engines first: they must close before the leases that opened them.
-    io: Option<Engines>,
-    leases: Option<(Lease, Lease)>,
-    source_name: String,
-    target_name: String,
+    /// Until `clean`.
+    running: Option<Running>,
     len: u64,
     /// Where the next read starts.
     next_read: u64,
@@ -164,10 +165,13 @@ impl Backup {
         watch(&wait, src.as_ref(), 0).map_err(setup)?;
         watch(&wait, dst.as_ref(), 1).map_err(setup)?;
         Ok(Self {
-            io: Some(Engines { src, dst, wait }),
-            leases: Some((source_lease, target_lease)),
-            source_name: source.name().into(),
-            target_name: target.name().into(),
+            running: Some(Running {
+                src,
+                dst,
+                wait,
+                source: source_lease,
+                target: target_lease,
+            }),
             len: source_size,
             next_read: 0,
             written: 0,
@@ -187,7 +191,7 @@ impl Backup {
 
     /// Starts reads into free buffers and writes from full ones.
     fn submit(&mut self) -> Result<(), JobFailure> {
-        let io = self.io.as_mut().expect("engines live until clean");
+        let io = self.running.as_mut().expect("engines live until clean");
         let queue = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
         for (i, slot) in self.slots.iter_mut().enumerate() {
             match *slot {
@@ -229,7 +233,7 @@ impl Backup {
     /// Moves the slots of finished operations on, waiting up to a second
     /// for one; the bytes written.
     fn reap(&mut self) -> Result<u64, JobFailure> {
-        let io = self.io.as_mut().expect("engines live until clean");
+        let io = self.running.as_mut().expect("engines live until clean");
         let mut events = [EpollEvent::default(); 2];
         let mut written = 0;
         let mut error = None;
@@ -287,12 +291,13 @@ impl Backup {
     /// Reaps everything in flight, so no buffer is in the kernel's hands.
     fn drain(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while self.in_flight > 0 && self.io.is_some() {
+        while let Some(running) = self.running.as_ref().filter(|_| self.in_flight > 0) {
+            let source = running.source.node().name().to_string();
             if std::time::Instant::now() > deadline {
                 // The kernel may still write into them: better leaked than reused.
                 log::error!(
                     "backup of '{}': {} operations never completed; their buffers are leaked",
-                    self.source_name,
+                    source,
                     self.in_flight
                 );
                 std::mem::forget(std::mem::take(&mut self.buffers));
@@ -300,7 +305,7 @@ impl Backup {
                 return;
             }
             if let Err(e) = self.reap() {
-                log::debug!("backup of '{}': while draining: {e}", self.source_name);
+                log::debug!("backup of '{source}': while draining: {e}");
             }
         }
     }
@@ -324,7 +329,7 @@ impl JobDriver for Backup {
     /// Keeps up to `SLOTS` chunks moving until `STEP_BYTES` more are
     /// written; reads of the next chunks may stay in flight between steps.
     fn step(&mut self) -> Result<Step, JobFailure> {
-        if self.flushed || self.io.is_none() {
+        if self.flushed || self.running.is_none() {
             return Ok(Step::Done);
         }
         let mut done = 0;
@@ -345,7 +350,7 @@ impl JobDriver for Backup {
         }
         if self.written >= self.len {
             // Done means durable: the target is flushed before the job ends.
-            let io = self.io.as_mut().expect("checked above");
+            let io = self.running.as_mut().expect("checked above");
             let queued = io.dst.flush(FLUSH).and_then(|_| io.dst.submit());
             if let Err(e) = queued {
                 return self.fail(JobFailure::io(
@@ -366,15 +371,15 @@ impl JobDriver for Backup {
 
     fn clean(&mut self) {
         self.drain();
-        // Engines close before the leases go; the nodes stay open for
-        // whoever else references them.
-        self.io = None;
-        self.leases = None;
-        log::debug!(
-            "backup of '{}' to '{}' released both nodes",
-            self.source_name,
-            self.target_name
-        );
+        if let Some(running) = self.running.take() {
+            log::debug!(
+                "backup of '{}' to '{}' releases both nodes",
+                running.source.node().name(),
+                running.target.node().name()
+            );
+            // Engines close before the leases go; the nodes stay open for
+            // whoever else references them.
+        }
     }
 }
 

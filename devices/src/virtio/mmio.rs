@@ -158,11 +158,6 @@ impl MmioTransport {
         self.device.resume()
     }
 
-    /// The device's name.
-    pub fn name(&self) -> &str {
-        self.device.name()
-    }
-
     fn selected_queue(&mut self) -> Option<&mut Queue> {
         // Queue setup is frozen once the driver says it is ready.
         if self.status & status::DRIVER_OK != 0 {

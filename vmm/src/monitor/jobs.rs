@@ -5,7 +5,7 @@ use block::job::backup::Backup;
 use std::time::Duration;
 
 use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions, JobStatus};
-use block::Holder;
+use block::{BlockError, Holder};
 use serde_json::{json, Value};
 
 use super::block::error as block_error;
@@ -111,27 +111,25 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
             )))
         }
     }
-    let source = m.graph.get(&device, Holder::Monitor).map_err(block_error)?;
+    let Some(node) = m.graph.nodes().into_iter().find(|n| n.name == device) else {
+        return Err(block_error(BlockError::NotFound { name: device }));
+    };
     // As QEMU: without a job-id, the job is named after the guest device
     // the node is attached to; a node without one has no default.
-    let job_id = match job_id {
-        Some(id) => id,
-        None => m
-            .graph
-            .info(&source)
-            .references
+    let job_id = job_id.unwrap_or_else(|| {
+        node.references
             .iter()
             .find_map(|h| match h {
                 Holder::Device { id, .. } => Some(id.clone()),
                 _ => None,
             })
-            .unwrap_or_default(),
-    };
+            .unwrap_or_default()
+    });
     if m.jobs.info(&job_id).is_ok() {
         return Err(job_error(JobError::DuplicateId { id: job_id }));
     }
     let holder = Holder::Job { id: job_id.clone() };
-    let source = source.clone_for(holder.clone());
+    let source = m.graph.get(&device, holder.clone()).map_err(block_error)?;
     let target = m.graph.get(&target, holder).map_err(block_error)?;
     let backup =
         Backup::new(&job_id, &source, &target).map_err(|e| QmpError::generic(e.to_string()))?;
