@@ -72,13 +72,30 @@ impl JobManager {
     ///
     /// Separate from [`create`](Self::create) so that several jobs can be
     /// set up (and drained, or paused) before any of them runs.
+    ///
+    /// Started inside a drained section, it returns once the job has
+    /// reached its first pause point, as QEMU's drained start does (the
+    /// job's thread goes there before anything else).
     pub fn start(&self, id: &str) -> Result<(), JobError> {
-        self.with_job(id, |job, st| {
+        let job = self.find(id)?;
+        let drained = self.with_job(id, |job, st| {
             if st.started || st.status != JobStatus::Created {
                 return Err(JobError::AlreadyStarted { id: id.to_owned() });
             }
-            job.start(st)
-        })
+            job.start(st)?;
+            Ok(st.drains > 0)
+        })?;
+        if drained {
+            let wait = Duration::from_secs(10);
+            job.wait_for(JobStatus::Paused, Some(wait))
+                .map_err(|now| JobError::Timeout {
+                    id: id.to_owned(),
+                    wanted: JobStatus::Paused,
+                    status: now,
+                    waited: wait,
+                })?;
+        }
+        Ok(())
     }
 
     /// Pauses the job at its next pause point (between steps). Allowed in

@@ -2,9 +2,7 @@
 //! `block-job-set-speed`, the queries, and the events jobs send.
 
 use block::job::backup::Backup;
-use std::time::Duration;
-
-use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions, JobStatus};
+use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions};
 use block::{BlockError, Holder};
 use serde_json::{json, Value};
 
@@ -145,13 +143,6 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     // created, running, paused, running; ours see the same.
     m.jobs.drained_begin(&job_id).map_err(job_error)?;
     let started = m.jobs.start(&job_id).map_err(job_error);
-    if started.is_ok() {
-        // It cannot leave `paused` while drained; a job that failed at
-        // once never gets there, hence the short bound.
-        let _ = m
-            .jobs
-            .wait_for(&job_id, JobStatus::Paused, Duration::from_secs(1));
-    }
     m.jobs.drained_end(&job_id).map_err(job_error)?;
     started?;
     Ok(json!({}))
