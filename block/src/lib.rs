@@ -21,6 +21,7 @@ pub mod file;
 pub mod graph;
 pub mod io;
 pub mod job;
+pub mod throttle;
 
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions};
