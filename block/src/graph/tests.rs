@@ -1,3 +1,4 @@
+use crate::lock::Locking;
 use std::path::PathBuf;
 
 use super::*;
@@ -54,7 +55,7 @@ fn a_disk_is_a_named_raw_node_over_an_unnamed_file_node() {
     let file = TempFile::new("disk", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let nodes = graph.nodes();
     assert_eq!(nodes.len(), 2);
@@ -82,7 +83,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     let file = TempFile::new("life", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     assert_eq!(fds_on(&file.0), 1);
     let held = graph.get("drive0", device("vda")).unwrap();
@@ -106,7 +107,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     assert_eq!(fds_on(&file.0), 0, "the host file is closed");
     // The name is free again.
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
 }
 
@@ -121,6 +122,7 @@ fn a_reference_outlives_the_users_name() {
             driver: DriverOptions::File {
                 filename: file.0.clone(),
                 direct: false,
+                locking: Locking::Auto,
             },
         })
         .unwrap();
@@ -149,7 +151,7 @@ fn blockdev_del_of_unknown_or_unnamed_nodes_is_refused() {
     let file = TempFile::new("del", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     assert_eq!(
         graph.remove("nope").unwrap_err().to_string(),
@@ -168,7 +170,7 @@ fn leases_are_exclusive_and_name_their_holder() {
     let file = TempFile::new("lease", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     let lease = node.take_lease(dataplane("vda")).unwrap();
@@ -208,7 +210,7 @@ fn a_held_lease_keeps_its_node_alive() {
     let file = TempFile::new("alive", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", job("job0")).unwrap();
     let lease = node.take_lease(job("job0")).unwrap();
@@ -229,7 +231,7 @@ fn releasing_a_lease_never_closes_a_node() {
     let file = TempFile::new("release", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     drop(node.take_lease(dataplane("vda")).unwrap());
@@ -243,7 +245,7 @@ fn names_follow_qemus_rules_and_are_unique() {
     let graph = Graph::new();
     for bad in ["0drive", "#block001", "", "a b", &"x".repeat(32)] {
         let err = graph
-            .add_disk(bad, file.0.clone(), false, false)
+            .add_disk(bad, file.0.clone(), false, false, Locking::Auto)
             .unwrap_err();
         assert!(
             matches!(
@@ -253,7 +255,9 @@ fn names_follow_qemus_rules_and_are_unique() {
             "{bad}: {err}"
         );
     }
-    graph.add_disk("d", file.0.clone(), false, false).unwrap();
+    graph
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
     let err = graph
         .add(NodeOptions {
             node_name: Some("d".into()),
@@ -288,6 +292,7 @@ fn a_raw_node_refuses_writes_it_cannot_pass_down() {
             driver: DriverOptions::File {
                 filename: file.0.clone(),
                 direct: false,
+                locking: Locking::Auto,
             },
         })
         .unwrap();
@@ -321,7 +326,13 @@ fn missing_children_and_files_are_named() {
         "Cannot find device='ghost' nor node-name='ghost'"
     );
     let err = graph
-        .add_disk("d", "/nonexistent/x.img".into(), false, false)
+        .add_disk(
+            "d",
+            "/nonexistent/x.img".into(),
+            false,
+            false,
+            Locking::Auto,
+        )
         .unwrap_err();
     assert!(
         err.to_string()
