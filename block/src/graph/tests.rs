@@ -377,3 +377,215 @@ fn null_nodes_read_zeros_through_their_lease() {
         Err(BlockError::Options { .. })
     ));
 }
+
+fn file_options(name: &str, path: &std::path::Path, read_only: bool) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.into()),
+        read_only,
+        driver: DriverOptions::File {
+            filename: path.to_path_buf(),
+            direct: false,
+            locking: Locking::Off,
+        },
+    }
+}
+
+/// The found defect: a second node on the image a disk serves let a job
+/// write the live disk. With image locks off, only the graph's own claim
+/// stands in the way, and it names the node that has the file open.
+#[test]
+fn a_second_node_on_an_image_in_use_is_refused_naming_the_node() {
+    let file = TempFile::new("twice", 1 << 20);
+    let link = file.0.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&file.0, &link).unwrap();
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Off)
+        .unwrap();
+    let err = graph.add(file_options("tgt", &link, false)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Failed to get \"write\" lock: image '{}' is already open in node '#block001', held by node 'drive0' (as its 'file' child)",
+            link.display()
+        )
+    );
+    // Reading an image someone writes is refused too, also inline.
+    let err = graph
+        .add(NodeOptions {
+            node_name: Some("r".into()),
+            read_only: true,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Inline(Box::new(file_options("f", &file.0, true))),
+            },
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Failed to get shared \"write\" lock: image"),
+        "{err}"
+    );
+    assert_eq!(names(&graph).len(), 2, "nothing was left open");
+    // Once the disk's nodes close, the image is free; readers share it and
+    // keep a writer out.
+    graph.remove("drive0").unwrap();
+    graph.add(file_options("ro1", &file.0, true)).unwrap();
+    graph.add(file_options("ro2", &link, true)).unwrap();
+    let err = graph.add(file_options("rw", &file.0, false)).unwrap_err();
+    assert!(
+        matches!(&err, BlockError::ImageInUse { node, shared: false, .. } if node == "ro1"),
+        "{err}"
+    );
+    graph.remove("ro1").unwrap();
+    graph.remove("ro2").unwrap();
+    graph.add(file_options("rw", &file.0, false)).unwrap();
+    std::fs::remove_file(&link).unwrap();
+}
+
+/// With image locks on (the default), our own second open is still named
+/// as ours, not blamed on "another process".
+#[test]
+fn image_locks_do_not_hide_which_node_has_the_file() {
+    let file = TempFile::new("locked", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
+    let mut options = file_options("tgt", &file.0, false);
+    options.driver = DriverOptions::File {
+        filename: file.0.clone(),
+        direct: false,
+        locking: Locking::On,
+    };
+    let err = graph.add(options).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is already open in node '#block001'"),
+        "{err}"
+    );
+    // Another graph in this process is another user of the image, as a
+    // second process would be: only the image locks see it.
+    let other = Graph::new();
+    let err = other
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Failed to get \"write\" lock: Is another process using the image [{}]?",
+            file.0.display()
+        )
+    );
+    // Closing the node closes the file and lets its locks go.
+    graph.remove("drive0").unwrap();
+    other
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
+}
+
+fn raw_over(name: &str, child: &str) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.into()),
+        read_only: false,
+        driver: DriverOptions::Raw {
+            file: ChildOptions::Node(child.into()),
+        },
+    }
+}
+
+#[test]
+fn node_chains_stop_at_the_depth_cap() {
+    let graph = Graph::new();
+    graph
+        .add(NodeOptions {
+            node_name: Some("r1".into()),
+            read_only: false,
+            driver: DriverOptions::Null { size: 4096 },
+        })
+        .unwrap();
+    for i in 2..=MAX_DEPTH {
+        graph
+            .add(raw_over(&format!("r{i}"), &format!("r{}", i - 1)))
+            .unwrap();
+    }
+    let top = graph.get(&format!("r{MAX_DEPTH}"), job("j")).unwrap();
+    assert_eq!(top.depth(), MAX_DEPTH);
+    let err = graph
+        .add(raw_over("deep", &format!("r{MAX_DEPTH}")))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 'deep' would be 17 nodes deep; at most 16 nodes may be stacked"
+    );
+    // An inline nesting is refused before any of it opens.
+    let mut nested = NodeOptions {
+        node_name: None,
+        read_only: false,
+        driver: DriverOptions::Null { size: 4096 },
+    };
+    for _ in 0..MAX_DEPTH {
+        nested = NodeOptions {
+            node_name: None,
+            read_only: false,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Inline(Box::new(nested)),
+            },
+        };
+    }
+    nested.node_name = Some("inline".into());
+    let before = names(&graph).len();
+    let err = graph.add(nested).unwrap_err();
+    assert!(
+        matches!(err, BlockError::TooDeep { ref node, depth: 17 } if node == "inline"),
+        "{err}"
+    );
+    assert_eq!(names(&graph).len(), before);
+}
+
+/// A lookup that upgrades a node's weak entry while holding the registry's
+/// lock would, if the other owners let go meanwhile, close the node under
+/// that lock; closing takes the same lock, so the thread would hang.
+#[test]
+fn lookups_racing_the_last_reference_never_hang() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let graph = Arc::new(Graph::new());
+    let null = |name: &str| NodeOptions {
+        node_name: Some(name.into()),
+        read_only: false,
+        driver: DriverOptions::Null { size: 4096 },
+    };
+    let (done, finished) = mpsc::channel();
+    let mut threads = Vec::new();
+    for t in 0..2 {
+        let graph = graph.clone();
+        let done = done.clone();
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..200_000 {
+                if t == 0 {
+                    // Make and close the node, over and over.
+                    let _ = graph.add(null("n"));
+                    let _ = graph.remove("n");
+                } else {
+                    // Look it up every way the graph does.
+                    let _ = graph.add(null("n"));
+                    let _ = graph.remove("n");
+                    let _ = graph.get("n", job("j"));
+                    let _ = graph.nodes();
+                    let _ = graph.remove("m");
+                }
+            }
+            done.send(()).unwrap();
+        }));
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a thread hung: a node was closed under the registry lock");
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}
