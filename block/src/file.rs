@@ -156,6 +156,15 @@ impl DiskFile {
     }
 }
 
+impl Drop for DiskFile {
+    fn drop(&mut self) {
+        // At once: the close that follows may release them only later.
+        if self.locked {
+            lock::unlock_image(self.file.as_raw_fd());
+        }
+    }
+}
+
 impl AsRawFd for DiskFile {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()

@@ -253,6 +253,21 @@ pub fn lock_image(
     Ok(true)
 }
 
+/// Lets go of every lock `lock_image` may have taken on `fd`. Closing the
+/// file would too, but not at once when io_uring has it registered: the
+/// kernel tears a ring down later, and the file's last reference with it.
+pub fn unlock_image(fd: RawFd) {
+    let mut fl = flock(libc::F_UNLCK as libc::c_short, PERM_BASE);
+    fl.l_len = SHARED_BASE + Perm::ALL.len() as i64 - PERM_BASE;
+    // SAFETY: fcntl with F_OFD_SETLK reads the flock we pass and nothing else.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } < 0 {
+        log::warn!(
+            "cannot release image locks: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,8 +334,9 @@ mod tests {
         // Held: consistent read (100), write (101); not shared: write (201).
         // /proc/locks shows adjacent locks of one owner as one range.
         assert_eq!(locked_bytes(&t.0), ["100-101", "201-201"]);
-        drop(f);
+        unlock_image(f.as_raw_fd());
         assert!(locked_bytes(&t.0).is_empty());
+        drop(f);
         let r = t.open();
         assert!(lock(&r, &t.0, true).unwrap());
         assert_eq!(locked_bytes(&t.0), ["100-100", "201-201"]);

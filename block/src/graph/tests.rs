@@ -477,7 +477,12 @@ fn image_locks_do_not_hide_which_node_has_the_file() {
             file.0.display()
         )
     );
-    // Closing the node closes the file and lets its locks go.
+    // Closing the node lets its locks go at once, even after an io_uring
+    // had the file registered (the kernel drops a ring's files later).
+    let node = graph.get("drive0", job("j")).unwrap();
+    let lease = node.take_lease(job("j")).unwrap();
+    let io = lease.open_io(4).unwrap();
+    drop((io, lease, node));
     graph.remove("drive0").unwrap();
     other
         .add_disk("d", file.0.clone(), false, false, Locking::Auto)
