@@ -133,8 +133,7 @@ fn one_writer_per_image_inside_the_vmm_and_across_processes() {
     // The found defect: a second node on the live disk (here through a
     // link) is refused, naming the node that has the file open, so no job
     // can be pointed at it; image locks off change nothing inside one VMM.
-    let held =
-        format!("is already open in node '#block001', held by node 'drive0' (as its 'file' child)");
+    let held = "is already open in node '#block001', held by node 'drive0' (as its 'file' child)";
     for locking in ["auto", "off"] {
         let err = qmp.err(
             "blockdev-add",
