@@ -34,6 +34,23 @@ pub enum BlockError {
     /// `blockdev-del` on a node the user did not add by name.
     #[error("Node '{node}' is not owned by the monitor")]
     NotOwned { node: String },
+    /// Another node of this graph has the image open, writing it or (for a
+    /// write) at all. QEMU's words for the lock, and the node in the way.
+    #[error(
+        "Failed to get {}\"write\" lock: image '{path}' is already open in node '{node}'{}",
+        if *.shared { "shared " } else { "" },
+        held_by(.holders)
+    )]
+    ImageInUse {
+        path: String,
+        node: String,
+        holders: Vec<String>,
+        /// The refused lock is the shared one: we would read, it writes.
+        shared: bool,
+    },
+    /// A chain of nodes deeper than the graph allows.
+    #[error("Node '{node}' would be {depth} nodes deep; at most {max} nodes may be stacked", max = crate::graph::MAX_DEPTH)]
+    TooDeep { node: String, depth: usize },
     /// A node's options are wrong.
     #[error("Node '{node}': {reason}")]
     Options { node: String, reason: String },
@@ -51,4 +68,12 @@ pub enum BlockError {
         #[source]
         source: IoError,
     },
+}
+
+fn held_by(holders: &[String]) -> String {
+    if holders.is_empty() {
+        String::new()
+    } else {
+        format!(", held by {}", holders.join(", "))
+    }
 }

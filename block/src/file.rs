@@ -3,8 +3,11 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use crate::lock::{self, LockError, Locking, Perms};
 
 /// How to open a disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -13,6 +16,29 @@ pub struct DiskOptions {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`).
     pub direct: bool,
+    /// Image locks other processes see (QEMU's `locking`).
+    pub locking: Locking,
+}
+
+/// Which host file an open disk is, whatever path or link led to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The file `path` names now (links followed).
+    pub fn of_path(path: &Path) -> io::Result<Self> {
+        Ok(Self::of(&std::fs::metadata(path)?))
+    }
+
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
 }
 
 /// Errors opening a disk.
@@ -38,6 +64,9 @@ pub enum DiskError {
     /// Its size is not a whole number of 512-byte sectors.
     #[error("disk '{path}' is {size} bytes, not a whole number of 512-byte sectors")]
     PartialSector { path: PathBuf, size: u64 },
+    /// Another open of the image is in the way, or it could not be locked.
+    #[error(transparent)]
+    Lock(#[from] LockError),
 }
 
 /// An open disk file.
@@ -45,7 +74,9 @@ pub enum DiskError {
 pub struct DiskFile {
     file: File,
     size: u64,
+    id: FileId,
     options: DiskOptions,
+    locked: bool,
 }
 
 impl DiskFile {
@@ -87,11 +118,31 @@ impl DiskFile {
                 size,
             });
         }
+        // Our own descriptor's locks stay with it: closing the file (the
+        // last engine and node gone) releases them.
+        let locked = lock::lock_image(
+            file.as_raw_fd(),
+            path,
+            Perms::for_image(options.read_only),
+            options.locking,
+        )?;
         Ok(Self {
             file,
             size,
+            id: FileId::of(&meta),
             options,
+            locked,
         })
+    }
+
+    /// Which host file this is.
+    pub fn id(&self) -> FileId {
+        self.id
+    }
+
+    /// Whether it holds image locks other processes see.
+    pub fn locked(&self) -> bool {
+        self.locked
     }
 
     /// Size in bytes.
@@ -102,6 +153,15 @@ impl DiskFile {
     /// How it was opened.
     pub fn options(&self) -> DiskOptions {
         self.options
+    }
+}
+
+impl Drop for DiskFile {
+    fn drop(&mut self) {
+        // At once: the close that follows may release them only later.
+        if self.locked {
+            lock::unlock_image(self.file.as_raw_fd());
+        }
     }
 }
 
@@ -128,7 +188,7 @@ mod tests {
             &path,
             DiskOptions {
                 read_only: true,
-                direct: false,
+                ..DiskOptions::default()
             },
         )
         .unwrap();
@@ -158,7 +218,7 @@ mod tests {
             .success());
         let read_only = DiskOptions {
             read_only: true,
-            direct: false,
+            ..DiskOptions::default()
         };
         let err = DiskFile::open(&fifo, read_only).unwrap_err();
         std::fs::remove_file(&fifo).unwrap();

@@ -21,11 +21,13 @@ pub mod file;
 pub mod graph;
 pub mod io;
 pub mod job;
+pub mod lock;
 pub mod throttle;
 
 pub use error::BlockError;
-pub use file::{DiskError, DiskFile, DiskOptions};
+pub use file::{DiskError, DiskFile, DiskOptions, FileId};
 pub use graph::{
     ChildOptions, DriverOptions, Graph, Holder, Lease, NodeInfo, NodeOptions, NodeRef,
 };
 pub use io::{AsyncIo, Completion, IoError, NullIo, SyncIo, UringIo};
+pub use lock::Locking;

@@ -55,7 +55,7 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
             source,
         };
         graph
-            .add_disk(&node_name, d.path.clone(), d.read_only, d.direct)
+            .add_disk(&node_name, d.path.clone(), d.read_only, d.direct, d.locking)
             .map_err(disk_err)?;
         let node = graph
             .get(&node_name, device_holder(&id))

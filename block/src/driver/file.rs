@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use super::Driver;
 use crate::error::BlockError;
-use crate::file::{DiskFile, DiskOptions};
+use crate::file::{DiskFile, DiskOptions, FileId};
 use crate::io::{AsyncIo, UringIo};
+use crate::lock::Locking;
 
 /// A host file.
 pub struct File {
@@ -21,17 +22,28 @@ impl File {
         path: &Path,
         read_only: bool,
         direct: bool,
+        locking: Locking,
     ) -> Result<Self, BlockError> {
-        let disk = DiskFile::open(path, DiskOptions { read_only, direct }).map_err(|source| {
-            BlockError::Open {
-                node: node.into(),
-                source,
-            }
+        let options = DiskOptions {
+            read_only,
+            direct,
+            locking,
+        };
+        let disk = DiskFile::open(path, options).map_err(|source| BlockError::Open {
+            node: node.into(),
+            source,
         })?;
         Ok(Self {
             path: path.display().to_string(),
             disk: Arc::new(disk),
         })
+    }
+}
+
+impl File {
+    /// Which host file it has open.
+    pub fn id(&self) -> FileId {
+        self.disk.id()
     }
 }
 

@@ -13,6 +13,7 @@
 //! the lease says who may do I/O on it. Releasing a lease never closes a
 //! node, and a lease holder always holds a reference.
 
+mod files;
 mod holder;
 mod lease;
 mod node;
@@ -28,7 +29,15 @@ pub use node::{Node, NodeRef};
 
 use crate::driver::{self, Driver};
 use crate::error::BlockError;
+use crate::file::FileId;
+use crate::lock::Locking;
+use files::OpenFiles;
 use node::lock;
+
+/// The most nodes one chain may stack (a `raw` over a `raw` over ... over a
+/// `file`), as crosvm's `MAX_NESTING_DEPTH`: sizes, names and closing walk
+/// the chain recursively, so a user must not be able to make it endless.
+pub const MAX_DEPTH: usize = 16;
 
 /// State every node of a graph shares.
 pub(crate) struct GraphShared {
@@ -38,6 +47,24 @@ pub(crate) struct GraphShared {
     leases: Mutex<()>,
     /// Counter for the names of nodes the user did not name.
     auto_names: AtomicU64,
+    /// The host files `file` nodes have open.
+    files: OpenFiles,
+}
+
+impl GraphShared {
+    /// The live node called `name`. The registry's lock is released before
+    /// the caller can drop the `Arc`: dropping the last one closes the
+    /// node, and closing takes that lock.
+    fn upgrade(&self, name: &str) -> Option<Arc<Node>> {
+        let weak = lock(&self.nodes).get(name).cloned();
+        weak.and_then(|w| w.upgrade())
+    }
+
+    /// Whether a live node has `name`; upgrades nothing, so it drops
+    /// nothing under the registry's lock.
+    fn taken(nodes: &BTreeMap<String, Weak<Node>>, name: &str) -> bool {
+        nodes.get(name).is_some_and(|w| w.strong_count() > 0)
+    }
 }
 
 /// How to open one node (what `blockdev-add` or `--disk` asks for).
@@ -55,7 +82,12 @@ pub struct NodeOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverOptions {
     /// A host file, I/O through io_uring.
-    File { filename: PathBuf, direct: bool },
+    File {
+        filename: PathBuf,
+        direct: bool,
+        /// Image locks other processes see.
+        locking: Locking,
+    },
     /// The raw format over a `file` child.
     Raw { file: ChildOptions },
     /// Reads zeros, drops writes; `size` bytes.
@@ -127,6 +159,7 @@ impl Graph {
                 nodes: Mutex::new(BTreeMap::new()),
                 leases: Mutex::new(()),
                 auto_names: AtomicU64::new(1),
+                files: OpenFiles::default(),
             }),
             named: Mutex::new(BTreeMap::new()),
         }
@@ -139,6 +172,19 @@ impl Graph {
             return Err(BlockError::RootUnnamed);
         };
         check_name(&name)?;
+        // Refuse an endless inline nesting before opening any of it.
+        let mut depth = 1;
+        let mut inner = &options;
+        while let DriverOptions::Raw {
+            file: ChildOptions::Inline(child),
+        } = &inner.driver
+        {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return Err(BlockError::TooDeep { node: name, depth });
+            }
+            inner = child;
+        }
         let node = self.open(options, Holder::Monitor)?;
         lock(&self.named).insert(name, node);
         Ok(())
@@ -152,6 +198,7 @@ impl Graph {
         filename: PathBuf,
         read_only: bool,
         direct: bool,
+        locking: Locking,
     ) -> Result<(), BlockError> {
         self.add(NodeOptions {
             node_name: Some(name.to_string()),
@@ -160,7 +207,11 @@ impl Graph {
                 file: ChildOptions::Inline(Box::new(NodeOptions {
                     node_name: None,
                     read_only,
-                    driver: DriverOptions::File { filename, direct },
+                    driver: DriverOptions::File {
+                        filename,
+                        direct,
+                        locking,
+                    },
                 })),
             },
         })
@@ -168,8 +219,7 @@ impl Graph {
 
     /// A reference to the node called `name`, for `holder`.
     pub fn get(&self, name: &str, holder: Holder) -> Result<NodeRef, BlockError> {
-        let node = lock(&self.shared.nodes).get(name).and_then(Weak::upgrade);
-        match node {
+        match self.shared.upgrade(name) {
             Some(node) => Ok(NodeRef::first(&node, holder)),
             None => Err(BlockError::NotFound { name: name.into() }),
         }
@@ -180,12 +230,12 @@ impl Graph {
     pub fn remove(&self, name: &str) -> Result<(), BlockError> {
         let mut named = lock(&self.named);
         let Some(node) = named.get(name) else {
-            return Err(
-                match lock(&self.shared.nodes).get(name).and_then(Weak::upgrade) {
-                    Some(_) => BlockError::NotOwned { node: name.into() },
-                    None => BlockError::NotFound { name: name.into() },
-                },
-            );
+            let live = GraphShared::taken(&lock(&self.shared.nodes), name);
+            return Err(if live {
+                BlockError::NotOwned { node: name.into() }
+            } else {
+                BlockError::NotFound { name: name.into() }
+            });
         };
         let others: Vec<String> = node
             .holders()
@@ -205,10 +255,10 @@ impl Graph {
 
     /// Every open node, by name.
     pub fn nodes(&self) -> Vec<NodeInfo> {
-        let nodes: Vec<Arc<Node>> = lock(&self.shared.nodes)
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
+        // Upgrade outside the registry's lock: an `Arc` whose other owners
+        // let go meanwhile would close its node, which takes that lock.
+        let weak: Vec<Weak<Node>> = lock(&self.shared.nodes).values().cloned().collect();
+        let nodes: Vec<Arc<Node>> = weak.iter().filter_map(Weak::upgrade).collect();
         nodes.iter().map(info).collect()
     }
 
@@ -235,16 +285,31 @@ impl Graph {
             None => self.auto_name(),
         };
         // Fail before opening anything if the name is taken.
-        if lock(&self.shared.nodes)
-            .get(&name)
-            .is_some_and(|w| w.upgrade().is_some())
-        {
+        if GraphShared::taken(&lock(&self.shared.nodes), &name) {
             return Err(BlockError::Duplicate { name });
         }
         let read_only = options.read_only;
+        let mut claim = None;
         let driver: Box<dyn Driver> = match options.driver {
-            DriverOptions::File { filename, direct } => {
-                Box::new(driver::File::open(&name, &filename, read_only, direct)?)
+            DriverOptions::File {
+                filename,
+                direct,
+                locking,
+            } => {
+                let path = filename.display().to_string();
+                // Name the node in the way before the image locks would
+                // blame "another process" for our own open.
+                if let Ok(id) = FileId::of_path(&filename) {
+                    self.shared.check_file(&path, id, !read_only)?;
+                }
+                let file = driver::File::open(&name, &filename, read_only, direct, locking)?;
+                // The file opened is the one that counts (the path may have
+                // changed since): claim it, or give it back.
+                claim = Some(
+                    self.shared
+                        .claim_file(&name, &path, file.id(), !read_only)?,
+                );
+                Box::new(file)
             }
             DriverOptions::Null { size } => Box::new(driver::Null::new(&name, size)?),
             DriverOptions::Raw { file } => {
@@ -272,9 +337,25 @@ impl Graph {
                 Box::new(driver::Raw::new(child))
             }
         };
-        let node = Node::new(name.clone(), read_only, driver, self.shared.clone());
+        let depth = 1 + driver
+            .children()
+            .iter()
+            .map(|(_, c)| c.depth())
+            .max()
+            .unwrap_or(0);
+        if depth > MAX_DEPTH {
+            return Err(BlockError::TooDeep { node: name, depth });
+        }
+        let node = Node::new(
+            name.clone(),
+            read_only,
+            driver,
+            claim,
+            depth,
+            self.shared.clone(),
+        );
         let mut nodes = lock(&self.shared.nodes);
-        if nodes.get(&name).is_some_and(|w| w.upgrade().is_some()) {
+        if GraphShared::taken(&nodes, &name) {
             drop(nodes);
             return Err(BlockError::Duplicate { name });
         }

@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::files::FileClaim;
 use super::{GraphShared, Holder};
 use crate::driver::Driver;
 
@@ -29,6 +30,10 @@ pub struct Node {
     name: String,
     read_only: bool,
     driver: Box<dyn Driver>,
+    /// A `file` node's claim on its image; declared after the driver so
+    /// it is let go only once the driver has closed the file.
+    _claim: Option<FileClaim>,
+    depth: usize,
     refs: Mutex<Vec<(u64, Holder)>>,
     pub(crate) lease: Mutex<Option<(u64, Holder)>>,
     pub(crate) graph: Arc<GraphShared>,
@@ -39,12 +44,16 @@ impl Node {
         name: String,
         read_only: bool,
         driver: Box<dyn Driver>,
+        claim: Option<FileClaim>,
+        depth: usize,
         graph: Arc<GraphShared>,
     ) -> Arc<Self> {
         Arc::new(Self {
             name,
             read_only,
             driver,
+            _claim: claim,
+            depth,
             refs: Mutex::new(Vec::new()),
             lease: Mutex::new(None),
             graph,
@@ -59,6 +68,11 @@ impl Node {
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// How many nodes its chain stacks, itself and the bottom included.
+    pub fn depth(&self) -> usize {
+        self.depth
     }
 
     /// The driver serving this layer.
@@ -111,8 +125,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         log::debug!("closing block node '{}'", self.name);
         let mut nodes = lock(&self.graph.nodes);
-        // A new node may already have taken the name; only a dead entry is ours.
-        if nodes.get(&self.name).is_some_and(|w| w.upgrade().is_none()) {
+        // A new node may already have taken the name; only a dead entry is
+        // ours. Counting, not upgrading: an upgraded `Arc` dropped here
+        // could close that other node under this very lock.
+        if nodes.get(&self.name).is_some_and(|w| w.strong_count() == 0) {
             nodes.remove(&self.name);
         }
     }

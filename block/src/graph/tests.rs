@@ -1,3 +1,4 @@
+use crate::lock::Locking;
 use std::path::PathBuf;
 
 use super::*;
@@ -54,7 +55,7 @@ fn a_disk_is_a_named_raw_node_over_an_unnamed_file_node() {
     let file = TempFile::new("disk", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let nodes = graph.nodes();
     assert_eq!(nodes.len(), 2);
@@ -82,7 +83,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     let file = TempFile::new("life", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     assert_eq!(fds_on(&file.0), 1);
     let held = graph.get("drive0", device("vda")).unwrap();
@@ -106,7 +107,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     assert_eq!(fds_on(&file.0), 0, "the host file is closed");
     // The name is free again.
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
 }
 
@@ -121,6 +122,7 @@ fn a_reference_outlives_the_users_name() {
             driver: DriverOptions::File {
                 filename: file.0.clone(),
                 direct: false,
+                locking: Locking::Auto,
             },
         })
         .unwrap();
@@ -149,7 +151,7 @@ fn blockdev_del_of_unknown_or_unnamed_nodes_is_refused() {
     let file = TempFile::new("del", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     assert_eq!(
         graph.remove("nope").unwrap_err().to_string(),
@@ -168,7 +170,7 @@ fn leases_are_exclusive_and_name_their_holder() {
     let file = TempFile::new("lease", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     let lease = node.take_lease(dataplane("vda")).unwrap();
@@ -208,7 +210,7 @@ fn a_held_lease_keeps_its_node_alive() {
     let file = TempFile::new("alive", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", job("job0")).unwrap();
     let lease = node.take_lease(job("job0")).unwrap();
@@ -229,7 +231,7 @@ fn releasing_a_lease_never_closes_a_node() {
     let file = TempFile::new("release", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false)
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     drop(node.take_lease(dataplane("vda")).unwrap());
@@ -243,7 +245,7 @@ fn names_follow_qemus_rules_and_are_unique() {
     let graph = Graph::new();
     for bad in ["0drive", "#block001", "", "a b", &"x".repeat(32)] {
         let err = graph
-            .add_disk(bad, file.0.clone(), false, false)
+            .add_disk(bad, file.0.clone(), false, false, Locking::Auto)
             .unwrap_err();
         assert!(
             matches!(
@@ -253,7 +255,9 @@ fn names_follow_qemus_rules_and_are_unique() {
             "{bad}: {err}"
         );
     }
-    graph.add_disk("d", file.0.clone(), false, false).unwrap();
+    graph
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
     let err = graph
         .add(NodeOptions {
             node_name: Some("d".into()),
@@ -288,6 +292,7 @@ fn a_raw_node_refuses_writes_it_cannot_pass_down() {
             driver: DriverOptions::File {
                 filename: file.0.clone(),
                 direct: false,
+                locking: Locking::Auto,
             },
         })
         .unwrap();
@@ -321,7 +326,13 @@ fn missing_children_and_files_are_named() {
         "Cannot find device='ghost' nor node-name='ghost'"
     );
     let err = graph
-        .add_disk("d", "/nonexistent/x.img".into(), false, false)
+        .add_disk(
+            "d",
+            "/nonexistent/x.img".into(),
+            false,
+            false,
+            Locking::Auto,
+        )
         .unwrap_err();
     assert!(
         err.to_string()
@@ -365,4 +376,221 @@ fn null_nodes_read_zeros_through_their_lease() {
         }),
         Err(BlockError::Options { .. })
     ));
+}
+
+fn file_options(name: &str, path: &std::path::Path, read_only: bool) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.into()),
+        read_only,
+        driver: DriverOptions::File {
+            filename: path.to_path_buf(),
+            direct: false,
+            locking: Locking::Off,
+        },
+    }
+}
+
+/// The found defect: a second node on the image a disk serves let a job
+/// write the live disk. With image locks off, only the graph's own claim
+/// stands in the way, and it names the node that has the file open.
+#[test]
+fn a_second_node_on_an_image_in_use_is_refused_naming_the_node() {
+    let file = TempFile::new("twice", 1 << 20);
+    let link = file.0.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&file.0, &link).unwrap();
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Off)
+        .unwrap();
+    let err = graph.add(file_options("tgt", &link, false)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Failed to get \"write\" lock: image '{}' is already open in node '#block001', held by node 'drive0' (as its 'file' child)",
+            link.display()
+        )
+    );
+    // Reading an image someone writes is refused too, also inline.
+    let err = graph
+        .add(NodeOptions {
+            node_name: Some("r".into()),
+            read_only: true,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Inline(Box::new(file_options("f", &file.0, true))),
+            },
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Failed to get shared \"write\" lock: image"),
+        "{err}"
+    );
+    assert_eq!(names(&graph).len(), 2, "nothing was left open");
+    // Once the disk's nodes close, the image is free; readers share it and
+    // keep a writer out.
+    graph.remove("drive0").unwrap();
+    graph.add(file_options("ro1", &file.0, true)).unwrap();
+    graph.add(file_options("ro2", &link, true)).unwrap();
+    let err = graph.add(file_options("rw", &file.0, false)).unwrap_err();
+    assert!(
+        matches!(&err, BlockError::ImageInUse { node, shared: false, .. } if node == "ro1"),
+        "{err}"
+    );
+    graph.remove("ro1").unwrap();
+    graph.remove("ro2").unwrap();
+    graph.add(file_options("rw", &file.0, false)).unwrap();
+    std::fs::remove_file(&link).unwrap();
+}
+
+/// With image locks on (the default), our own second open is still named
+/// as ours, not blamed on "another process".
+#[test]
+fn image_locks_do_not_hide_which_node_has_the_file() {
+    let file = TempFile::new("locked", 1 << 20);
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
+    let mut options = file_options("tgt", &file.0, false);
+    options.driver = DriverOptions::File {
+        filename: file.0.clone(),
+        direct: false,
+        locking: Locking::On,
+    };
+    let err = graph.add(options).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is already open in node '#block001'"),
+        "{err}"
+    );
+    // Another graph in this process is another user of the image, as a
+    // second process would be: only the image locks see it.
+    let other = Graph::new();
+    let err = other
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Failed to get \"write\" lock: Is another process using the image [{}]?",
+            file.0.display()
+        )
+    );
+    // Closing the node lets its locks go at once, even after an io_uring
+    // had the file registered (the kernel drops a ring's files later).
+    let node = graph.get("drive0", job("j")).unwrap();
+    let lease = node.take_lease(job("j")).unwrap();
+    let io = lease.open_io(4).unwrap();
+    drop((io, lease, node));
+    graph.remove("drive0").unwrap();
+    other
+        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .unwrap();
+}
+
+fn raw_over(name: &str, child: &str) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.into()),
+        read_only: false,
+        driver: DriverOptions::Raw {
+            file: ChildOptions::Node(child.into()),
+        },
+    }
+}
+
+#[test]
+fn node_chains_stop_at_the_depth_cap() {
+    let graph = Graph::new();
+    graph
+        .add(NodeOptions {
+            node_name: Some("r1".into()),
+            read_only: false,
+            driver: DriverOptions::Null { size: 4096 },
+        })
+        .unwrap();
+    for i in 2..=MAX_DEPTH {
+        graph
+            .add(raw_over(&format!("r{i}"), &format!("r{}", i - 1)))
+            .unwrap();
+    }
+    let top = graph.get(&format!("r{MAX_DEPTH}"), job("j")).unwrap();
+    assert_eq!(top.depth(), MAX_DEPTH);
+    let err = graph
+        .add(raw_over("deep", &format!("r{MAX_DEPTH}")))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "Node 'deep' would be 17 nodes deep; at most 16 nodes may be stacked"
+    );
+    // An inline nesting is refused before any of it opens.
+    let mut nested = NodeOptions {
+        node_name: None,
+        read_only: false,
+        driver: DriverOptions::Null { size: 4096 },
+    };
+    for _ in 0..MAX_DEPTH {
+        nested = NodeOptions {
+            node_name: None,
+            read_only: false,
+            driver: DriverOptions::Raw {
+                file: ChildOptions::Inline(Box::new(nested)),
+            },
+        };
+    }
+    nested.node_name = Some("inline".into());
+    let before = names(&graph).len();
+    let err = graph.add(nested).unwrap_err();
+    assert!(
+        matches!(err, BlockError::TooDeep { ref node, depth: 17 } if node == "inline"),
+        "{err}"
+    );
+    assert_eq!(names(&graph).len(), before);
+}
+
+/// A lookup that upgrades a node's weak entry while holding the registry's
+/// lock would, if the other owners let go meanwhile, close the node under
+/// that lock; closing takes the same lock, so the thread would hang.
+#[test]
+fn lookups_racing_the_last_reference_never_hang() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let graph = Arc::new(Graph::new());
+    let null = |name: &str| NodeOptions {
+        node_name: Some(name.into()),
+        read_only: false,
+        driver: DriverOptions::Null { size: 4096 },
+    };
+    let (done, finished) = mpsc::channel();
+    let mut threads = Vec::new();
+    for t in 0..2 {
+        let graph = graph.clone();
+        let done = done.clone();
+        threads.push(std::thread::spawn(move || {
+            for _ in 0..200_000 {
+                if t == 0 {
+                    // Make and close the node, over and over.
+                    let _ = graph.add(null("n"));
+                    let _ = graph.remove("n");
+                } else {
+                    // Look it up every way the graph does.
+                    let _ = graph.add(null("n"));
+                    let _ = graph.remove("n");
+                    let _ = graph.get("n", job("j"));
+                    let _ = graph.nodes();
+                    let _ = graph.remove("m");
+                }
+            }
+            done.send(()).unwrap();
+        }));
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a thread hung: a node was closed under the registry lock");
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
 }

@@ -400,6 +400,7 @@ mod tests {
     use super::*;
     use crate::graph::{DriverOptions, Graph, NodeOptions};
     use crate::job::{JobEvent, JobManager, JobOptions, JobStatus};
+    use crate::lock::Locking;
 
     struct Image(PathBuf);
 
@@ -443,6 +444,7 @@ mod tests {
                 driver: DriverOptions::File {
                     filename: image.0.clone(),
                     direct: false,
+                    locking: Locking::Auto,
                 },
             })
             .unwrap();
@@ -562,13 +564,17 @@ mod tests {
                 .starts_with("Source and target image have different sizes"),
             "{err}"
         );
+        // Its own image: a read-only node on `src` would be refused while
+        // the node 'src' has it open for writing.
+        let ro_image = Image::new("size-ro", CHUNK, 0);
         graph
             .add(NodeOptions {
                 node_name: Some("ro".into()),
                 read_only: true,
                 driver: DriverOptions::File {
-                    filename: src.0.clone(),
+                    filename: ro_image.0.clone(),
                     direct: false,
+                    locking: Locking::Auto,
                 },
             })
             .unwrap();

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use block::{
-    driver::NULL_DEFAULT_SIZE, BlockError, ChildOptions, DriverOptions, Holder, NodeInfo,
+    driver::NULL_DEFAULT_SIZE, BlockError, ChildOptions, DriverOptions, Holder, Locking, NodeInfo,
     NodeOptions,
 };
 use serde_json::{json, Value};
@@ -105,7 +105,16 @@ fn node_options(mut args: Args) -> Result<NodeOptions, QmpError> {
                     )));
                 }
             }
-            DriverOptions::File { filename, direct }
+            // QEMU's `locking`: on, off or auto (the default).
+            let locking = match args.opt_str("locking")? {
+                Some(value) => value.parse().map_err(|_| bad_value("locking", &value))?,
+                None => Locking::Auto,
+            };
+            DriverOptions::File {
+                filename,
+                direct,
+                locking,
+            }
         }
         "raw" => {
             let file = match args.value("file")? {
@@ -172,7 +181,7 @@ mod tests {
     fn blockdev_add_reads_each_driver_and_inline_children() {
         let raw = parse(json!({
             "driver": "raw", "node-name": "r0", "read-only": true,
-            "file": {"driver": "file", "filename": "/tmp/x.img", "cache": {"direct": true}, "aio": "io_uring"},
+            "file": {"driver": "file", "filename": "/tmp/x.img", "cache": {"direct": true}, "aio": "io_uring", "locking": "off"},
         }))
         .unwrap();
         assert_eq!(
@@ -186,7 +195,8 @@ mod tests {
                         read_only: false,
                         driver: DriverOptions::File {
                             filename: "/tmp/x.img".into(),
-                            direct: true
+                            direct: true,
+                            locking: Locking::Off,
                         },
                     })),
                 },
@@ -214,6 +224,10 @@ mod tests {
         assert_eq!(
             desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "aio": "threads"})),
             "Parameter 'aio' does not accept value 'threads': the file driver always uses io_uring"
+        );
+        assert_eq!(
+            desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "locking": "maybe"})),
+            "Parameter 'locking' does not accept value 'maybe'"
         );
         assert_eq!(
             desc(json!({"driver": "null-co", "node-name": "n", "read-zeroes": false})),
