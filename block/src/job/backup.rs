@@ -398,9 +398,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::graph::{DriverOptions, Graph, NodeOptions};
+    use crate::graph::{DriverOptions, FileOptions, Graph, NodeOptions};
     use crate::job::{JobEvent, JobManager, JobOptions, JobStatus};
-    use crate::lock::Locking;
 
     struct Image(PathBuf);
 
@@ -441,11 +440,7 @@ mod tests {
             .add(NodeOptions {
                 node_name: Some(name.into()),
                 read_only: false,
-                driver: DriverOptions::File {
-                    filename: image.0.clone(),
-                    direct: false,
-                    locking: Locking::Auto,
-                },
+                driver: DriverOptions::File(FileOptions::new(image.0.clone())),
             })
             .unwrap();
     }
@@ -571,11 +566,7 @@ mod tests {
             .add(NodeOptions {
                 node_name: Some("ro".into()),
                 read_only: true,
-                driver: DriverOptions::File {
-                    filename: ro_image.0.clone(),
-                    direct: false,
-                    locking: Locking::Auto,
-                },
+                driver: DriverOptions::File(FileOptions::new(ro_image.0.clone())),
             })
             .unwrap();
         let ro = graph.get("ro", job("b2")).unwrap();
