@@ -93,7 +93,11 @@ pub struct RunState {
     shared: Arc<Shared>,
     vcpus: Mutex<Vec<JoinHandle<()>>>,
     transports: Mutex<Vec<Arc<Mutex<MmioTransport>>>>,
+    /// Held by `pause` and `resume` for their whole work (draining
+    /// included); true while the guest runs.
     running: Mutex<bool>,
+    /// A copy of `running` for readers who must never wait for a drain.
+    running_now: AtomicBool,
 }
 
 impl RunState {
@@ -103,6 +107,7 @@ impl RunState {
             vcpus: Mutex::new(Vec::new()),
             transports: Mutex::new(transports),
             running: Mutex::new(true),
+            running_now: AtomicBool::new(true),
         }
     }
 
@@ -112,7 +117,8 @@ impl RunState {
 
     /// Whether the guest is running (not paused by `stop`).
     pub fn is_running(&self) -> bool {
-        *lock(&self.running)
+        // Not `running`'s lock: `stop` holds it while dataplanes drain.
+        self.running_now.load(Ordering::Acquire)
     }
 
     /// Pauses the VM; false if it was already paused.
@@ -153,6 +159,7 @@ impl RunState {
             lock(t).pause();
         }
         *running = false;
+        self.running_now.store(false, Ordering::Release);
         Ok(true)
     }
 
@@ -178,6 +185,7 @@ impl RunState {
         drop(transports);
         self.shared.parking.release();
         *running = true;
+        self.running_now.store(true, Ordering::Release);
         Ok(true)
     }
 
