@@ -98,6 +98,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A VM that runs and has not ended.
+    pub(crate) fn new() -> Self {
+        Self {
+            exit: Mutex::new(None),
+            ended: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            parking: Parking::default(),
+            events: OnceLock::new(),
+        }
+    }
+
     /// Records why the VM ended; the first reason wins.
     pub fn finish(&self, exit: VmExit) {
         let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,9 +162,10 @@ pub struct VmHandle {
     input: Option<JoinHandle<()>>,
     /// The QMP server.
     qmp: Option<QmpThread>,
-    // KVM keeps using these until every vCPU has left KVM_RUN.
-    _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    // KVM keeps using these until every vCPU has left KVM_RUN: dropped
+    // only once every vCPU thread has ended, else leaked (see Drop).
+    vm: Option<VmFd>,
+    memory: Option<GuestMemoryMmap>,
 }
 
 impl VmHandle {
@@ -271,6 +283,16 @@ impl Drop for VmHandle {
             self.shared.finish(VmExit::Killed);
             self.stop_threads();
         }
+        if !self.run.vcpus_ended() {
+            // A vCPU thread that would not stop may be inside KVM_RUN, with
+            // KVM's memory slots pointing at guest RAM: unmapping it (or
+            // closing the VM) under that thread would hand the guest
+            // whatever the host maps there next. Leaked instead: the
+            // mapping lives until the process ends.
+            log::error!("guest memory is left mapped: a vCPU thread is still running");
+            std::mem::forget(self.memory.take());
+            std::mem::forget(self.vm.take());
+        }
     }
 }
 
@@ -284,7 +306,7 @@ pub(crate) fn kick_signal() -> libc::c_int {
 }
 
 /// Installs the do-nothing handler whose only effect is to interrupt `KVM_RUN`.
-fn install_kick_handler() -> Result<()> {
+pub(crate) fn install_kick_handler() -> Result<()> {
     static ONCE: Once = Once::new();
     static mut RESULT: i32 = 0;
     extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -439,13 +461,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         config.cpus,
     )?;
 
-    let shared = Arc::new(Shared {
-        exit: Mutex::new(None),
-        ended: Condvar::new(),
-        stopping: AtomicBool::new(false),
-        parking: Parking::default(),
-        events: OnceLock::new(),
-    });
+    let shared = Arc::new(Shared::new());
     let device_err = |name: &str| {
         let name = name.to_string();
         move |e: &dyn std::fmt::Display| Error::Device {
@@ -555,8 +571,8 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         console: log,
         input: None,
         qmp,
-        _vm: vm,
-        _memory: mem,
+        vm: Some(vm),
+        memory: Some(mem),
     };
     for vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.id);
