@@ -56,6 +56,8 @@ pub enum VmExit {
     Killed,
     /// A QMP client asked the VM to end (`quit`).
     Quit,
+    /// The VMM got SIGTERM, SIGINT or SIGHUP: it ends as asked, with 0.
+    Signalled,
     /// The VM failed: a KVM internal error, a triple fault, a failed vCPU.
     Failed(String),
 }
@@ -67,7 +69,7 @@ impl VmExit {
         let (guest, reason) = match self {
             VmExit::Status(_) | VmExit::PowerOff => (true, "guest-shutdown"),
             VmExit::Reset => (true, "guest-reset"),
-            VmExit::Killed => (false, "host-signal"),
+            VmExit::Killed | VmExit::Signalled => (false, "host-signal"),
             VmExit::Quit => (false, "host-qmp-quit"),
             VmExit::Failed(_) => (false, "host-error"),
         };
@@ -78,7 +80,7 @@ impl VmExit {
     pub fn code(&self) -> i32 {
         match self {
             VmExit::Status(v) => i32::from(*v),
-            VmExit::Reset | VmExit::PowerOff | VmExit::Quit => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Quit | VmExit::Signalled => 0,
             VmExit::Killed => 137,
             VmExit::Failed(_) => 125,
         }
@@ -198,6 +200,13 @@ impl VmHandle {
     /// had already ended for another reason.
     pub fn kill(&self) {
         self.shared.finish(VmExit::Killed);
+    }
+
+    /// Ends the VM because the process was asked to end (SIGTERM, SIGINT,
+    /// SIGHUP): `wait` then returns [`VmExit::Signalled`] unless it had
+    /// already ended for another reason.
+    pub fn end_on_signal(&self) {
+        self.shared.finish(VmExit::Signalled);
     }
 
     /// Waits up to `timeout` for the VM to end.
