@@ -100,7 +100,11 @@ fn node_options(mut args: Args) -> Result<NodeOptions, QmpError> {
             }
             // Ours: auto (io_uring, else plain system calls), io_uring, sync.
             let aio = match args.opt_str("aio")? {
-                Some(value) => value.parse().map_err(|_| bad_value("aio", &value))?,
+                Some(value) => value.parse().map_err(|why: String| {
+                    QmpError::generic(format!(
+                        "Parameter 'aio' does not accept value '{value}': {why}"
+                    ))
+                })?,
                 None => Aio::Auto,
             };
             // QEMU's `locking`: on, off or auto (the default).
@@ -223,7 +227,7 @@ mod tests {
         let desc = |v: Value| parse(v).unwrap_err().desc;
         assert_eq!(
             desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "aio": "threads"})),
-            "Parameter 'aio' does not accept value 'threads': the file driver always uses io_uring"
+            "Parameter 'aio' does not accept value 'threads': 'threads' is not one of auto, io_uring, sync"
         );
         assert_eq!(
             desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "locking": "maybe"})),
