@@ -178,6 +178,21 @@ pub struct EventSink {
 }
 
 impl EventSink {
+    /// A sink whose events go nowhere, for running commands without a
+    /// server (the fuzz targets).
+    pub(crate) fn discarding() -> Self {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd for a discarding sink");
+        Self {
+            shared: Arc::new(Shared {
+                events: Mutex::new(PendingEvents::default()),
+                replies: Mutex::new(Vec::new()),
+                stop: AtomicBool::new(false),
+                closed: AtomicBool::new(true),
+                wake,
+            }),
+        }
+    }
+
     /// Stamps `event` with the time now and queues it for every client
     /// that has negotiated capabilities when the server thread picks it
     /// up (at once unless a command is running). Events are dropped once
