@@ -27,7 +27,7 @@ pub mod throttle;
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions, FileId};
 pub use graph::{
-    ChildOptions, DriverOptions, Graph, Holder, Lease, NodeInfo, NodeOptions, NodeRef,
+    ChildOptions, DriverOptions, FileOptions, Graph, Holder, Lease, NodeInfo, NodeOptions, NodeRef,
 };
-pub use io::{AsyncIo, Completion, IoError, NullIo, SyncIo, UringIo};
+pub use io::{Aio, AsyncIo, Completion, IoError, NullIo, SyncIo, UringIo};
 pub use lock::Locking;

@@ -95,6 +95,13 @@ fn every_request_type_works_with_a_polling_dataplane_on_an_o_direct_file() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn every_request_type_works_with_the_sync_engine() {
+    // The engine a host without io_uring gets (aio=auto falls back to it).
+    all_workloads("aio=sync");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn random_io_is_verified_at_queue_depths_1_to_128_over_several_queues() {
     for (qd, queues) in [(1, 1), (32, 2), (128, 4)] {
         let disk = TempDisk::new(&format!("qd{qd}"), 8 << 20);

@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use block::throttle::{Limit, Limits, VALUE_MAX};
-use block::Locking;
+use block::{Aio, Locking};
 use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// One virtio-blk disk as the user asked for it.
@@ -31,6 +31,8 @@ pub struct DiskConfig {
     pub poll: Duration,
     /// Image locks other processes see (QEMU's `file.locking`).
     pub locking: Locking,
+    /// The I/O engine: auto, io_uring or sync.
+    pub aio: Aio,
     /// I/O limits (`throttling.*`, QEMU's names); none by default.
     pub throttle: Limits,
 }
@@ -42,7 +44,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, queues, queue-size, serial, poll, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -134,6 +136,7 @@ impl FromStr for DiskConfig {
             serial: None,
             poll: Duration::ZERO,
             locking: Locking::Auto,
+            aio: Aio::Auto,
             throttle: Limits::default(),
         };
         let mut seen: Vec<&str> = Vec::new();
@@ -178,6 +181,7 @@ impl FromStr for DiskConfig {
                 "readonly" => disk.read_only = on_off(key, value)?,
                 "direct" => disk.direct = on_off(key, value)?,
                 "locking" => disk.locking = value.parse().map_err(|why: String| bad(&why))?,
+                "aio" => disk.aio = value.parse().map_err(|why: String| bad(&why))?,
                 "queues" => disk.queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
                 "queue-size" => {
                     let n = number(key, value, 2, u64::from(MAX_QUEUE_SIZE))?;
@@ -213,7 +217,7 @@ mod tests {
 
     #[test]
     fn every_option_is_read() {
-        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,queues=4,queue-size=128,serial=SN1,poll=50"
+        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,aio=sync,queues=4,queue-size=128,serial=SN1,poll=50"
             .parse()
             .unwrap();
         assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
@@ -224,12 +228,14 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SN1"));
         assert_eq!(d.poll, Duration::from_micros(50));
         assert_eq!(d.locking, Locking::Off);
+        assert_eq!(d.aio, Aio::Sync);
         let plain: DiskConfig = "path=x".parse().unwrap();
         assert_eq!(
             (plain.queues, plain.queue_size, plain.read_only),
             (1, 256, false)
         );
         assert_eq!(plain.locking, Locking::Auto);
+        assert_eq!(plain.aio, Aio::Auto);
     }
 
     #[test]
@@ -250,6 +256,10 @@ mod tests {
         assert_eq!(
             err("path=x,locking=yes"),
             "disk option locking='yes' is invalid: 'yes' is not one of on, off, auto"
+        );
+        assert_eq!(
+            err("path=x,aio=native"),
+            "disk option aio='native' is invalid: 'native' is not one of auto, io_uring, sync"
         );
         assert!(err("path=x,throttling.iops-sideways=5").contains("'throttling.iops-sideways'"));
         assert!(err("path=x,throttling.iops-total-min=5").contains("unknown disk option"));

@@ -22,6 +22,8 @@ pub mod config;
 pub mod console;
 pub mod disk;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod memory;
 pub mod monitor;

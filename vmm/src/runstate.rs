@@ -92,8 +92,17 @@ pub enum ContError {
 pub struct RunState {
     shared: Arc<Shared>,
     vcpus: Mutex<Vec<JoinHandle<()>>>,
+    /// vCPU threads that had not ended when `shutdown` gave up on them:
+    /// guest memory must stay mapped while any of them may still run.
+    stragglers: Mutex<Vec<JoinHandle<()>>>,
+    /// How long `shutdown` waits for the vCPU threads to end.
+    stop_timeout: Duration,
     transports: Mutex<Vec<Arc<Mutex<MmioTransport>>>>,
+    /// Held by `pause` and `resume` for their whole work (draining
+    /// included); true while the guest runs.
     running: Mutex<bool>,
+    /// A copy of `running` for readers who must never wait for a drain.
+    running_now: AtomicBool,
 }
 
 impl RunState {
@@ -101,8 +110,11 @@ impl RunState {
         Self {
             shared,
             vcpus: Mutex::new(Vec::new()),
+            stragglers: Mutex::new(Vec::new()),
+            stop_timeout: Duration::from_secs(10),
             transports: Mutex::new(transports),
             running: Mutex::new(true),
+            running_now: AtomicBool::new(true),
         }
     }
 
@@ -112,7 +124,8 @@ impl RunState {
 
     /// Whether the guest is running (not paused by `stop`).
     pub fn is_running(&self) -> bool {
-        *lock(&self.running)
+        // Not `running`'s lock: `stop` holds it while dataplanes drain.
+        self.running_now.load(Ordering::Acquire)
     }
 
     /// Pauses the VM; false if it was already paused.
@@ -153,6 +166,7 @@ impl RunState {
             lock(t).pause();
         }
         *running = false;
+        self.running_now.store(false, Ordering::Release);
         Ok(true)
     }
 
@@ -178,6 +192,7 @@ impl RunState {
         drop(transports);
         self.shared.parking.release();
         *running = true;
+        self.running_now.store(true, Ordering::Release);
         Ok(true)
     }
 
@@ -195,7 +210,7 @@ impl RunState {
         self.shared.stopping.store(true, Ordering::Release);
         self.shared.parking.wake_all();
         let mut vcpus = lock(&self.vcpus);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + self.stop_timeout;
         // A kick that lands just before a vCPU enters KVM_RUN is lost, so
         // kick again until the thread is gone.
         while vcpus.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
@@ -206,8 +221,15 @@ impl RunState {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        for t in vcpus.drain(..).filter(|t| t.is_finished()) {
-            if t.join().is_err() {
+        for t in vcpus.drain(..) {
+            if !t.is_finished() {
+                log::error!(
+                    "vCPU thread '{}' did not stop within {:?}: guest memory stays mapped until the VMM ends",
+                    t.thread().name().unwrap_or("vcpu"),
+                    self.stop_timeout
+                );
+                lock(&self.stragglers).push(t);
+            } else if t.join().is_err() {
                 log::error!("a vCPU thread panicked while stopping");
             }
         }
@@ -222,11 +244,45 @@ impl RunState {
     pub(crate) fn has_threads(&self) -> bool {
         !lock(&self.vcpus).is_empty()
     }
+
+    /// Whether every vCPU thread has ended, so that nothing can enter
+    /// KVM_RUN again and guest memory may be unmapped. False while one
+    /// that `shutdown` gave up on still runs (it may be inside KVM_RUN,
+    /// with KVM's memory slots pointing at guest memory).
+    pub(crate) fn vcpus_ended(&self) -> bool {
+        lock(&self.vcpus).iter().all(|t| t.is_finished())
+            && lock(&self.stragglers).iter().all(|t| t.is_finished())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A "vCPU" stuck where no kick reaches it keeps guest memory mapped
+    /// until its thread really ends.
+    #[test]
+    fn a_vcpu_that_does_not_stop_keeps_guest_memory_mapped() {
+        // Shutdown kicks the threads with the vCPU kick signal.
+        crate::vm::install_kick_handler().unwrap();
+        let mut run = RunState::new(Arc::new(Shared::new()), Vec::new());
+        run.stop_timeout = Duration::from_millis(50);
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        run.add_vcpu(std::thread::spawn(move || {
+            let _ = stuck.recv();
+        }));
+        run.add_vcpu(std::thread::spawn(|| {}));
+        assert!(!run.vcpus_ended());
+        run.shutdown();
+        assert!(!run.has_threads(), "nothing left to stop");
+        assert!(!run.vcpus_ended(), "one vCPU still runs");
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !run.vcpus_ended() {
+            assert!(Instant::now() < deadline, "the thread did not end");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 
     /// Two "vCPUs" count their runs; while paused the counts stand still.
     #[test]

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use block::Graph;
+use block::{FileOptions, Graph};
 use devices::virtio::block::{device_holder, Block, BlockConfig};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::Interrupt;
@@ -55,7 +55,16 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
             source,
         };
         graph
-            .add_disk(&node_name, d.path.clone(), d.read_only, d.direct, d.locking)
+            .add_disk(
+                &node_name,
+                d.read_only,
+                FileOptions {
+                    filename: d.path.clone(),
+                    direct: d.direct,
+                    locking: d.locking,
+                    aio: d.aio,
+                },
+            )
             .map_err(disk_err)?;
         let node = graph
             .get(&node_name, device_holder(&id))

@@ -56,6 +56,8 @@ pub enum VmExit {
     Killed,
     /// A QMP client asked the VM to end (`quit`).
     Quit,
+    /// The VMM got SIGTERM, SIGINT or SIGHUP: it ends as asked, with 0.
+    Signalled,
     /// The VM failed: a KVM internal error, a triple fault, a failed vCPU.
     Failed(String),
 }
@@ -67,7 +69,7 @@ impl VmExit {
         let (guest, reason) = match self {
             VmExit::Status(_) | VmExit::PowerOff => (true, "guest-shutdown"),
             VmExit::Reset => (true, "guest-reset"),
-            VmExit::Killed => (false, "host-signal"),
+            VmExit::Killed | VmExit::Signalled => (false, "host-signal"),
             VmExit::Quit => (false, "host-qmp-quit"),
             VmExit::Failed(_) => (false, "host-error"),
         };
@@ -78,7 +80,7 @@ impl VmExit {
     pub fn code(&self) -> i32 {
         match self {
             VmExit::Status(v) => i32::from(*v),
-            VmExit::Reset | VmExit::PowerOff | VmExit::Quit => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Quit | VmExit::Signalled => 0,
             VmExit::Killed => 137,
             VmExit::Failed(_) => 125,
         }
@@ -98,6 +100,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A VM that runs and has not ended.
+    pub(crate) fn new() -> Self {
+        Self {
+            exit: Mutex::new(None),
+            ended: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            parking: Parking::default(),
+            events: OnceLock::new(),
+        }
+    }
+
     /// Records why the VM ended; the first reason wins.
     pub fn finish(&self, exit: VmExit) {
         let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,9 +164,10 @@ pub struct VmHandle {
     input: Option<JoinHandle<()>>,
     /// The QMP server.
     qmp: Option<QmpThread>,
-    // KVM keeps using these until every vCPU has left KVM_RUN.
-    _vm: VmFd,
-    _memory: GuestMemoryMmap,
+    // KVM keeps using these until every vCPU has left KVM_RUN: dropped
+    // only once every vCPU thread has ended, else leaked (see Drop).
+    vm: Option<VmFd>,
+    memory: Option<GuestMemoryMmap>,
 }
 
 impl VmHandle {
@@ -186,6 +200,13 @@ impl VmHandle {
     /// had already ended for another reason.
     pub fn kill(&self) {
         self.shared.finish(VmExit::Killed);
+    }
+
+    /// Ends the VM because the process was asked to end (SIGTERM, SIGINT,
+    /// SIGHUP): `wait` then returns [`VmExit::Signalled`] unless it had
+    /// already ended for another reason.
+    pub fn end_on_signal(&self) {
+        self.shared.finish(VmExit::Signalled);
     }
 
     /// Waits up to `timeout` for the VM to end.
@@ -271,6 +292,16 @@ impl Drop for VmHandle {
             self.shared.finish(VmExit::Killed);
             self.stop_threads();
         }
+        if !self.run.vcpus_ended() {
+            // A vCPU thread that would not stop may be inside KVM_RUN, with
+            // KVM's memory slots pointing at guest RAM: unmapping it (or
+            // closing the VM) under that thread would hand the guest
+            // whatever the host maps there next. Leaked instead: the
+            // mapping lives until the process ends.
+            log::error!("guest memory is left mapped: a vCPU thread is still running");
+            std::mem::forget(self.memory.take());
+            std::mem::forget(self.vm.take());
+        }
     }
 }
 
@@ -284,7 +315,7 @@ pub(crate) fn kick_signal() -> libc::c_int {
 }
 
 /// Installs the do-nothing handler whose only effect is to interrupt `KVM_RUN`.
-fn install_kick_handler() -> Result<()> {
+pub(crate) fn install_kick_handler() -> Result<()> {
     static ONCE: Once = Once::new();
     static mut RESULT: i32 = 0;
     extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -439,13 +470,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         config.cpus,
     )?;
 
-    let shared = Arc::new(Shared {
-        exit: Mutex::new(None),
-        ended: Condvar::new(),
-        stopping: AtomicBool::new(false),
-        parking: Parking::default(),
-        events: OnceLock::new(),
-    });
+    let shared = Arc::new(Shared::new());
     let device_err = |name: &str| {
         let name = name.to_string();
         move |e: &dyn std::fmt::Display| Error::Device {
@@ -555,8 +580,8 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         console: log,
         input: None,
         qmp,
-        _vm: vm,
-        _memory: mem,
+        vm: Some(vm),
+        memory: Some(mem),
     };
     for vcpu in vcpus {
         let name = format!("vcpu{}", vcpu.id);

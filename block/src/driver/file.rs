@@ -1,41 +1,42 @@
-//! The `file` driver: a host file, I/O through io_uring.
+//! The `file` driver: a host file, I/O through io_uring (or plain system
+//! calls where io_uring is missing or refused).
 
-use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::Driver;
 use crate::error::BlockError;
 use crate::file::{DiskFile, DiskOptions, FileId};
-use crate::io::{AsyncIo, UringIo};
-use crate::lock::Locking;
+use crate::graph::FileOptions;
+use crate::io::{Aio, AsyncIo, SyncIo, UringIo};
 
 /// A host file.
 pub struct File {
     path: String,
     disk: Arc<DiskFile>,
+    aio: Aio,
+    /// Whether the io_uring fallback was already logged for this node.
+    fell_back: AtomicBool,
 }
 
 impl File {
-    /// Opens `path` for node `node`.
-    pub fn open(
-        node: &str,
-        path: &Path,
-        read_only: bool,
-        direct: bool,
-        locking: Locking,
-    ) -> Result<Self, BlockError> {
-        let options = DiskOptions {
+    /// Opens the file `options` name for node `node`.
+    pub fn open(node: &str, options: &FileOptions, read_only: bool) -> Result<Self, BlockError> {
+        let disk_options = DiskOptions {
             read_only,
-            direct,
-            locking,
+            direct: options.direct,
+            locking: options.locking,
         };
-        let disk = DiskFile::open(path, options).map_err(|source| BlockError::Open {
-            node: node.into(),
-            source,
-        })?;
+        let disk =
+            DiskFile::open(&options.filename, disk_options).map_err(|source| BlockError::Open {
+                node: node.into(),
+                source,
+            })?;
         Ok(Self {
-            path: path.display().to_string(),
+            path: options.filename.display().to_string(),
             disk: Arc::new(disk),
+            aio: options.aio,
+            fell_back: AtomicBool::new(false),
         })
     }
 }
@@ -61,11 +62,30 @@ impl Driver for File {
     }
 
     fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
-        let ring =
-            UringIo::with_owner(self.disk.clone(), depth).map_err(|source| BlockError::Io {
-                node: node.into(),
-                source,
-            })?;
-        Ok(Box::new(ring))
+        let io_err = |source| BlockError::Io {
+            node: node.into(),
+            source,
+        };
+        let sync = || -> Result<Box<dyn AsyncIo>, BlockError> {
+            Ok(Box::new(
+                SyncIo::with_owner(self.disk.clone()).map_err(io_err)?,
+            ))
+        };
+        match self.aio {
+            Aio::Sync => sync(),
+            Aio::IoUring => Ok(Box::new(
+                UringIo::with_owner(self.disk.clone(), depth).map_err(io_err)?,
+            )),
+            Aio::Auto => match UringIo::with_owner(self.disk.clone(), depth) {
+                Ok(ring) => Ok(Box::new(ring)),
+                Err(e) if e.is_unavailable() => {
+                    if !self.fell_back.swap(true, Ordering::Relaxed) {
+                        log::warn!("node '{node}': {e}; serving it with plain system calls");
+                    }
+                    sync()
+                }
+                Err(e) => Err(io_err(e)),
+            },
+        }
     }
 }

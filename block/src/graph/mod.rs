@@ -30,6 +30,7 @@ pub use node::{Node, NodeRef};
 use crate::driver::{self, Driver};
 use crate::error::BlockError;
 use crate::file::FileId;
+use crate::io::Aio;
 use crate::lock::Locking;
 use files::OpenFiles;
 use node::lock;
@@ -81,17 +82,37 @@ pub struct NodeOptions {
 /// The drivers and their options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DriverOptions {
-    /// A host file, I/O through io_uring.
-    File {
-        filename: PathBuf,
-        direct: bool,
-        /// Image locks other processes see.
-        locking: Locking,
-    },
+    /// A host file.
+    File(FileOptions),
     /// The raw format over a `file` child.
     Raw { file: ChildOptions },
     /// Reads zeros, drops writes; `size` bytes.
     Null { size: u64 },
+}
+
+/// How a `file` node opens its host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOptions {
+    /// The host file.
+    pub filename: PathBuf,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// Image locks other processes see.
+    pub locking: Locking,
+    /// Which I/O engine serves it.
+    pub aio: Aio,
+}
+
+impl FileOptions {
+    /// `filename` with the defaults: cached, locked, the best engine.
+    pub fn new(filename: PathBuf) -> Self {
+        Self {
+            filename,
+            direct: false,
+            locking: Locking::Auto,
+            aio: Aio::Auto,
+        }
+    }
 }
 
 /// A child edge: an existing node by name, or a new node defined inline.
@@ -195,10 +216,8 @@ impl Graph {
     pub fn add_disk(
         &self,
         name: &str,
-        filename: PathBuf,
         read_only: bool,
-        direct: bool,
-        locking: Locking,
+        file: FileOptions,
     ) -> Result<(), BlockError> {
         self.add(NodeOptions {
             node_name: Some(name.to_string()),
@@ -207,11 +226,7 @@ impl Graph {
                 file: ChildOptions::Inline(Box::new(NodeOptions {
                     node_name: None,
                     read_only,
-                    driver: DriverOptions::File {
-                        filename,
-                        direct,
-                        locking,
-                    },
+                    driver: DriverOptions::File(file),
                 })),
             },
         })
@@ -291,18 +306,14 @@ impl Graph {
         let read_only = options.read_only;
         let mut claim = None;
         let driver: Box<dyn Driver> = match options.driver {
-            DriverOptions::File {
-                filename,
-                direct,
-                locking,
-            } => {
-                let path = filename.display().to_string();
+            DriverOptions::File(options) => {
+                let path = options.filename.display().to_string();
                 // Name the node in the way before the image locks would
                 // blame "another process" for our own open.
-                if let Ok(id) = FileId::of_path(&filename) {
+                if let Ok(id) = FileId::of_path(&options.filename) {
                     self.shared.check_file(&path, id, !read_only)?;
                 }
-                let file = driver::File::open(&name, &filename, read_only, direct, locking)?;
+                let file = driver::File::open(&name, &options, read_only)?;
                 // The file opened is the one that counts (the path may have
                 // changed since): claim it, or give it back.
                 claim = Some(

@@ -55,7 +55,7 @@ fn a_disk_is_a_named_raw_node_over_an_unnamed_file_node() {
     let file = TempFile::new("disk", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let nodes = graph.nodes();
     assert_eq!(nodes.len(), 2);
@@ -83,7 +83,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     let file = TempFile::new("life", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     assert_eq!(fds_on(&file.0), 1);
     let held = graph.get("drive0", device("vda")).unwrap();
@@ -107,7 +107,7 @@ fn a_node_lives_while_any_reference_does_and_closes_with_the_last() {
     assert_eq!(fds_on(&file.0), 0, "the host file is closed");
     // The name is free again.
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
 }
 
@@ -119,11 +119,7 @@ fn a_reference_outlives_the_users_name() {
         .add(NodeOptions {
             node_name: Some("f0".into()),
             read_only: false,
-            driver: DriverOptions::File {
-                filename: file.0.clone(),
-                direct: false,
-                locking: Locking::Auto,
-            },
+            driver: DriverOptions::File(FileOptions::new(file.0.clone())),
         })
         .unwrap();
     graph
@@ -151,7 +147,7 @@ fn blockdev_del_of_unknown_or_unnamed_nodes_is_refused() {
     let file = TempFile::new("del", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     assert_eq!(
         graph.remove("nope").unwrap_err().to_string(),
@@ -170,7 +166,7 @@ fn leases_are_exclusive_and_name_their_holder() {
     let file = TempFile::new("lease", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     let lease = node.take_lease(dataplane("vda")).unwrap();
@@ -210,7 +206,7 @@ fn a_held_lease_keeps_its_node_alive() {
     let file = TempFile::new("alive", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let node = graph.get("drive0", job("job0")).unwrap();
     let lease = node.take_lease(job("job0")).unwrap();
@@ -231,7 +227,7 @@ fn releasing_a_lease_never_closes_a_node() {
     let file = TempFile::new("release", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let node = graph.get("drive0", device("vda")).unwrap();
     drop(node.take_lease(dataplane("vda")).unwrap());
@@ -245,7 +241,7 @@ fn names_follow_qemus_rules_and_are_unique() {
     let graph = Graph::new();
     for bad in ["0drive", "#block001", "", "a b", &"x".repeat(32)] {
         let err = graph
-            .add_disk(bad, file.0.clone(), false, false, Locking::Auto)
+            .add_disk(bad, false, FileOptions::new(file.0.clone()))
             .unwrap_err();
         assert!(
             matches!(
@@ -256,7 +252,7 @@ fn names_follow_qemus_rules_and_are_unique() {
         );
     }
     graph
-        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("d", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let err = graph
         .add(NodeOptions {
@@ -289,11 +285,7 @@ fn a_raw_node_refuses_writes_it_cannot_pass_down() {
         .add(NodeOptions {
             node_name: Some("f0".into()),
             read_only: true,
-            driver: DriverOptions::File {
-                filename: file.0.clone(),
-                direct: false,
-                locking: Locking::Auto,
-            },
+            driver: DriverOptions::File(FileOptions::new(file.0.clone())),
         })
         .unwrap();
     let err = graph
@@ -326,13 +318,7 @@ fn missing_children_and_files_are_named() {
         "Cannot find device='ghost' nor node-name='ghost'"
     );
     let err = graph
-        .add_disk(
-            "d",
-            "/nonexistent/x.img".into(),
-            false,
-            false,
-            Locking::Auto,
-        )
+        .add_disk("d", false, FileOptions::new("/nonexistent/x.img".into()))
         .unwrap_err();
     assert!(
         err.to_string()
@@ -382,11 +368,10 @@ fn file_options(name: &str, path: &std::path::Path, read_only: bool) -> NodeOpti
     NodeOptions {
         node_name: Some(name.into()),
         read_only,
-        driver: DriverOptions::File {
-            filename: path.to_path_buf(),
-            direct: false,
+        driver: DriverOptions::File(FileOptions {
             locking: Locking::Off,
-        },
+            ..FileOptions::new(path.to_path_buf())
+        }),
     }
 }
 
@@ -401,7 +386,14 @@ fn a_second_node_on_an_image_in_use_is_refused_naming_the_node() {
     std::os::unix::fs::symlink(&file.0, &link).unwrap();
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Off)
+        .add_disk(
+            "drive0",
+            false,
+            FileOptions {
+                locking: Locking::Off,
+                ..FileOptions::new(file.0.clone())
+            },
+        )
         .unwrap();
     let err = graph.add(file_options("tgt", &link, false)).unwrap_err();
     assert_eq!(
@@ -450,14 +442,13 @@ fn image_locks_do_not_hide_which_node_has_the_file() {
     let file = TempFile::new("locked", 1 << 20);
     let graph = Graph::new();
     graph
-        .add_disk("drive0", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
         .unwrap();
     let mut options = file_options("tgt", &file.0, false);
-    options.driver = DriverOptions::File {
-        filename: file.0.clone(),
-        direct: false,
+    options.driver = DriverOptions::File(FileOptions {
         locking: Locking::On,
-    };
+        ..FileOptions::new(file.0.clone())
+    });
     let err = graph.add(options).unwrap_err();
     assert!(
         err.to_string()
@@ -468,7 +459,7 @@ fn image_locks_do_not_hide_which_node_has_the_file() {
     // second process would be: only the image locks see it.
     let other = Graph::new();
     let err = other
-        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("d", false, FileOptions::new(file.0.clone()))
         .unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -485,7 +476,7 @@ fn image_locks_do_not_hide_which_node_has_the_file() {
     drop((io, lease, node));
     graph.remove("drive0").unwrap();
     other
-        .add_disk("d", file.0.clone(), false, false, Locking::Auto)
+        .add_disk("d", false, FileOptions::new(file.0.clone()))
         .unwrap();
 }
 

@@ -41,6 +41,47 @@ pub enum IoError {
     Submit(#[source] io::Error),
 }
 
+impl IoError {
+    /// Whether the engine is missing or refused on this host (an old
+    /// kernel, `kernel.io_uring_disabled`, a container's seccomp filter),
+    /// as opposed to failing for this file.
+    pub fn is_unavailable(&self) -> bool {
+        let IoError::Setup { source, .. } = self else {
+            return false;
+        };
+        matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM | libc::EACCES | libc::EOPNOTSUPP)
+        )
+    }
+}
+
+/// Which engine a `file` node uses (the `aio` option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// io_uring, or plain system calls where io_uring is missing or
+    /// refused (logged once per node).
+    #[default]
+    Auto,
+    /// io_uring only: opening the engine fails where it is missing.
+    IoUring,
+    /// Plain system calls on the dataplane's own thread.
+    Sync,
+}
+
+impl std::str::FromStr for Aio {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Aio::Auto),
+            "io_uring" => Ok(Aio::IoUring),
+            "sync" => Ok(Aio::Sync),
+            _ => Err(format!("'{s}' is not one of auto, io_uring, sync")),
+        }
+    }
+}
+
 /// An I/O engine over one open file.
 pub trait AsyncIo: Send {
     /// Signalled when completions are ready to drain.
@@ -93,6 +134,24 @@ pub(crate) const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_
 mod tests {
     //! Each engine runs the same checks.
     use super::*;
+
+    #[test]
+    fn only_a_missing_or_refused_engine_counts_as_unavailable() {
+        let setup = |errno| IoError::Setup {
+            engine: "io_uring",
+            source: io::Error::from_raw_os_error(errno),
+        };
+        for errno in [libc::ENOSYS, libc::EPERM, libc::EACCES, libc::EOPNOTSUPP] {
+            assert!(setup(errno).is_unavailable(), "errno {errno}");
+        }
+        // Out of memory or a bad file is this open's problem, not the host's.
+        assert!(!setup(libc::ENOMEM).is_unavailable());
+        assert!(!setup(libc::EBADF).is_unavailable());
+        assert!(!IoError::Full.is_unavailable());
+        assert_eq!("sync".parse::<Aio>(), Ok(Aio::Sync));
+        assert_eq!("io_uring".parse::<Aio>(), Ok(Aio::IoUring));
+        assert!("threads".parse::<Aio>().is_err());
+    }
     use std::os::fd::AsRawFd;
     use std::path::PathBuf;
 

@@ -4,7 +4,8 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -15,6 +16,8 @@ pub struct SyncIo {
     fd: RawFd,
     done: VecDeque<Completion>,
     notifier: EventFd,
+    /// Whatever keeps `fd` open, if the engine owns it.
+    _owner: Option<Arc<dyn Send + Sync>>,
 }
 
 fn result(rc: isize) -> i32 {
@@ -38,7 +41,15 @@ impl SyncIo {
             fd,
             done: VecDeque::new(),
             notifier,
+            _owner: None,
         })
+    }
+
+    /// An engine over a file it keeps open as long as it lives.
+    pub fn with_owner<F: AsRawFd + Send + Sync + 'static>(file: Arc<F>) -> Result<Self, IoError> {
+        let mut engine = Self::new(file.as_raw_fd())?;
+        engine._owner = Some(file);
+        Ok(engine)
     }
 
     fn complete(&mut self, user_data: u64, result: i32) -> Result<(), IoError> {

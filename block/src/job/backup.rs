@@ -3,6 +3,15 @@
 //! leases while it runs, so nobody writes the source under the copy and
 //! nobody else writes the target; it only ever reads the source, so a
 //! failed or cancelled backup leaves the source as it was.
+//!
+//! The leases are released only once every read and write issued under
+//! them has completed. If the kernel stops completing them (a hung file
+//! system, say) for [`IO_TIMEOUT`], the job fails and keeps its buffers,
+//! engines and both leases for the rest of the process's life: a write
+//! that lands late then lands on nodes nobody else may use, never on the
+//! data of whoever would have taken the lease next.
+
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -23,6 +32,9 @@ const STEP_BYTES: u64 = 4 << 20;
 const ALIGN: usize = 4096;
 /// The tag of the final flush.
 const FLUSH: u64 = u64::MAX;
+/// How long operations in flight may go without one completing before
+/// the backup gives up on them (and keeps its leases for ever).
+pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a backup could not start.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +127,10 @@ pub struct Backup {
     /// `STEP_BYTES`, so the speed limit and pauses see every byte.
     write_budget: u64,
     flushed: bool,
+    /// When an operation last completed (or the first was issued).
+    last_completion: Instant,
+    /// [`IO_TIMEOUT`], shorter in tests.
+    io_timeout: Duration,
 }
 
 fn watch(epoll: &Epoll, io: &dyn AsyncIo, token: u64) -> std::io::Result<()> {
@@ -136,6 +152,17 @@ impl Backup {
     /// Takes both leases for job `job` (refused at once if anyone holds
     /// either) and opens an engine on each.
     pub fn new(job: &str, source: &NodeRef, target: &NodeRef) -> Result<Self, BackupError> {
+        Self::with_engines(job, source, target, |lease, depth| lease.open_io(depth))
+    }
+
+    /// As [`Backup::new`], with `open` giving the engine for each lease
+    /// (tests give engines that misbehave).
+    fn with_engines(
+        job: &str,
+        source: &NodeRef,
+        target: &NodeRef,
+        mut open: impl FnMut(&Lease, u32) -> Result<Box<dyn AsyncIo>, BlockError>,
+    ) -> Result<Self, BackupError> {
         if source.same_node(target) {
             return Err(BackupError::SameNode(source.name().into()));
         }
@@ -155,8 +182,8 @@ impl Backup {
         let source_lease = source.take_lease(holder.clone())?;
         let target_lease = target.take_lease(holder)?;
         let depth = SLOTS as u32 + 1;
-        let src = source_lease.open_io(depth)?;
-        let dst = target_lease.open_io(depth)?;
+        let src = open(&source_lease, depth)?;
+        let dst = open(&target_lease, depth)?;
         let setup = |e: std::io::Error| BlockError::Options {
             node: source.name().into(),
             reason: format!("cannot wait for the backup's I/O: {e}"),
@@ -186,11 +213,17 @@ impl Backup {
             in_flight: 0,
             write_budget: 0,
             flushed: false,
+            last_completion: Instant::now(),
+            io_timeout: IO_TIMEOUT,
         })
     }
 
     /// Starts reads into free buffers and writes from full ones.
     fn submit(&mut self) -> Result<(), JobFailure> {
+        if self.in_flight == 0 {
+            // The clock for a stall starts with the first operation issued.
+            self.last_completion = Instant::now();
+        }
         let io = self.running.as_mut().expect("engines live until clean");
         let queue = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -284,35 +317,61 @@ impl Backup {
                 }
             }
         }
+        if any {
+            self.last_completion = Instant::now();
+        }
         self.written += written;
         error.map_or(Ok(written), Err)
     }
 
-    /// Reaps everything in flight, so no buffer is in the kernel's hands.
-    fn drain(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while let Some(running) = self.running.as_ref().filter(|_| self.in_flight > 0) {
-            let source = running.source.node().name().to_string();
-            if std::time::Instant::now() > deadline {
-                // The kernel may still write into them: better leaked than reused.
-                log::error!(
-                    "backup of '{}': {} operations never completed; their buffers are leaked",
-                    source,
-                    self.in_flight
-                );
-                std::mem::forget(std::mem::take(&mut self.buffers));
-                self.in_flight = 0;
-                return;
-            }
+    /// Gives up on operations in flight that have not completed for
+    /// `io_timeout`: see [`Backup::abandon`].
+    fn check_stall(&mut self) -> Result<(), JobFailure> {
+        if self.in_flight > 0 && self.last_completion.elapsed() >= self.io_timeout {
+            return Err(self.abandon());
+        }
+        Ok(())
+    }
+
+    /// Leaks the buffers, the engines and both leases: the kernel may
+    /// still write into the buffers and onto both nodes, so neither the
+    /// memory nor the nodes may go to anyone else. The nodes stay in use
+    /// by this job (as `query-named-block-nodes` shows) until the process
+    /// ends.
+    fn abandon(&mut self) -> JobFailure {
+        let in_flight = std::mem::take(&mut self.in_flight);
+        let Some(running) = self.running.take() else {
+            return JobFailure::new("the backup's I/O never completed");
+        };
+        let message = format!(
+            "{in_flight} I/O operations on nodes '{}' and '{}' did not complete within {}s; \
+             both nodes stay in use by this job until the VMM ends",
+            running.source.node().name(),
+            running.target.node().name(),
+            self.io_timeout.as_secs_f64()
+        );
+        log::error!("backup: {message}");
+        std::mem::forget(std::mem::take(&mut self.buffers));
+        std::mem::forget(running);
+        JobFailure::new(message)
+    }
+
+    /// Reaps everything in flight, so no buffer is in the kernel's hands;
+    /// if that stalls for `io_timeout`, abandons it (see [`Backup::abandon`]).
+    fn drain(&mut self) -> Result<(), JobFailure> {
+        while self.running.is_some() && self.in_flight > 0 {
+            self.check_stall()?;
             if let Err(e) = self.reap() {
-                log::debug!("backup of '{source}': while draining: {e}");
+                log::debug!("backup: while draining: {e}");
             }
         }
+        Ok(())
     }
 
     /// Fails the job after every operation in flight has ended.
+    /// If they never end, the job fails with that instead.
     fn fail(&mut self, e: JobFailure) -> Result<Step, JobFailure> {
-        self.drain();
+        self.drain()?;
         Err(e)
     }
 }
@@ -343,9 +402,16 @@ impl JobDriver for Backup {
                 // Nothing could start within this step's budget.
                 break;
             }
+            let before = self.last_completion;
             match self.reap() {
                 Ok(n) => done += n,
                 Err(e) => return self.fail(e),
+            }
+            if self.last_completion == before {
+                // A second without a completion: let the runtime look at
+                // pause and cancel, unless the I/O has stalled for good.
+                self.check_stall()?;
+                break;
             }
         }
         if self.written >= self.len {
@@ -363,6 +429,7 @@ impl JobDriver for Backup {
                 if let Err(e) = self.reap() {
                     return self.fail(e);
                 }
+                self.check_stall()?;
             }
             self.flushed = true;
         }
@@ -370,7 +437,9 @@ impl JobDriver for Backup {
     }
 
     fn clean(&mut self) {
-        self.drain();
+        // A stall here is logged by `abandon`; the job's outcome (cancelled,
+        // most likely) is already decided.
+        let _ = self.drain();
         if let Some(running) = self.running.take() {
             log::debug!(
                 "backup of '{}' to '{}' releases both nodes",
@@ -387,7 +456,7 @@ impl Drop for Backup {
     fn drop(&mut self) {
         // A job dropped without clean (its creation failed) may not leave
         // buffers in the kernel's hands.
-        self.drain();
+        let _ = self.drain();
     }
 }
 
@@ -398,9 +467,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::graph::{DriverOptions, Graph, NodeOptions};
+    use crate::graph::{DriverOptions, FileOptions, Graph, NodeOptions};
     use crate::job::{JobEvent, JobManager, JobOptions, JobStatus};
-    use crate::lock::Locking;
 
     struct Image(PathBuf);
 
@@ -441,11 +509,7 @@ mod tests {
             .add(NodeOptions {
                 node_name: Some(name.into()),
                 read_only: false,
-                driver: DriverOptions::File {
-                    filename: image.0.clone(),
-                    direct: false,
-                    locking: Locking::Auto,
-                },
+                driver: DriverOptions::File(FileOptions::new(image.0.clone())),
             })
             .unwrap();
     }
@@ -571,11 +635,7 @@ mod tests {
             .add(NodeOptions {
                 node_name: Some("ro".into()),
                 read_only: true,
-                driver: DriverOptions::File {
-                    filename: ro_image.0.clone(),
-                    direct: false,
-                    locking: Locking::Auto,
-                },
+                driver: DriverOptions::File(FileOptions::new(ro_image.0.clone())),
             })
             .unwrap();
         let ro = graph.get("ro", job("b2")).unwrap();
@@ -659,6 +719,132 @@ mod tests {
             let node = graph.get(name, job("check")).unwrap();
             assert_eq!(graph.info(&node).lease, None, "{name} released");
         }
+    }
+
+    /// An engine that takes every operation and never completes one, as
+    /// io_uring on a hung file system would.
+    struct StuckIo(vmm_sys_util::eventfd::EventFd);
+
+    impl StuckIo {
+        fn boxed() -> Box<dyn AsyncIo> {
+            Box::new(Self(
+                vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ))
+        }
+    }
+
+    impl AsyncIo for StuckIo {
+        fn notifier(&self) -> &vmm_sys_util::eventfd::EventFd {
+            &self.0
+        }
+        unsafe fn read_vectored(
+            &mut self,
+            _: u64,
+            _: &[libc::iovec],
+            _: u64,
+        ) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        unsafe fn write_vectored(
+            &mut self,
+            _: u64,
+            _: &[libc::iovec],
+            _: u64,
+        ) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        fn flush(&mut self, _: u64) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        fn punch_hole(&mut self, _: u64, _: u64, _: u64) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        fn write_zeroes(&mut self, _: u64, _: u64, _: u64) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        fn submit(&mut self) -> Result<(), crate::io::IoError> {
+            Ok(())
+        }
+        fn next_completion(&mut self) -> Option<crate::io::Completion> {
+            None
+        }
+    }
+
+    /// A backup of `src` to `dst` whose source engine never completes,
+    /// giving up after a short while instead of a minute.
+    fn stuck_backup(graph: &Graph, jobs: &JobManager, id: &str, speed: i64) -> Seen {
+        let source = graph.get("src", job(id)).unwrap();
+        let target = graph.get("dst", job(id)).unwrap();
+        let mut backup = Backup::with_engines(id, &source, &target, |lease, depth| {
+            if lease.node().name() == "src" {
+                Ok(StuckIo::boxed())
+            } else {
+                lease.open_io(depth)
+            }
+        })
+        .unwrap();
+        backup.io_timeout = Duration::from_millis(1500);
+        let (events, seen) = recorder();
+        let options = JobOptions {
+            auto_finalize: true,
+            auto_dismiss: false,
+            speed,
+        };
+        jobs.create(id, Box::new(backup), options, events).unwrap();
+        jobs.start(id).unwrap();
+        seen
+    }
+
+    fn assert_still_held(graph: &Graph, id: &str) {
+        for name in ["src", "dst"] {
+            let node = graph.get(name, job("check")).unwrap();
+            assert_eq!(graph.info(&node).lease, Some(job(id)), "{name} kept");
+            let err = node.take_lease(job("next")).unwrap_err();
+            assert!(err.to_string().contains(id), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_backup_whose_io_never_completes_fails_and_keeps_both_leases() {
+        let src = Image::new("stuck-src", 4 * CHUNK, 3);
+        let dst = Image::new("stuck-dst", 4 * CHUNK, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let jobs = JobManager::new();
+        let seen = stuck_backup(&graph, &jobs, "b6", 0);
+        jobs.wait_for("b6", JobStatus::Concluded, Duration::from_secs(20))
+            .unwrap();
+        let error = jobs.info("b6").unwrap().error.unwrap();
+        assert!(
+            error.contains("did not complete") && error.contains("'src' and 'dst'"),
+            "{error}"
+        );
+        assert!(
+            seen.lock()
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, JobEvent::Completed { error: Some(_), .. })),
+            "{:?}",
+            seen.lock().unwrap()
+        );
+        assert_still_held(&graph, "b6");
+    }
+
+    #[test]
+    fn a_cancelled_backup_whose_io_never_completes_keeps_both_leases() {
+        let src = Image::new("stuck-cancel-src", 4 * CHUNK, 3);
+        let dst = Image::new("stuck-cancel-dst", 4 * CHUNK, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let jobs = JobManager::new();
+        stuck_backup(&graph, &jobs, "b7", 0);
+        std::thread::sleep(Duration::from_millis(100));
+        jobs.cancel("b7").unwrap();
+        jobs.wait_for("b7", JobStatus::Concluded, Duration::from_secs(20))
+            .unwrap();
+        assert_still_held(&graph, "b7");
     }
 
     #[test]

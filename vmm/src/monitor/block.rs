@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use block::{
-    driver::NULL_DEFAULT_SIZE, BlockError, ChildOptions, DriverOptions, Holder, Locking, NodeInfo,
-    NodeOptions,
+    driver::NULL_DEFAULT_SIZE, Aio, BlockError, ChildOptions, DriverOptions, FileOptions, Holder,
+    Locking, NodeInfo, NodeOptions,
 };
 use serde_json::{json, Value};
 
@@ -98,23 +98,26 @@ fn node_options(mut args: Args) -> Result<NodeOptions, QmpError> {
                 }
                 cache.finish()?;
             }
-            if let Some(aio) = args.opt_str("aio")? {
-                if aio != "io_uring" {
-                    return Err(QmpError::generic(format!(
-                        "Parameter 'aio' does not accept value '{aio}': the file driver always uses io_uring"
-                    )));
-                }
-            }
+            // Ours: auto (io_uring, else plain system calls), io_uring, sync.
+            let aio = match args.opt_str("aio")? {
+                Some(value) => value.parse().map_err(|why: String| {
+                    QmpError::generic(format!(
+                        "Parameter 'aio' does not accept value '{value}': {why}"
+                    ))
+                })?,
+                None => Aio::Auto,
+            };
             // QEMU's `locking`: on, off or auto (the default).
             let locking = match args.opt_str("locking")? {
                 Some(value) => value.parse().map_err(|_| bad_value("locking", &value))?,
                 None => Locking::Auto,
             };
-            DriverOptions::File {
+            DriverOptions::File(FileOptions {
                 filename,
                 direct,
                 locking,
-            }
+                aio,
+            })
         }
         "raw" => {
             let file = match args.value("file")? {
@@ -181,7 +184,7 @@ mod tests {
     fn blockdev_add_reads_each_driver_and_inline_children() {
         let raw = parse(json!({
             "driver": "raw", "node-name": "r0", "read-only": true,
-            "file": {"driver": "file", "filename": "/tmp/x.img", "cache": {"direct": true}, "aio": "io_uring", "locking": "off"},
+            "file": {"driver": "file", "filename": "/tmp/x.img", "cache": {"direct": true}, "aio": "sync", "locking": "off"},
         }))
         .unwrap();
         assert_eq!(
@@ -193,11 +196,12 @@ mod tests {
                     file: ChildOptions::Inline(Box::new(NodeOptions {
                         node_name: None,
                         read_only: false,
-                        driver: DriverOptions::File {
-                            filename: "/tmp/x.img".into(),
+                        driver: DriverOptions::File(FileOptions {
                             direct: true,
                             locking: Locking::Off,
-                        },
+                            aio: Aio::Sync,
+                            ..FileOptions::new("/tmp/x.img".into())
+                        }),
                     })),
                 },
             }
@@ -223,7 +227,7 @@ mod tests {
         let desc = |v: Value| parse(v).unwrap_err().desc;
         assert_eq!(
             desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "aio": "threads"})),
-            "Parameter 'aio' does not accept value 'threads': the file driver always uses io_uring"
+            "Parameter 'aio' does not accept value 'threads': 'threads' is not one of auto, io_uring, sync"
         );
         assert_eq!(
             desc(json!({"driver": "file", "node-name": "f", "filename": "/x", "locking": "maybe"})),

@@ -49,7 +49,7 @@ pub struct Monitor {
     /// The same sink, for jobs' events.
     job_events: ::block::job::EventSink,
     /// Ends the VM (`quit`).
-    quit: Box<dyn Fn() + Send>,
+    quit: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Monitor {
@@ -60,7 +60,7 @@ impl Monitor {
         graph: Arc<Graph>,
         jobs: Arc<JobManager>,
         events: EventSink,
-        quit: Box<dyn Fn() + Send>,
+        quit: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
         Self {
             run,
@@ -78,7 +78,18 @@ impl Commands for Monitor {
         COMMANDS.to_vec()
     }
 
-    fn execute(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+    /// `stop` and `cont` wait for vCPUs and dataplanes (and for each other,
+    /// through the run state's lock), `blockdev-add` for the file system's
+    /// open, `blockdev-backup` for the job's drained start, `job-cancel`
+    /// and `job-finalize` for a job's I/O to drain.
+    fn may_wait(&self, name: &str) -> bool {
+        matches!(
+            name,
+            "stop" | "cont" | "blockdev-add" | "blockdev-backup" | "job-cancel" | "job-finalize"
+        )
+    }
+
+    fn execute(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
         let args = Args::new(args);
         match name {
             "query-version" => machine::query_version(args),

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -26,6 +27,11 @@ pub struct Client {
     pub read_closed: bool,
     /// What epoll watches for now.
     pub interest: EventSet,
+    /// One of its commands runs on another thread: its next input waits
+    /// (unread) until that reply is queued, so replies keep their order.
+    pub busy: bool,
+    /// When it connected (un-negotiated clients get a time limit).
+    pub connected: Instant,
 }
 
 /// Why a client is being dropped.
@@ -47,6 +53,8 @@ impl Client {
             max_out,
             read_closed: false,
             interest: EventSet::empty(),
+            busy: false,
+            connected: Instant::now(),
         };
         client.out.extend(Session::greeting());
         client
@@ -103,11 +111,12 @@ impl Client {
         }
     }
 
-    /// What epoll should watch for: input until the client shuts its side,
-    /// room to write while output waits.
+    /// What epoll should watch for: input until the client shuts its side
+    /// (not while a command of its runs elsewhere), room to write while
+    /// output waits.
     pub fn wanted(&self) -> EventSet {
         let mut set = EventSet::empty();
-        if !self.read_closed {
+        if !self.read_closed && !self.busy {
             set |= EventSet::IN;
         }
         if self.has_output() {
@@ -118,7 +127,7 @@ impl Client {
 
     /// Whether nothing more will happen on this connection.
     pub fn is_done(&self) -> bool {
-        self.read_closed && !self.has_output()
+        self.read_closed && !self.busy && !self.has_output()
     }
 }
 

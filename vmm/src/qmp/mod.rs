@@ -35,23 +35,33 @@ mod wire;
 pub use args::{expects, invalid_type, missing, unexpected, Args};
 pub use error::{ErrorClass, QmpError};
 pub use event::{Event, Timestamp};
-pub use protocol::{Session, MAX_INPUT};
+pub use protocol::{Next, Request, Session, MAX_INPUT};
 pub use server::{
     EventSink, QmpServer, QmpServerError, QmpThread, ShutdownHandle, MAX_CLIENTS, MAX_OUTPUT,
+    NEGOTIATION_TIMEOUT,
 };
 
 use serde_json::{Map, Value};
 
 /// What the VMM does for each QMP command.
 ///
-/// Commands run on the QMP thread, one at a time, and only after the
-/// client has negotiated capabilities; `qmp_capabilities` and
-/// `query-commands` are answered by the protocol and never reach here.
-/// A command that takes long blocks every client (and events) meanwhile:
-/// start long work elsewhere and report it with events, as block jobs do.
-pub trait Commands: Send {
+/// Commands run only after the client has negotiated capabilities;
+/// `qmp_capabilities` and `query-commands` are answered by the protocol
+/// and never reach here. A client's commands run one at a time, in order.
+/// Most run on the QMP thread; those [`Commands::may_wait`] names run on
+/// a thread of their own, so that while one waits (a drain, a slow file
+/// system) other clients' commands and events go on. Their replies come
+/// when they finish. So commands may run concurrently, from any thread.
+pub trait Commands: Send + Sync {
     /// Names of the commands it implements (for query-commands and dispatch).
     fn names(&self) -> Vec<&'static str>;
     /// Runs one command; Ok is the `return` value (often `{}`).
-    fn execute(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError>;
+    fn execute(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError>;
+    /// Whether `name` may wait for something outside the VMM's control
+    /// (the kernel draining I/O, a file system): it then runs off the
+    /// QMP thread. A command the QMP thread runs must never wait on a
+    /// lock that such a command holds while it waits.
+    fn may_wait(&self, _name: &str) -> bool {
+        false
+    }
 }

@@ -30,6 +30,36 @@ const CAPABILITIES: &str = "qmp_capabilities";
 /// The command the protocol answers itself, from the command list.
 const QUERY_COMMANDS: &str = "query-commands";
 
+/// What the protocol made of one input value.
+#[derive(Debug)]
+pub enum Next {
+    /// The protocol answered it itself (an error, negotiation,
+    /// `query-commands`): this is the reply.
+    Reply(Vec<u8>),
+    /// A command to run; its reply is [`Request::reply`] of the result.
+    Run(Request),
+}
+
+/// A valid command from a negotiated client, not yet run.
+#[derive(Debug)]
+pub struct Request {
+    /// The command's name, one of [`Commands::names`].
+    pub name: String,
+    /// Its arguments (empty when absent).
+    pub args: Map<String, Value>,
+    id: Option<Value>,
+}
+
+impl Request {
+    /// The reply to this request for `result`, carrying its `id`.
+    pub fn reply(&self, result: Result<Value, QmpError>) -> Vec<u8> {
+        match result {
+            Ok(ret) => return_reply(self.id.as_ref(), &ret),
+            Err(e) => error_reply(self.id.as_ref(), &e),
+        }
+    }
+}
+
 /// The state of one client's connection.
 #[derive(Debug)]
 pub struct Session {
@@ -95,27 +125,39 @@ impl Session {
     /// Handles the next complete value received, running it through
     /// `commands` if it is a command, and returns its reply; `None` once
     /// the input holds no complete value.
-    pub fn next_reply(&mut self, commands: &mut dyn Commands) -> Option<Vec<u8>> {
+    pub fn next_reply(&mut self, commands: &dyn Commands) -> Option<Vec<u8>> {
+        Some(match self.next(commands)? {
+            Next::Reply(reply) => reply,
+            Next::Run(request) => {
+                let result = commands.execute(&request.name, request.args.clone());
+                request.reply(result)
+            }
+        })
+    }
+
+    /// Handles the next complete value received as far as the protocol
+    /// can: a reply, or a command for `commands` to run, wherever the
+    /// caller chooses; `None` once the input holds no complete value.
+    pub fn next(&mut self, commands: &dyn Commands) -> Option<Next> {
         let (used, piece) = self.splitter.next(&self.input[self.used..]);
         self.used += used;
         if self.used == self.input.len() {
             self.input.clear();
             self.used = 0;
         }
-        let reply = match piece? {
-            Piece::TooLong => error_reply(
+        Some(match piece? {
+            Piece::TooLong => Next::Reply(error_reply(
                 None,
                 &QmpError::generic(format!(
                     "JSON parse error, input longer than {MAX_INPUT} bytes"
                 )),
-            ),
+            )),
             Piece::Text(text) => self.handle_text(&text, commands),
-        };
-        Some(reply)
+        })
     }
 
     /// Takes `bytes` and returns every reply they complete, in order.
-    pub fn feed(&mut self, bytes: &[u8], commands: &mut dyn Commands) -> Vec<u8> {
+    pub fn feed(&mut self, bytes: &[u8], commands: &dyn Commands) -> Vec<u8> {
         self.push_input(bytes);
         let mut out = Vec::new();
         while let Some(reply) = self.next_reply(commands) {
@@ -124,47 +166,49 @@ impl Session {
         out
     }
 
-    fn handle_text(&mut self, text: &[u8], commands: &mut dyn Commands) -> Vec<u8> {
+    fn handle_text(&mut self, text: &[u8], commands: &dyn Commands) -> Next {
         let request = match serde_json::from_slice::<Value>(text) {
             Ok(Value::Object(request)) => request,
             Ok(_) => {
-                return error_reply(None, &QmpError::generic("QMP input must be a JSON object"))
+                return Next::Reply(error_reply(
+                    None,
+                    &QmpError::generic("QMP input must be a JSON object"),
+                ))
             }
             Err(e) => {
-                return error_reply(None, &QmpError::generic(format!("JSON parse error, {e}")))
+                return Next::Reply(error_reply(
+                    None,
+                    &QmpError::generic(format!("JSON parse error, {e}")),
+                ))
             }
         };
         let id = request.get("id").cloned();
-        match self.handle_request(request, commands) {
+        let reply = |result: Result<Value, QmpError>| match result {
             Ok(ret) => return_reply(id.as_ref(), &ret),
             Err(e) => error_reply(id.as_ref(), &e),
-        }
-    }
-
-    fn handle_request(
-        &mut self,
-        request: Map<String, Value>,
-        commands: &mut dyn Commands,
-    ) -> Result<Value, QmpError> {
-        let (name, args) = check_request(request)?;
+        };
+        let (name, args) = match check_request(request) {
+            Ok(request) => request,
+            Err(e) => return Next::Reply(reply(Err(e))),
+        };
         if name == CAPABILITIES {
-            return self.negotiate(args);
+            return Next::Reply(reply(self.negotiate(args)));
         }
         if !self.negotiated {
-            return Err(QmpError::command_not_found(
+            return Next::Reply(reply(Err(QmpError::command_not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
-            ));
+            ))));
         }
         if name == QUERY_COMMANDS {
-            Args::new(args).finish()?;
-            return Ok(query_commands(commands));
+            let result = Args::new(args).finish().map(|()| query_commands(commands));
+            return Next::Reply(reply(result));
         }
         if !commands.names().contains(&name.as_str()) {
-            return Err(QmpError::command_not_found(format!(
+            return Next::Reply(reply(Err(QmpError::command_not_found(format!(
                 "The command {name} has not been found"
-            )));
+            )))));
         }
-        commands.execute(&name, args)
+        Next::Run(Request { name, args, id })
     }
 
     /// `qmp_capabilities`: its arguments are checked first, as QEMU checks
@@ -291,7 +335,7 @@ mod tests {
             vec!["echo", "fail", "typed"]
         }
 
-        fn execute(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        fn execute(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
             match name {
                 "echo" => Ok(Value::Object(args)),
                 "fail" => Err(QmpError::device_not_found("Device 'x' not found")),
@@ -318,7 +362,7 @@ mod tests {
     }
 
     fn send(s: &mut Session, input: &str) -> Vec<Value> {
-        messages(&s.feed(input.as_bytes(), &mut Fake))
+        messages(&s.feed(input.as_bytes(), &Fake))
     }
 
     fn negotiated() -> Session {
@@ -461,9 +505,9 @@ mod tests {
     #[test]
     fn replies_keep_qemu_member_order() {
         let mut s = negotiated();
-        let out = s.feed(br#"{"execute": "echo", "id": 5}"#, &mut Fake);
+        let out = s.feed(br#"{"execute": "echo", "id": 5}"#, &Fake);
         assert_eq!(out, b"{\"return\": {}, \"id\": 5}\r\n");
-        let out = s.feed(br#"{"execute": "nope", "id": "a"}"#, &mut Fake);
+        let out = s.feed(br#"{"execute": "nope", "id": "a"}"#, &Fake);
         assert_eq!(
             out,
             b"{\"id\": \"a\", \"error\": {\"class\": \"CommandNotFound\", \
@@ -478,7 +522,7 @@ mod tests {
         let mut out = Vec::new();
         for b in input.as_bytes() {
             assert!(out.is_empty());
-            out.extend(s.feed(std::slice::from_ref(b), &mut Fake));
+            out.extend(s.feed(std::slice::from_ref(b), &Fake));
         }
         assert_eq!(
             messages(&out),
@@ -512,18 +556,18 @@ mod tests {
         let mut s = negotiated();
         s.push_input(br#"{"execute":"echo","id":1}{"execute":"echo","id":2}{"exe"#);
         assert_eq!(
-            messages(&s.next_reply(&mut Fake).unwrap()),
+            messages(&s.next_reply(&Fake).unwrap()),
             [json!({"return": {}, "id": 1})]
         );
         assert_eq!(
-            messages(&s.next_reply(&mut Fake).unwrap()),
+            messages(&s.next_reply(&Fake).unwrap()),
             [json!({"return": {}, "id": 2})]
         );
-        assert_eq!(s.next_reply(&mut Fake), None);
+        assert_eq!(s.next_reply(&Fake), None);
         assert!(s.is_mid_value());
         s.push_input(br#"cute":"echo","id":3}"#);
         assert_eq!(
-            messages(&s.next_reply(&mut Fake).unwrap()),
+            messages(&s.next_reply(&Fake).unwrap()),
             [json!({"return": {}, "id": 3})]
         );
         assert!(!s.is_mid_value());
@@ -560,9 +604,9 @@ mod tests {
         );
         let mut out = Vec::new();
         for chunk in big.as_bytes().chunks(64 * 1024) {
-            out.extend(s.feed(chunk, &mut Fake));
+            out.extend(s.feed(chunk, &Fake));
         }
-        out.extend(s.feed(br#"{"execute": "echo", "id": 1}"#, &mut Fake));
+        out.extend(s.feed(br#"{"execute": "echo", "id": 1}"#, &Fake));
         assert_eq!(
             messages(&out),
             [

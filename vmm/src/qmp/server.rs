@@ -1,13 +1,21 @@
-//! The QMP socket: a Unix socket served by one thread, `qmp`, for any
-//! number of clients at once. Sockets are non-blocking and one epoll
+//! The QMP socket: a Unix socket served by one thread, `qmp`, for up to
+//! [`MAX_CLIENTS`] clients at once. Sockets are non-blocking and one epoll
 //! watches the listener, every client and an eventfd that other threads
-//! use to hand over events or ask the server to stop.
+//! use to hand over events and replies or ask the server to stop.
 //!
-//! Commands run on this thread one at a time. After each one its reply is
-//! written at once (as much as the socket takes), so a command like `quit`
-//! has its answer on the wire before the VMM starts tearing things down.
+//! Most commands run on this thread. After each one its reply is written
+//! at once (as much as the socket takes), so a command like `quit` has its
+//! answer on the wire before the VMM starts tearing things down. A command
+//! that may wait ([`Commands::may_wait`]) runs on a thread of its own
+//! (`qmp-cmd`); its client's further input waits until its reply is back,
+//! so every client gets its replies in order, while the others go on.
+//!
 //! A client is dropped, without disturbing the others, when its socket
-//! fails or when it lets more than [`MAX_OUTPUT`] bytes pile up unread.
+//! fails, when it lets more than [`MAX_OUTPUT`] bytes pile up unread, or
+//! when it has not negotiated capabilities within [`NEGOTIATION_TIMEOUT`].
+//! A client that finds [`MAX_CLIENTS`] connected takes the place of the
+//! oldest one still negotiating; only if every one has negotiated is it
+//! closed at once. So silent connections cannot lock the operator out.
 //!
 //! ```no_run
 //! # use vmm::qmp::{Commands, QmpError, QmpServer};
@@ -47,17 +55,24 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::client::{Client, Gone};
+use super::error::QmpError;
 use super::event::Event;
+use super::protocol::{Next, Request};
 use super::Commands;
 
 /// Most bytes of replies and events a client may leave unread before it
 /// is dropped (and most bytes of events waiting for the server thread).
 pub const MAX_OUTPUT: usize = 16 << 20;
 
-/// Most clients connected at once; more are accepted and closed at once.
-/// QMP clients are a handful of tools, so this only stops a runaway one
-/// from using up the VMM's file descriptors.
+/// Most clients connected at once. QMP clients are a handful of tools, so
+/// this only stops a runaway one from using up the VMM's file descriptors.
+/// One more evicts the oldest client still negotiating, or is closed at
+/// once if every client has negotiated.
 pub const MAX_CLIENTS: usize = 64;
+
+/// How long a client may take to send `qmp_capabilities` before it is
+/// closed (QEMU has no limit; an idle connection here costs a slot).
+pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long stopping waits for clients to take their last messages.
 const FLUSH_DEADLINE: Duration = Duration::from_millis(500);
@@ -118,9 +133,12 @@ fn sys(what: &'static str) -> impl FnOnce(io::Error) -> QmpServerError {
     move |source| QmpServerError::Sys { what, source }
 }
 
-/// What the server thread shares with event emitters and stoppers.
+/// What the server thread shares with event emitters, stoppers and the
+/// threads running commands that wait.
 struct Shared {
     events: Mutex<PendingEvents>,
+    /// Replies of commands run off the QMP thread, with their client's token.
+    replies: Mutex<Vec<(u64, Vec<u8>)>>,
     stop: AtomicBool,
     /// The server thread has finished: events go nowhere now.
     closed: AtomicBool,
@@ -160,6 +178,21 @@ pub struct EventSink {
 }
 
 impl EventSink {
+    /// A sink whose events go nowhere, for running commands without a
+    /// server (the fuzz targets).
+    pub(crate) fn discarding() -> Self {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd for a discarding sink");
+        Self {
+            shared: Arc::new(Shared {
+                events: Mutex::new(PendingEvents::default()),
+                replies: Mutex::new(Vec::new()),
+                stop: AtomicBool::new(false),
+                closed: AtomicBool::new(true),
+                wake,
+            }),
+        }
+    }
+
     /// Stamps `event` with the time now and queues it for every client
     /// that has negotiated capabilities when the server thread picks it
     /// up (at once unless a command is running). Events are dropped once
@@ -221,7 +254,7 @@ impl Drop for SocketFile {
 
 /// A QMP server bound to its socket, not yet serving.
 pub struct QmpServer {
-    commands: Box<dyn Commands>,
+    commands: Arc<dyn Commands>,
     shared: Arc<Shared>,
     epoll: Epoll,
     clients: HashMap<u64, Client>,
@@ -230,6 +263,7 @@ pub struct QmpServer {
     next_token: u64,
     buf: Vec<u8>,
     max_output: usize,
+    negotiation_timeout: Duration,
     // Dropped in this order: the listener closes before its file goes.
     listener: UnixListener,
     socket: SocketFile,
@@ -270,6 +304,7 @@ impl QmpServer {
             .map_err(sys("make the listener non-blocking"))?;
         let shared = Arc::new(Shared {
             events: Mutex::default(),
+            replies: Mutex::default(),
             stop: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK).map_err(sys("create an eventfd"))?,
@@ -288,13 +323,14 @@ impl QmpServer {
             shared: shared.clone(),
         });
         Ok(Self {
-            commands: Box::new(commands),
+            commands: Arc::new(commands),
             shared,
             epoll,
             clients: HashMap::new(),
             next_token: FIRST_CLIENT,
             buf: vec![0; READ_CHUNK],
             max_output: MAX_OUTPUT,
+            negotiation_timeout: NEGOTIATION_TIMEOUT,
             listener,
             socket,
         })
@@ -338,7 +374,7 @@ impl QmpServer {
     fn serve(&mut self) -> Result<(), QmpServerError> {
         let mut ready = vec![EpollEvent::default(); 32];
         while !self.stopping() {
-            let n = match self.epoll.wait(-1, &mut ready) {
+            let n = match self.epoll.wait(self.next_expiry_ms(), &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(sys("wait in epoll")(e)),
@@ -349,11 +385,15 @@ impl QmpServer {
                     WAKE => {
                         // Resets the counter; the queue says what to do.
                         let _ = self.shared.wake.read();
+                        // Events first: a command's events (STOP) go out
+                        // before its reply, as QEMU sends them.
                         self.deliver_events();
+                        self.deliver_replies();
                     }
                     token => self.client_ready(token, event.event_set()),
                 }
             }
+            self.expire_negotiating();
         }
         self.finish();
         Ok(())
@@ -377,9 +417,25 @@ impl QmpServer {
                 }
             };
             if self.clients.len() >= MAX_CLIENTS {
+                let negotiating = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| !c.session.accepts_events())
+                    .min_by_key(|(_, c)| c.connected)
+                    .map(|(token, _)| *token);
                 // Debug only: whoever keeps connecting must not flood the log.
-                log::debug!("QMP: {MAX_CLIENTS} clients already connected, one more refused");
-                continue;
+                match negotiating {
+                    Some(oldest) => {
+                        log::debug!("QMP client {oldest} dropped: {MAX_CLIENTS} clients connected and it never negotiated");
+                        self.drop_client(oldest);
+                    }
+                    None => {
+                        log::debug!(
+                            "QMP: {MAX_CLIENTS} clients already connected, one more refused"
+                        );
+                        continue;
+                    }
+                }
             }
             if let Err(e) = self.add_client(stream) {
                 log::debug!("QMP: cannot set up a new client: {e}");
@@ -405,7 +461,46 @@ impl QmpServer {
         Ok(())
     }
 
+    /// Milliseconds until the next client still negotiating runs out of
+    /// time (for epoll's wait), or -1 if none is.
+    fn next_expiry_ms(&self) -> i32 {
+        let now = Instant::now();
+        self.clients
+            .values()
+            .filter(|c| !c.session.accepts_events())
+            .map(|c| (c.connected + self.negotiation_timeout).saturating_duration_since(now))
+            .min()
+            .map_or(-1, |left| {
+                // Rounded up, so the wake-up is never a moment too early.
+                i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            })
+    }
+
+    /// Closes clients that have not negotiated within the time limit.
+    fn expire_negotiating(&mut self) {
+        let limit = self.negotiation_timeout;
+        let expired: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.session.accepts_events() && c.connected.elapsed() >= limit)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            log::debug!("QMP client {token} dropped: no capabilities negotiation within {limit:?}");
+            self.drop_client(token);
+        }
+    }
+
     fn client_ready(&mut self, token: u64, events: EventSet) {
+        if self.clients.get(&token).is_some_and(|c| c.busy)
+            && events.intersects(EventSet::HANG_UP | EventSet::ERROR)
+        {
+            // Gone while its command runs elsewhere: nobody will read the
+            // reply, and epoll would report the hang-up again and again.
+            log::debug!("QMP client {token} left while its command runs");
+            self.drop_client(token);
+            return;
+        }
         // An error or hang-up shows up as a failed or empty read, or a
         // failed write, below.
         let readable = events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
@@ -424,13 +519,12 @@ impl QmpServer {
         self.settle(token, result);
     }
 
-    /// Reads one chunk from a client and runs the commands it completes,
-    /// writing each reply before the next command runs.
+    /// Reads one chunk from a client and runs the commands it completes.
     fn read_client(&mut self, token: u64) -> Result<(), Gone> {
         let Some(client) = self.clients.get_mut(&token) else {
             return Ok(());
         };
-        if client.read_closed {
+        if client.read_closed || client.busy {
             return Ok(());
         }
         let n = match client.read(&mut self.buf)? {
@@ -445,15 +539,61 @@ impl QmpServer {
             Some(n) => n,
         };
         client.session.push_input(&self.buf[..n]);
+        self.run_input(token)
+    }
+
+    /// Runs the commands a client's input holds, writing each reply
+    /// before the next command runs, until one goes to a thread of its own.
+    fn run_input(&mut self, token: u64) -> Result<(), Gone> {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return Ok(());
+        };
         // Once stopping, commands not yet started are left alone.
-        while !self.shared.stop.load(Ordering::Acquire) {
-            let Some(reply) = client.session.next_reply(self.commands.as_mut()) else {
-                break;
+        while !client.busy && !self.shared.stop.load(Ordering::Acquire) {
+            let reply = match client.session.next(self.commands.as_ref()) {
+                None => break,
+                Some(Next::Reply(reply)) => reply,
+                Some(Next::Run(request)) if self.commands.may_wait(&request.name) => {
+                    match spawn_command(token, request, &self.commands, &self.shared) {
+                        Ok(()) => {
+                            client.busy = true;
+                            break;
+                        }
+                        Err(reply) => reply,
+                    }
+                }
+                Some(Next::Run(request)) => {
+                    let result = self.commands.execute(&request.name, request.args.clone());
+                    request.reply(result)
+                }
             };
             client.queue(&reply)?;
             client.flush()?;
         }
         Ok(())
+    }
+
+    /// Hands the replies of commands that ran elsewhere to their clients,
+    /// and runs what those clients sent meanwhile.
+    fn deliver_replies(&mut self) {
+        let replies = std::mem::take(
+            &mut *self
+                .shared
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (token, reply) in replies {
+            let Some(client) = self.clients.get_mut(&token) else {
+                continue;
+            };
+            client.busy = false;
+            let result = client
+                .queue(&reply)
+                .and_then(|()| client.flush())
+                .and_then(|()| self.run_input(token));
+            self.settle(token, result);
+        }
     }
 
     /// Drops a client that failed or is done; otherwise makes epoll watch
@@ -587,6 +727,49 @@ impl Drop for QmpServer {
     }
 }
 
+/// Runs `request` on a new thread, `qmp-cmd`, whose reply goes to client
+/// `token` through the server's wake-up; if no thread starts, the reply
+/// saying so.
+fn spawn_command(
+    token: u64,
+    request: Request,
+    commands: &Arc<dyn Commands>,
+    shared: &Arc<Shared>,
+) -> Result<(), Vec<u8>> {
+    let (commands, shared) = (commands.clone(), shared.clone());
+    let refused = request.reply(Err(QmpError::generic(format!(
+        "The command {} cannot run: no thread could be started for it",
+        request.name
+    ))));
+    let spawned = std::thread::Builder::new()
+        .name("qmp-cmd".into())
+        .spawn(move || {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commands.execute(&request.name, request.args.clone())
+            }));
+            let result = run.unwrap_or_else(|_| {
+                Err(QmpError::generic(format!(
+                    "The command {} failed: its thread panicked",
+                    request.name
+                )))
+            });
+            if shared.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let reply = request.reply(result);
+            shared
+                .replies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((token, reply));
+            shared.wake();
+        });
+    spawned.map(drop).map_err(|e| {
+        log::warn!("QMP: cannot start a thread for a command: {e}");
+        refused
+    })
+}
+
 /// Removes a socket at `path` that nobody listens on any more.
 fn remove_stale(path: &Path) -> Result<(), QmpServerError> {
     let probe = |source| QmpServerError::Probe {
@@ -650,22 +833,35 @@ mod tests {
     use crate::qmp::QmpError;
 
     /// `echo` returns its arguments; `quit` stops the server, as the VMM's
-    /// would end the VM.
+    /// would end the VM; `wait` (one that may wait) returns once the gate
+    /// opens.
     #[derive(Default)]
     struct Fake {
         quit: Arc<OnceLock<ShutdownHandle>>,
+        gate: Arc<(Mutex<bool>, std::sync::Condvar)>,
     }
 
     impl Commands for Fake {
         fn names(&self) -> Vec<&'static str> {
-            vec!["echo", "quit"]
+            vec!["echo", "quit", "wait"]
         }
 
-        fn execute(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        fn execute(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
             if name == "quit" {
                 self.quit.get().expect("handle set").stop();
             }
+            if name == "wait" {
+                let (open, changed) = &*self.gate;
+                let mut open = open.lock().unwrap();
+                while !*open {
+                    open = changed.wait(open).unwrap();
+                }
+            }
             Ok(Value::Object(args))
+        }
+
+        fn may_wait(&self, name: &str) -> bool {
+            name == "wait"
         }
     }
 
@@ -906,13 +1102,37 @@ mod tests {
     }
 
     #[test]
-    fn clients_beyond_the_limit_are_closed() {
+    fn silent_clients_cannot_lock_out_a_new_one() {
         let (thread, _, path, _dir) = start();
-        let clients: Vec<TestClient> = (0..MAX_CLIENTS)
-            .map(|_| TestClient::connect(&path))
+        // They never read their greeting nor send anything.
+        let silent: Vec<TestClient> = (0..100)
+            .map(|_| TestClient::connect_quietly(&path))
+            .collect();
+        let started = Instant::now();
+        let mut c = TestClient::connect(&path);
+        c.negotiate();
+        assert_eq!(c.cmd(&echo(1)), echoed(1));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "took {took:?}");
+        drop(silent);
+        thread.stop_and_join().unwrap();
+    }
+
+    #[test]
+    fn negotiated_clients_are_never_evicted() {
+        let (thread, _, path, _dir) = start();
+        let mut clients: Vec<TestClient> = (0..MAX_CLIENTS)
+            .map(|_| {
+                let mut c = TestClient::connect(&path);
+                c.negotiate();
+                c
+            })
             .collect();
         let mut extra = TestClient::connect_quietly(&path);
         extra.assert_eof();
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(c.cmd(&echo(i as u64)), echoed(i as u64));
+        }
         drop(clients);
         // Room again once they are gone (the server notices in its own time).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -926,6 +1146,61 @@ mod tests {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(10));
         }
+        thread.stop_and_join().unwrap();
+    }
+
+    #[test]
+    fn a_client_that_does_not_negotiate_in_time_is_closed() {
+        let dir = temp_dir();
+        let path = dir.as_path().join("qmp.sock");
+        let mut server = QmpServer::bind(&path, Fake::default()).unwrap();
+        server.negotiation_timeout = Duration::from_millis(300);
+        let thread = server.spawn().unwrap();
+        let mut negotiated = TestClient::connect(&path);
+        negotiated.negotiate();
+        let started = Instant::now();
+        let mut silent = TestClient::connect(&path);
+        silent.assert_eof();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "closed after {took:?}");
+        assert!(took < Duration::from_secs(5), "closed after {took:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(negotiated.cmd(&echo(1)), echoed(1));
+        thread.stop_and_join().unwrap();
+    }
+
+    #[test]
+    fn a_waiting_command_stalls_neither_other_clients_nor_events() {
+        let dir = temp_dir();
+        let path = dir.as_path().join("qmp.sock");
+        let fake = Fake::default();
+        let gate = fake.gate.clone();
+        let server = QmpServer::bind(&path, fake).unwrap();
+        let events = server.events();
+        let thread = server.spawn().unwrap();
+        let mut waiter = TestClient::connect(&path);
+        waiter.negotiate();
+        let mut other = TestClient::connect(&path);
+        other.negotiate();
+
+        // A wait, then an echo on the same connection: the echo waits too.
+        waiter.send(&format!(r#"{{"execute": "wait", "id": "w"}}{}"#, echo(2)));
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        for i in 10..20 {
+            assert_eq!(other.cmd(&echo(i)), echoed(i));
+        }
+        events.emit("STOP", None);
+        assert_eq!(other.recv()["event"], "STOP");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The waiter got the event, and no reply yet.
+        assert_eq!(waiter.recv()["event"], "STOP");
+
+        let (open, changed) = &*gate;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+        assert_eq!(waiter.recv(), json!({"return": {}, "id": "w"}));
+        assert_eq!(waiter.recv(), echoed(2));
         thread.stop_and_join().unwrap();
     }
 

@@ -322,7 +322,7 @@ impl Drop for Block {
 mod tests {
     use super::*;
     use crate::virtio::Interrupt;
-    use block::{Graph, Locking};
+    use block::{FileOptions, Graph};
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -341,7 +341,7 @@ mod tests {
         std::fs::write(&path, vec![0x5a; 1 << 20]).unwrap();
         let graph = Graph::new();
         graph
-            .add_disk("drive0", path.clone(), false, false, Locking::Auto)
+            .add_disk("drive0", false, FileOptions::new(path.clone()))
             .unwrap();
         let node = graph.get("drive0", device_holder("vdt")).unwrap();
         (path, graph, node)
