@@ -152,10 +152,7 @@ impl<T> Gate<T> {
     pub fn release(&mut self, now: Instant, out: &mut Vec<T>) -> std::io::Result<()> {
         let mut next: Option<Duration> = None;
         for dir in DIRECTIONS {
-            loop {
-                let Some(first) = self.waiting[line(dir)].front() else {
-                    break;
-                };
+            while let Some(first) = self.waiting[line(dir)].front() {
                 match self.throttle.wait(dir, now) {
                     None => {
                         let bytes = first.bytes;
