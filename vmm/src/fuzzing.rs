@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::monitor::Monitor;
 use crate::qmp::{Commands, EventSink, Next, QmpError, Session};
 use crate::runstate::RunState;
+use crate::virtio::DiskThrottles;
 use crate::vm::Shared;
 
 /// Bytes per scratch image.
@@ -113,6 +114,7 @@ pub fn qmp(data: &[u8]) {
         run,
         graph.clone(),
         jobs.clone(),
+        DiskThrottles::default(),
         EventSink::discarding(),
         Box::new(move || said_quit.store(true, Ordering::Relaxed)),
     );

@@ -20,9 +20,11 @@ use vm_memory::GuestMemoryMmap;
 
 use super::dataplane::{Dataplane, StopSignal};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::throttle::ThrottleControl;
 use crate::virtio::{
     ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
 };
+use block::throttle::Limits;
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -70,6 +72,8 @@ struct Active {
 pub struct Block {
     config: BlockConfig,
     node: NodeRef,
+    /// Its I/O limits, which its dataplane applies.
+    throttle: Arc<ThrottleControl>,
     lease: Option<Lease>,
     config_space: [u8; CONFIG_LEN],
     features: u64,
@@ -96,7 +100,20 @@ pub fn device_holder(id: &str) -> Holder {
 impl Block {
     /// A device serving `node` as `config` says; a read-only node makes a
     /// read-only device.
-    pub fn new(mut config: BlockConfig, node: NodeRef) -> Self {
+    pub fn new(config: BlockConfig, node: NodeRef) -> Self {
+        Self::with_throttle(
+            config,
+            node,
+            Arc::new(ThrottleControl::new(Limits::default())),
+        )
+    }
+
+    /// A device as [`Block::new`] makes, its I/O limited by `throttle`.
+    pub fn with_throttle(
+        mut config: BlockConfig,
+        node: NodeRef,
+        throttle: Arc<ThrottleControl>,
+    ) -> Self {
         config.read_only |= node.read_only();
         let mut features = F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
@@ -114,6 +131,7 @@ impl Block {
         Self {
             config,
             node,
+            throttle,
             lease: None,
             config_space,
             features,

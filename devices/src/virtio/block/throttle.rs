@@ -31,18 +31,18 @@ pub struct ThrottleControl {
     limits: Mutex<Limits>,
     /// Bumped by every change, so the dataplane notices with one load.
     generation: AtomicU64,
-    /// Wakes a sleeping dataplane so it applies a change at once.
-    wake: EventFd,
+    /// Wakes the running dataplane, if any, so it applies a change at once.
+    waker: Mutex<Option<EventFd>>,
 }
 
 impl ThrottleControl {
     /// A control starting with `limits` (already validated).
-    pub fn new(limits: Limits) -> std::io::Result<Self> {
-        Ok(Self {
+    pub fn new(limits: Limits) -> Self {
+        Self {
             limits: Mutex::new(limits),
             generation: AtomicU64::new(0),
-            wake: EventFd::new(libc::EFD_NONBLOCK)?,
-        })
+            waker: Mutex::new(None),
+        }
     }
 
     /// The limits in force.
@@ -56,14 +56,22 @@ impl ThrottleControl {
         limits.validate()?;
         *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
         self.generation.fetch_add(1, Ordering::Release);
-        // A full eventfd counter already wakes the dataplane.
-        let _ = self.wake.write(1);
+        if let Some(waker) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            // A full eventfd counter already wakes the dataplane.
+            let _ = waker.write(1);
+        }
         Ok(())
     }
 
-    /// Signalled on every change.
-    pub(crate) fn wake(&self) -> &EventFd {
-        &self.wake
+    /// Has `waker` signalled on every change from now on (the running
+    /// dataplane's); `None` when it stops.
+    pub(crate) fn set_waker(&self, waker: Option<EventFd>) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = waker;
     }
 
     fn generation(&self) -> u64 {
@@ -223,7 +231,7 @@ mod tests {
 
     #[test]
     fn requests_over_the_limit_wait_in_order_and_none_is_lost() {
-        let control = ThrottleControl::new(iops(10)).unwrap();
+        let control = ThrottleControl::new(iops(10));
         let start = Instant::now();
         let mut gate = Gate::new(&control, start).unwrap();
         let mut went = Vec::new();
@@ -261,7 +269,7 @@ mod tests {
             },
             ..Limits::default()
         };
-        let control = ThrottleControl::new(limits).unwrap();
+        let control = ThrottleControl::new(limits);
         let now = Instant::now();
         let mut gate = Gate::new(&control, now).unwrap();
         assert_eq!(
@@ -278,13 +286,15 @@ mod tests {
 
     #[test]
     fn a_change_of_limits_applies_at_the_next_look_and_wakes_the_dataplane() {
-        let control = ThrottleControl::new(iops(1)).unwrap();
+        let control = ThrottleControl::new(iops(1));
+        let waker = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        control.set_waker(Some(waker.try_clone().unwrap()));
         let now = Instant::now();
         let mut gate = Gate::new(&control, now).unwrap();
         assert!(gate.admit(Direction::Read, 512, 1, now).unwrap().is_some());
         assert!(gate.admit(Direction::Read, 512, 2, now).unwrap().is_none());
         control.set(Limits::default()).unwrap();
-        assert_eq!(control.wake().read().unwrap(), 1);
+        assert_eq!(waker.read().unwrap(), 1);
         gate.refresh(&control, now);
         let mut went = Vec::new();
         gate.release(now, &mut went).unwrap();
