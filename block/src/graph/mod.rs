@@ -133,13 +133,10 @@ impl Default for Graph {
 
 /// QEMU's rule: a letter, then letters, digits, '-', '.', '_'; at most 31.
 fn check_name(name: &str) -> Result<(), BlockError> {
-    let mut chars = name.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid {
+    if !crate::name::wellformed(name) {
         return Err(BlockError::InvalidName { name: name.into() });
     }
-    if name.len() > 31 {
+    if name.len() > crate::name::MAX_NODE_NAME {
         return Err(BlockError::NameTooLong { name: name.into() });
     }
     Ok(())

@@ -35,7 +35,7 @@ impl JobManager {
         options: JobOptions,
         events: EventSink,
     ) -> Result<(), JobError> {
-        if !id_wellformed(id) {
+        if !crate::name::wellformed(id) {
             return Err(JobError::InvalidId { id: id.to_owned() });
         }
         let job = {
@@ -319,27 +319,5 @@ fn verb(job: &Job, st: &JobState, verb: JobVerb) -> Result<(), JobError> {
             status: st.status,
             verb,
         })
-    }
-}
-
-/// Whether `id` is a QEMU id: a letter, then letters, digits, '-', '.', '_'.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_checked_as_qemu_does() {
-        for good in ["j0", "a", "backup-1.2_x", "Z9"] {
-            assert!(id_wellformed(good), "{good}");
-        }
-        for bad in ["", "1bad", "-x", "_x", "a b", "a/b", "é"] {
-            assert!(!id_wellformed(bad), "{bad}");
-        }
     }
 }
