@@ -230,9 +230,15 @@ impl JobManager {
             .collect()
     }
 
-    /// One job.
+    /// One job; as [`query`](Self::query), it does not wait for a
+    /// finalize in progress.
     pub fn info(&self, id: &str) -> Result<JobInfo, JobError> {
-        self.with_job(id, |job, st| Ok(job.info(st)))
+        let job = self.find(id)?;
+        let info = job.info(&job.state());
+        if info.status == JobStatus::Null {
+            return Err(JobError::NotFound { id: id.to_owned() });
+        }
+        Ok(info)
     }
 
     /// Waits until the job is in `status`, or has passed through it since
@@ -269,10 +275,11 @@ impl JobManager {
             }
             for job in jobs {
                 {
-                    let mut st = job.state();
+                    let mut st = job.state_settled();
                     if st.status != JobStatus::Null {
                         job.cancel(&mut st);
                     }
+                    drop(job.settle(st));
                 }
                 job.wait_finished();
                 if let Some(thread) = job.take_thread() {
@@ -293,19 +300,23 @@ impl JobManager {
             .ok_or_else(|| JobError::NotFound { id: id.to_owned() })
     }
 
-    /// Runs `f` on the job with this id, its state locked.
+    /// Runs command `f` on the job with this id, its state locked once
+    /// no finalize is in progress; a finalize `f` begins ends before this
+    /// returns.
     fn with_job<T>(
         &self,
         id: &str,
         f: impl FnOnce(&Arc<Job>, &mut JobState) -> Result<T, JobError>,
     ) -> Result<T, JobError> {
         let job = self.find(id)?;
-        let mut st = job.state();
+        let mut st = job.state_settled();
         // It may have reached `null` since it was found.
         if st.status == JobStatus::Null {
             return Err(JobError::NotFound { id: id.to_owned() });
         }
-        f(&job, &mut st)
+        let result = f(&job, &mut st);
+        drop(job.settle(st));
+        result
     }
 }
 
