@@ -150,9 +150,14 @@ impl JobManager {
                     speed,
                 });
             }
-            st.speed = speed.unsigned_abs();
-            st.rate.restart(Instant::now());
-            job.notify();
+            let speed = speed.unsigned_abs();
+            // A new speed counts from now; the same speed again changes
+            // nothing, or a client repeating it would lift the limit.
+            if st.speed != speed {
+                st.speed = speed;
+                st.rate.restart(Instant::now());
+                job.notify();
+            }
             Ok(())
         })
     }

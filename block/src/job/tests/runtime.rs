@@ -61,6 +61,24 @@ fn set_speed_wakes_a_sleeping_job() {
 }
 
 #[test]
+fn setting_the_same_speed_again_keeps_the_limit() {
+    const SPEED: u64 = 256 * KIB;
+    const CHUNK: u64 = 64 * KIB;
+    let h = Harness::new();
+    h.create("j", Copier::new(64 * MIB, CHUNK), slow(SPEED as i64));
+    let start = Instant::now();
+    h.jobs.start("j").unwrap();
+    // A careless client repeating the speed it already set.
+    while start.elapsed() < Duration::from_millis(500) {
+        h.jobs.set_speed("j", SPEED as i64).unwrap();
+        sleep(Duration::from_millis(1));
+    }
+    let done = h.jobs.info("j").unwrap().current_progress;
+    let allowed = SPEED as f64 * start.elapsed().as_secs_f64() + CHUNK as f64;
+    assert!(done as f64 <= allowed, "{done} bytes in {:?}", start.elapsed());
+}
+
+#[test]
 fn pause_holds_progress_still() {
     let h = Harness::new();
     h.create("j", Copier::new(64 * MIB, 64 * KIB), slow(MIB as i64));
