@@ -75,7 +75,11 @@ fn setting_the_same_speed_again_keeps_the_limit() {
     }
     let done = h.jobs.info("j").unwrap().current_progress;
     let allowed = SPEED as f64 * start.elapsed().as_secs_f64() + CHUNK as f64;
-    assert!(done as f64 <= allowed, "{done} bytes in {:?}", start.elapsed());
+    assert!(
+        done as f64 <= allowed,
+        "{done} bytes in {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
