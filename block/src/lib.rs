@@ -22,6 +22,7 @@ pub mod graph;
 pub mod io;
 pub mod job;
 pub mod lock;
+pub mod name;
 
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions, FileId};
