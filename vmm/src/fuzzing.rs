@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use crate::monitor::Monitor;
 use crate::qmp::{Commands, EventSink, Next, QmpError, Session};
 use crate::runstate::RunState;
-use crate::vm::Shared;
+use crate::shared::Shared;
 
 /// Bytes per scratch image.
 const IMAGE_BYTES: u64 = 1 << 20;
