@@ -22,6 +22,7 @@ pub mod graph;
 pub mod io;
 pub mod job;
 pub mod lock;
+pub mod name;
 pub mod throttle;
 
 pub use error::BlockError;

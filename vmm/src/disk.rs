@@ -169,10 +169,8 @@ impl FromStr for DiskConfig {
                 }
                 "node-name" => {
                     // QEMU's rule for node names, so blockdev commands accept it.
-                    let mut chars = value.chars();
-                    let ok = value.len() <= 31
-                        && chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-                        && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+                    let ok =
+                        value.len() <= block::name::MAX_NODE_NAME && block::name::wellformed(value);
                     if !ok {
                         return Err(bad("start with a letter, then letters, digits, '-', '_' or '.'; at most 31"));
                     }

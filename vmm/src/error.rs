@@ -78,8 +78,8 @@ pub enum Error {
         source: block::BlockError,
     },
     /// More disks than interrupt lines.
-    #[error("{0} disks are more than the {max} this VM can give interrupt lines to", max = crate::virtio::MAX_DISKS)]
-    TooManyDisks(usize),
+    #[error("{count} disks are more than the {max} this VM can give interrupt lines to")]
+    TooManyDisks { count: usize, max: usize },
     /// Two disks with the same id.
     #[error("two disks are named '{0}': give each a different id=")]
     DuplicateDisk(String),

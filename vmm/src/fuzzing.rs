@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use crate::monitor::Monitor;
 use crate::qmp::{Commands, EventSink, Next, QmpError, Session};
 use crate::runstate::RunState;
+use crate::shared::Shared;
 use crate::virtio::DiskThrottles;
-use crate::vm::Shared;
 
 /// Bytes per scratch image.
 const IMAGE_BYTES: u64 = 1 << 20;

@@ -29,6 +29,7 @@ pub mod memory;
 pub mod monitor;
 pub mod qmp;
 pub mod runstate;
+mod shared;
 mod vcpu;
 pub mod virtio;
 pub mod vm;

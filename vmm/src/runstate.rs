@@ -10,60 +10,20 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::ResumeError;
 
-use crate::vm::Shared;
+use crate::shared::{kick_signal, Shared};
 
 /// How long the vCPUs get to leave KVM_RUN when asked to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Where the vCPUs wait while the VM is paused.
-#[derive(Default)]
-pub(crate) struct Parking {
-    /// Set while vCPUs must not enter KVM_RUN; read before every run.
-    requested: AtomicBool,
-    parked: Mutex<u32>,
-    changed: Condvar,
-}
-
-impl Parking {
-    /// Called by a vCPU before each KVM_RUN: waits while the VM is paused
-    /// (or until it ends).
-    pub fn wait_while_paused(&self, stopping: &AtomicBool) {
-        if !self.requested.load(Ordering::Acquire) {
-            return;
-        }
-        let mut parked = lock(&self.parked);
-        *parked += 1;
-        self.changed.notify_all();
-        while self.requested.load(Ordering::Acquire) && !stopping.load(Ordering::Acquire) {
-            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
-        }
-        *parked -= 1;
-        self.changed.notify_all();
-    }
-
-    /// Wakes every parked vCPU (the VM resumes or ends).
-    pub fn release(&self) {
-        let _parked = lock(&self.parked);
-        self.requested.store(false, Ordering::Release);
-        self.changed.notify_all();
-    }
-
-    /// Wakes parked vCPUs so they see the VM is ending.
-    pub fn wake_all(&self) {
-        let _parked = lock(&self.parked);
-        self.changed.notify_all();
-    }
 }
 
 /// Why `stop` failed.
@@ -154,7 +114,7 @@ impl RunState {
             for t in vcpus.iter().filter(|t| !t.is_finished()) {
                 // SAFETY: the handle is in `vcpus`, which this lock keeps
                 // unjoined, so its pthread_t is valid; the handler does nothing.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vm::kick_signal()) };
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
             }
             let parked = lock(&parking.parked);
             let _ = parking
@@ -217,7 +177,7 @@ impl RunState {
             for t in vcpus.iter().filter(|t| !t.is_finished()) {
                 // SAFETY: the thread has not been joined, so its pthread_t
                 // is valid; the signal's handler does nothing.
-                unsafe { libc::pthread_kill(t.as_pthread_t(), crate::vm::kick_signal()) };
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -258,13 +218,14 @@ impl RunState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::Parking;
 
     /// A "vCPU" stuck where no kick reaches it keeps guest memory mapped
     /// until its thread really ends.
     #[test]
     fn a_vcpu_that_does_not_stop_keeps_guest_memory_mapped() {
         // Shutdown kicks the threads with the vCPU kick signal.
-        crate::vm::install_kick_handler().unwrap();
+        crate::shared::install_kick_handler().unwrap();
         let mut run = RunState::new(Arc::new(Shared::new()), Vec::new());
         run.stop_timeout = Duration::from_millis(50);
         let (release, stuck) = std::sync::mpsc::channel::<()>();

@@ -11,7 +11,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::vm::{Shared, VmExit};
+use crate::shared::{Shared, VmExit};
 
 /// Flag in the emulation-failure exit data: instruction bytes follow.
 const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;

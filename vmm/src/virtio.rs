@@ -64,7 +64,10 @@ fn disk_name(index: usize, disk: &DiskConfig) -> String {
 /// error.
 pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> {
     if disks.len() > MAX_DISKS {
-        return Err(Error::TooManyDisks(disks.len()));
+        return Err(Error::TooManyDisks {
+            count: disks.len(),
+            max: MAX_DISKS,
+        });
     }
     let mut open = Vec::with_capacity(disks.len());
     for (i, d) in disks.iter().enumerate() {

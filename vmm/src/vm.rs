@@ -12,8 +12,8 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -34,100 +34,16 @@ use crate::config::VmConfig;
 use crate::console::{Console, SerialLog};
 use crate::error::{kvm, Error, Result};
 use crate::monitor::Monitor;
-use crate::qmp::{EventSink, QmpServer, QmpThread};
-use crate::runstate::{ContError, Parking, PauseError, RunState};
+use crate::qmp::{QmpServer, QmpThread};
+use crate::runstate::{ContError, PauseError, RunState};
+pub use crate::shared::VmExit;
+use crate::shared::{install_kick_handler, Shared};
 use crate::vcpu::Vcpu;
 use crate::x86::{cpuid, mptable, regs};
 use crate::{host, memory, virtio};
 
 /// KVM's TSS needs three pages below 4 GiB outside guest RAM.
 const TSS_ADDR: usize = 0xfffb_d000;
-
-/// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmExit {
-    /// The guest wrote this status to the exit port (0xf4).
-    Status(u8),
-    /// The guest reset the machine.
-    Reset,
-    /// The guest powered the machine off.
-    PowerOff,
-    /// The VM was killed through its handle.
-    Killed,
-    /// A QMP client asked the VM to end (`quit`).
-    Quit,
-    /// The VMM got SIGTERM, SIGINT or SIGHUP: it ends as asked, with 0.
-    Signalled,
-    /// The VM failed: a KVM internal error, a triple fault, a failed vCPU.
-    Failed(String),
-}
-
-impl VmExit {
-    /// The SHUTDOWN event's data for this exit: whether the guest asked,
-    /// and QEMU's name for the cause.
-    fn shutdown_event(&self) -> serde_json::Value {
-        let (guest, reason) = match self {
-            VmExit::Status(_) | VmExit::PowerOff => (true, "guest-shutdown"),
-            VmExit::Reset => (true, "guest-reset"),
-            VmExit::Killed | VmExit::Signalled => (false, "host-signal"),
-            VmExit::Quit => (false, "host-qmp-quit"),
-            VmExit::Failed(_) => (false, "host-error"),
-        };
-        serde_json::json!({"guest": guest, "reason": reason})
-    }
-
-    /// The exit status the `vmm` binary ends with.
-    pub fn code(&self) -> i32 {
-        match self {
-            VmExit::Status(v) => i32::from(*v),
-            VmExit::Reset | VmExit::PowerOff | VmExit::Quit | VmExit::Signalled => 0,
-            VmExit::Killed => 137,
-            VmExit::Failed(_) => 125,
-        }
-    }
-}
-
-/// State the vCPU threads and the handle share.
-pub(crate) struct Shared {
-    exit: Mutex<Option<VmExit>>,
-    ended: Condvar,
-    /// Set once the VM is ending; vCPUs check it between runs.
-    pub stopping: AtomicBool,
-    /// Where vCPUs wait while the VM is paused.
-    pub parking: Parking,
-    /// QMP's event sink, once a QMP server runs: told when the VM ends.
-    pub events: OnceLock<EventSink>,
-}
-
-impl Shared {
-    /// A VM that runs and has not ended.
-    pub(crate) fn new() -> Self {
-        Self {
-            exit: Mutex::new(None),
-            ended: Condvar::new(),
-            stopping: AtomicBool::new(false),
-            parking: Parking::default(),
-            events: OnceLock::new(),
-        }
-    }
-
-    /// Records why the VM ended; the first reason wins.
-    pub fn finish(&self, exit: VmExit) {
-        let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            if let Some(events) = self.events.get() {
-                events.emit("SHUTDOWN", Some(exit.shutdown_event()));
-            }
-            *slot = Some(exit);
-        }
-        self.stopping.store(true, Ordering::Release);
-        self.ended.notify_all();
-    }
-
-    fn exit(&self) -> Option<VmExit> {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
 
 /// Why waiting for a serial line failed.
 #[derive(Debug, thiserror::Error)]
@@ -211,25 +127,12 @@ impl VmHandle {
 
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
-        let slot = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner());
-        let (slot, _) = self
-            .shared
-            .ended
-            .wait_timeout_while(slot, timeout, |s| s.is_none())
-            .unwrap_or_else(|e| e.into_inner());
-        slot.clone()
+        self.shared.wait_timeout(timeout)
     }
 
     /// Waits for the VM to end, stops every thread, and says how it ended.
     pub fn wait(mut self) -> VmExit {
-        let slot = self.shared.exit.lock().unwrap_or_else(|e| e.into_inner());
-        let exit = self
-            .shared
-            .ended
-            .wait_while(slot, |s| s.is_none())
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .expect("wait_while returns once an exit is recorded");
+        let exit = self.shared.wait();
         self.stop_threads();
         exit
     }
@@ -308,31 +211,6 @@ impl Drop for VmHandle {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-pub(crate) fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN()
-}
-
-/// Installs the do-nothing handler whose only effect is to interrupt `KVM_RUN`.
-pub(crate) fn install_kick_handler() -> Result<()> {
-    static ONCE: Once = Once::new();
-    static mut RESULT: i32 = 0;
-    extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-    ONCE.call_once(|| {
-        let rc = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-            .map_or_else(|e| e.errno(), |_| 0);
-        // SAFETY: written once inside call_once, read only after it.
-        unsafe { RESULT = rc };
-    });
-    // SAFETY: call_once has completed, so no thread writes RESULT any more.
-    match unsafe { RESULT } {
-        0 => Ok(()),
-        errno => Err(Error::Thread {
-            name: "vcpu".into(),
-            source: io::Error::from_raw_os_error(errno),
-        }),
-    }
 }
 
 fn open_kvm() -> Result<Kvm> {

@@ -1,14 +1,40 @@
 //! The `file` driver: a host file, I/O through io_uring (or plain system
 //! calls where io_uring is missing or refused).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::Driver;
 use crate::error::BlockError;
 use crate::file::{DiskFile, DiskOptions, FileId};
-use crate::graph::FileOptions;
 use crate::io::{Aio, AsyncIo, SyncIo, UringIo};
+use crate::lock::Locking;
+
+/// How a `file` node opens its host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileOptions {
+    /// The host file.
+    pub filename: PathBuf,
+    /// Bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
+    /// Image locks other processes see.
+    pub locking: Locking,
+    /// Which I/O engine serves it.
+    pub aio: Aio,
+}
+
+impl FileOptions {
+    /// `filename` with the defaults: cached, locked, the best engine.
+    pub fn new(filename: PathBuf) -> Self {
+        Self {
+            filename,
+            direct: false,
+            locking: Locking::Auto,
+            aio: Aio::Auto,
+        }
+    }
+}
 
 /// A host file.
 pub struct File {
@@ -48,7 +74,7 @@ impl File {
     }
 }
 
-impl Driver for File {
+impl<C> Driver<C> for File {
     fn name(&self) -> &'static str {
         "file"
     }

@@ -5,16 +5,26 @@ mod file;
 mod null;
 mod raw;
 
-pub use file::File;
+pub use file::{File, FileOptions};
 pub use null::{Null, DEFAULT_SIZE as NULL_DEFAULT_SIZE};
 pub use raw::Raw;
 
 use crate::error::BlockError;
-use crate::graph::NodeRef;
 use crate::io::AsyncIo;
 
-/// One kind of block node.
-pub trait Driver: Send + Sync {
+/// A child node as its parent's driver sees it: the graph's `NodeRef`.
+/// Drivers name their children only through this trait, so they need
+/// nothing from the graph above them.
+pub trait Child: Sized + Send + Sync {
+    /// The child's node-name.
+    fn name(&self) -> &str;
+
+    /// The driver serving the child.
+    fn driver(&self) -> &dyn Driver<Self>;
+}
+
+/// One kind of block node, whose children are `C`s.
+pub trait Driver<C>: Send + Sync {
     /// QEMU's driver name: `file`, `raw`, `null-co`.
     fn name(&self) -> &'static str;
 
@@ -25,7 +35,7 @@ pub trait Driver: Send + Sync {
     fn filename(&self) -> String;
 
     /// Child edges: role and child.
-    fn children(&self) -> Vec<(&'static str, &NodeRef)> {
+    fn children(&self) -> Vec<(&'static str, &C)> {
         Vec::new()
     }
 

@@ -26,7 +26,7 @@ impl Null {
     }
 }
 
-impl Driver for Null {
+impl<C> Driver<C> for Null {
     fn name(&self) -> &'static str {
         "null-co"
     }

@@ -1,23 +1,22 @@
 //! The `raw` format: the guest sees its `file` child byte for byte.
 
-use super::Driver;
+use super::{Child, Driver};
 use crate::error::BlockError;
-use crate::graph::NodeRef;
 use crate::io::AsyncIo;
 
 /// A raw format node over one child.
-pub struct Raw {
-    file: NodeRef,
+pub struct Raw<C> {
+    file: C,
 }
 
-impl Raw {
+impl<C> Raw<C> {
     /// A raw node over `file` (a reference the node now owns).
-    pub fn new(file: NodeRef) -> Self {
+    pub fn new(file: C) -> Self {
         Self { file }
     }
 }
 
-impl Driver for Raw {
+impl<C: Child> Driver<C> for Raw<C> {
     fn name(&self) -> &'static str {
         "raw"
     }
@@ -30,7 +29,7 @@ impl Driver for Raw {
         self.file.driver().filename()
     }
 
-    fn children(&self) -> Vec<(&'static str, &NodeRef)> {
+    fn children(&self) -> Vec<(&'static str, &C)> {
         vec![("file", &self.file)]
     }
 

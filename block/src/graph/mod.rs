@@ -19,7 +19,6 @@ mod lease;
 mod node;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -27,11 +26,10 @@ pub use holder::Holder;
 pub use lease::Lease;
 pub use node::{Node, NodeRef};
 
+pub use crate::driver::FileOptions;
 use crate::driver::{self, Driver};
 use crate::error::BlockError;
 use crate::file::FileId;
-use crate::io::Aio;
-use crate::lock::Locking;
 use files::OpenFiles;
 use node::lock;
 
@@ -90,31 +88,6 @@ pub enum DriverOptions {
     Null { size: u64 },
 }
 
-/// How a `file` node opens its host file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileOptions {
-    /// The host file.
-    pub filename: PathBuf,
-    /// Bypass the host page cache (`O_DIRECT`).
-    pub direct: bool,
-    /// Image locks other processes see.
-    pub locking: Locking,
-    /// Which I/O engine serves it.
-    pub aio: Aio,
-}
-
-impl FileOptions {
-    /// `filename` with the defaults: cached, locked, the best engine.
-    pub fn new(filename: PathBuf) -> Self {
-        Self {
-            filename,
-            direct: false,
-            locking: Locking::Auto,
-            aio: Aio::Auto,
-        }
-    }
-}
-
 /// A child edge: an existing node by name, or a new node defined inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChildOptions {
@@ -160,13 +133,10 @@ impl Default for Graph {
 
 /// QEMU's rule: a letter, then letters, digits, '-', '.', '_'; at most 31.
 fn check_name(name: &str) -> Result<(), BlockError> {
-    let mut chars = name.chars();
-    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if !valid {
+    if !crate::name::wellformed(name) {
         return Err(BlockError::InvalidName { name: name.into() });
     }
-    if name.len() > 31 {
+    if name.len() > crate::name::MAX_NODE_NAME {
         return Err(BlockError::NameTooLong { name: name.into() });
     }
     Ok(())
@@ -305,7 +275,7 @@ impl Graph {
         }
         let read_only = options.read_only;
         let mut claim = None;
-        let driver: Box<dyn Driver> = match options.driver {
+        let driver: Box<dyn Driver<NodeRef>> = match options.driver {
             DriverOptions::File(options) => {
                 let path = options.filename.display().to_string();
                 // Name the node in the way before the image locks would

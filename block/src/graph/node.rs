@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::files::FileClaim;
 use super::{GraphShared, Holder};
-use crate::driver::Driver;
+use crate::driver::{Child, Driver};
 
 /// Ids for references and leases, so each can remove exactly itself.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -29,7 +29,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Node {
     name: String,
     read_only: bool,
-    driver: Box<dyn Driver>,
+    driver: Box<dyn Driver<NodeRef>>,
     /// A `file` node's claim on its image; declared after the driver so
     /// it is let go only once the driver has closed the file.
     _claim: Option<FileClaim>,
@@ -43,7 +43,7 @@ impl Node {
     pub(crate) fn new(
         name: String,
         read_only: bool,
-        driver: Box<dyn Driver>,
+        driver: Box<dyn Driver<NodeRef>>,
         claim: Option<FileClaim>,
         depth: usize,
         graph: Arc<GraphShared>,
@@ -76,7 +76,7 @@ impl Node {
     }
 
     /// The driver serving this layer.
-    pub fn driver(&self) -> &dyn Driver {
+    pub fn driver(&self) -> &dyn Driver<NodeRef> {
         self.driver.as_ref()
     }
 
@@ -159,6 +159,16 @@ impl NodeRef {
     /// Whether two references point at the same node.
     pub fn same_node(&self, other: &NodeRef) -> bool {
         Arc::ptr_eq(&self.node, &other.node)
+    }
+}
+
+impl Child for NodeRef {
+    fn name(&self) -> &str {
+        self.node.name()
+    }
+
+    fn driver(&self) -> &dyn Driver<NodeRef> {
+        self.node.driver()
     }
 }
 

@@ -35,7 +35,7 @@ impl JobManager {
         options: JobOptions,
         events: EventSink,
     ) -> Result<(), JobError> {
-        if !id_wellformed(id) {
+        if !crate::name::wellformed(id) {
             return Err(JobError::InvalidId { id: id.to_owned() });
         }
         let job = {
@@ -150,9 +150,14 @@ impl JobManager {
                     speed,
                 });
             }
-            st.speed = speed.unsigned_abs();
-            st.rate.restart(Instant::now());
-            job.notify();
+            let speed = speed.unsigned_abs();
+            // A new speed counts from now; the same speed again changes
+            // nothing, or a client repeating it would lift the limit.
+            if st.speed != speed {
+                st.speed = speed;
+                st.rate.restart(Instant::now());
+                job.notify();
+            }
             Ok(())
         })
     }
@@ -230,9 +235,15 @@ impl JobManager {
             .collect()
     }
 
-    /// One job.
+    /// One job; as [`query`](Self::query), it does not wait for a
+    /// finalize in progress.
     pub fn info(&self, id: &str) -> Result<JobInfo, JobError> {
-        self.with_job(id, |job, st| Ok(job.info(st)))
+        let job = self.find(id)?;
+        let info = job.info(&job.state());
+        if info.status == JobStatus::Null {
+            return Err(JobError::NotFound { id: id.to_owned() });
+        }
+        Ok(info)
     }
 
     /// Waits until the job is in `status`, or has passed through it since
@@ -269,10 +280,11 @@ impl JobManager {
             }
             for job in jobs {
                 {
-                    let mut st = job.state();
+                    let mut st = job.state_settled();
                     if st.status != JobStatus::Null {
                         job.cancel(&mut st);
                     }
+                    drop(job.settle(st));
                 }
                 job.wait_finished();
                 if let Some(thread) = job.take_thread() {
@@ -293,19 +305,23 @@ impl JobManager {
             .ok_or_else(|| JobError::NotFound { id: id.to_owned() })
     }
 
-    /// Runs `f` on the job with this id, its state locked.
+    /// Runs command `f` on the job with this id, its state locked once
+    /// no finalize is in progress; a finalize `f` begins ends before this
+    /// returns.
     fn with_job<T>(
         &self,
         id: &str,
         f: impl FnOnce(&Arc<Job>, &mut JobState) -> Result<T, JobError>,
     ) -> Result<T, JobError> {
         let job = self.find(id)?;
-        let mut st = job.state();
+        let mut st = job.state_settled();
         // It may have reached `null` since it was found.
         if st.status == JobStatus::Null {
             return Err(JobError::NotFound { id: id.to_owned() });
         }
-        f(&job, &mut st)
+        let result = f(&job, &mut st);
+        drop(job.settle(st));
+        result
     }
 }
 
@@ -319,27 +335,5 @@ fn verb(job: &Job, st: &JobState, verb: JobVerb) -> Result<(), JobError> {
             status: st.status,
             verb,
         })
-    }
-}
-
-/// Whether `id` is a QEMU id: a letter, then letters, digits, '-', '.', '_'.
-fn id_wellformed(id: &str) -> bool {
-    let mut chars = id.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_checked_as_qemu_does() {
-        for good in ["j0", "a", "backup-1.2_x", "Z9"] {
-            assert!(id_wellformed(good), "{good}");
-        }
-        for bad in ["", "1bad", "-x", "_x", "a b", "a/b", "é"] {
-            assert!(!id_wellformed(bad), "{bad}");
-        }
     }
 }

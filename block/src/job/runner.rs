@@ -3,7 +3,10 @@
 //!
 //! Locks, always taken in this order: a job's `state`, then its `driver`
 //! or the registry. The work thread holds only `driver` while it steps,
-//! so commands and queries never wait for a step.
+//! and finalizing holds only `driver` while the driver commits or aborts
+//! and cleans up (which may drain I/O): queries never wait for a job's
+//! I/O. Commands wait for a finalize in progress, as QEMU runs them one
+//! after the other.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -60,6 +63,9 @@ pub(super) struct JobState {
     /// what remains is done by whoever holds the lock.
     work_ended: bool,
     busy: bool,
+    /// A finalize has begun and its driver part (commit or abort, clean)
+    /// runs without the state lock; commands wait until it is done.
+    finalizing: bool,
     current: u64,
     total: u64,
     error: Option<String>,
@@ -100,6 +106,7 @@ impl Job {
             started: false,
             work_ended: false,
             busy: false,
+            finalizing: false,
             current: 0,
             total: driver.total(),
             error: None,
@@ -118,9 +125,21 @@ impl Job {
         }
     }
 
-    /// Locks the job's state.
+    /// Locks the job's state, for a query: it may be in the middle of a
+    /// finalize.
     pub(super) fn state(&self) -> MutexGuard<'_, JobState> {
         lock(&self.state)
+    }
+
+    /// Locks the job's state once no finalize is in progress, for a
+    /// command that may change it. Whoever finalizes through the guard
+    /// must end with [`settle`](Self::settle).
+    pub(super) fn state_settled(&self) -> MutexGuard<'_, JobState> {
+        let mut st = self.state();
+        while st.finalizing {
+            st = self.wait(st, None);
+        }
+        st
     }
 
     /// Wakes the work thread and waiters after a change to the state.
@@ -227,6 +246,7 @@ impl Job {
             }
         };
         self.completed(&mut st, failure);
+        drop(self.settle(st));
     }
 
     /// Runs one step of the driver; returns its result and the new total.
@@ -370,19 +390,35 @@ impl Job {
         }
     }
 
-    /// Commits or aborts, cleans up, reports the outcome and concludes
-    /// (QEMU's `job_finalize_single`).
+    /// Begins to commit or abort (QEMU's `job_finalize_single`): the
+    /// driver's part and the rest follow in [`settle`](Self::settle),
+    /// which the caller runs before it lets go of the state.
     pub(super) fn finalize(&self, st: &mut JobState) {
         self.update_result(st);
+        st.finalizing = true;
+    }
+
+    /// Ends a finalize begun under `st`, if one was: the driver commits or
+    /// aborts and cleans up with the state unlocked, so queries go on
+    /// while a drain waits for I/O; then the outcome is reported and the
+    /// job concludes. Returns the state locked again.
+    pub(super) fn settle<'a>(&'a self, st: MutexGuard<'a, JobState>) -> MutexGuard<'a, JobState> {
+        if !st.finalizing {
+            return st;
+        }
+        let failed = st.error.is_some();
+        drop(st);
         {
             let mut driver = lock(&self.driver);
-            if st.error.is_none() {
-                driver.commit();
-            } else {
+            if failed {
                 driver.abort();
+            } else {
+                driver.commit();
             }
             driver.clean();
         }
+        let mut st = self.state();
+        st.finalizing = false;
         // A job that never started did nothing to report.
         if st.started {
             let (job_type, id) = (self.job_type, self.id.clone());
@@ -406,10 +442,11 @@ impl Job {
                 }
             });
         }
-        self.transition(st, Concluded);
+        self.transition(&mut st, Concluded);
         if st.auto_dismiss || !st.started {
-            self.dismiss(st);
+            self.dismiss(&mut st);
         }
+        st
     }
 
     /// Removes the job from the registry and moves it to `null`.

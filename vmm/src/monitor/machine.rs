@@ -3,23 +3,22 @@
 use serde_json::{json, Value};
 
 use super::Monitor;
-use crate::qmp::{Args, QmpError};
+use crate::qmp::{version_triple, Args, QmpError};
 use crate::runstate::ContError;
 
 /// `query-version`: our own version, in QEMU's shape.
 pub(super) fn query_version(args: Args) -> Result<Value, QmpError> {
     args.finish()?;
-    let version = env!("CARGO_PKG_VERSION");
-    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    let (major, minor, micro) = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    Ok(json!({
+    Ok(version_info(env!("CARGO_PKG_VERSION")))
+}
+
+/// QEMU's `VersionInfo` for a build whose Cargo version is `version`.
+fn version_info(version: &str) -> Value {
+    let (major, minor, micro) = version_triple(version);
+    json!({
         "qemu": {"major": major, "minor": minor, "micro": micro},
         "package": format!("vmm {version}"),
-    }))
+    })
 }
 
 /// `query-status`.
@@ -61,4 +60,28 @@ pub(super) fn quit(m: &Monitor, args: Args) -> Result<Value, QmpError> {
     args.finish()?;
     (m.quit)();
     Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qmp::Session;
+
+    /// The greeting and `query-version` read the version one way, a
+    /// pre-release included.
+    #[test]
+    fn greeting_and_query_version_agree() {
+        for version in [env!("CARGO_PKG_VERSION"), "0.1.0-rc1", "1.2.3-rc1", "4.5"] {
+            let greeting: Value = serde_json::from_slice(&Session::greeting_for(version)).unwrap();
+            assert_eq!(
+                greeting["QMP"]["version"],
+                version_info(version),
+                "{version}"
+            );
+        }
+        assert_eq!(
+            version_info("1.2.3-rc1")["qemu"],
+            json!({"major": 1, "minor": 2, "micro": 3})
+        );
+    }
 }

@@ -35,7 +35,7 @@ mod wire;
 pub use args::{expects, invalid_type, missing, unexpected, Args};
 pub use error::{ErrorClass, QmpError};
 pub use event::{Event, Timestamp};
-pub use protocol::{Next, Request, Session, MAX_INPUT};
+pub use protocol::{version_triple, Next, Request, Session, MAX_INPUT};
 pub use server::{
     EventSink, QmpServer, QmpServerError, QmpThread, ShutdownHandle, MAX_CLIENTS, MAX_OUTPUT,
     NEGOTIATION_TIMEOUT,

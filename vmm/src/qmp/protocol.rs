@@ -92,11 +92,16 @@ impl Session {
     /// version; we are not QEMU) and the capabilities on offer (none: no
     /// out-of-band execution).
     pub fn greeting() -> Vec<u8> {
-        let (major, minor, micro) = version_triple(env!("CARGO_PKG_VERSION"));
+        Self::greeting_for(env!("CARGO_PKG_VERSION"))
+    }
+
+    /// The greeting of a build whose Cargo version is `version`.
+    pub(crate) fn greeting_for(version: &str) -> Vec<u8> {
+        let (major, minor, micro) = version_triple(version);
         let mut out = format!(
             "{{\"QMP\": {{\"version\": {{\"qemu\": {{\"micro\": {micro}, \"minor\": {minor}, \"major\": {major}}}, \"package\": "
         );
-        wire::write_str(&mut out, concat!("vmm ", env!("CARGO_PKG_VERSION")));
+        wire::write_str(&mut out, &format!("vmm {version}"));
         out.push_str("}, \"capabilities\": []}}");
         wire::finish(out)
     }
@@ -310,8 +315,9 @@ fn error_reply(id: Option<&Value>, err: &QmpError) -> Vec<u8> {
 }
 
 /// `major.minor.micro` from a Cargo version; a part that is missing or not
-/// a number (say `1.2.0-rc1`'s micro) reads as its leading digits, or 0.
-fn version_triple(version: &str) -> (u64, u64, u64) {
+/// a number (say `1.2.3-rc1`'s micro) reads as its leading digits, or 0.
+/// The greeting and `query-version` both read the version through it.
+pub fn version_triple(version: &str) -> (u64, u64, u64) {
     let mut parts = version.split('.').map(|p| {
         let digits = p.bytes().take_while(u8::is_ascii_digit).count();
         p[..digits].parse().unwrap_or(0)

@@ -25,7 +25,7 @@
 //!     fn names(&self) -> Vec<&'static str> {
 //!         vec!["stop"]
 //!     }
-//!     fn execute(&mut self, _: &str, _: Map<String, Value>) -> Result<Value, QmpError> {
+//!     fn execute(&self, _: &str, _: Map<String, Value>) -> Result<Value, QmpError> {
 //!         Ok(json!({}))
 //!     }
 //! }

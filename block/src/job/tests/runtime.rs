@@ -61,6 +61,28 @@ fn set_speed_wakes_a_sleeping_job() {
 }
 
 #[test]
+fn setting_the_same_speed_again_keeps_the_limit() {
+    const SPEED: u64 = 256 * KIB;
+    const CHUNK: u64 = 64 * KIB;
+    let h = Harness::new();
+    h.create("j", Copier::new(64 * MIB, CHUNK), slow(SPEED as i64));
+    let start = Instant::now();
+    h.jobs.start("j").unwrap();
+    // A careless client repeating the speed it already set.
+    while start.elapsed() < Duration::from_millis(500) {
+        h.jobs.set_speed("j", SPEED as i64).unwrap();
+        sleep(Duration::from_millis(1));
+    }
+    let done = h.jobs.info("j").unwrap().current_progress;
+    let allowed = SPEED as f64 * start.elapsed().as_secs_f64() + CHUNK as f64;
+    assert!(
+        done as f64 <= allowed,
+        "{done} bytes in {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn pause_holds_progress_still() {
     let h = Harness::new();
     h.create("j", Copier::new(64 * MIB, 64 * KIB), slow(MIB as i64));
@@ -306,4 +328,97 @@ fn io_failures_carry_strerror_text() {
         JobFailure::io(IoOperation::Read, &other).message(),
         "short read"
     );
+}
+
+/// A job with nothing to copy whose `clean` blocks until the test lets
+/// it go, as a backup's does while it drains its I/O.
+struct SlowClean {
+    entered: Sender<()>,
+    release: Receiver<()>,
+}
+
+impl JobDriver for SlowClean {
+    fn job_type(&self) -> &'static str {
+        "backup"
+    }
+    fn total(&self) -> u64 {
+        0
+    }
+    fn step(&mut self) -> Result<Step, JobFailure> {
+        Ok(Step::Done)
+    }
+    fn clean(&mut self) {
+        self.entered.send(()).unwrap();
+        let _ = self.release.recv();
+    }
+}
+
+#[test]
+fn queries_do_not_wait_for_a_draining_finalize() {
+    for auto_finalize in [true, false] {
+        let h = Arc::new(Harness::new());
+        let (entered_tx, entered) = channel();
+        let (release, release_rx) = channel();
+        let driver = SlowClean {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        let options = JobOptions {
+            auto_finalize,
+            ..JobOptions::default()
+        };
+        h.create("j", driver, options);
+        h.jobs.start("j").unwrap();
+        // Without auto-finalize a client's job-finalize runs the clean up.
+        let finalizer = (!auto_finalize).then(|| {
+            h.wait("j", Pending);
+            let h = Arc::clone(&h);
+            std::thread::spawn(move || h.jobs.finalize("j"))
+        });
+        entered.recv_timeout(PATIENCE).unwrap();
+
+        // Queries answer at once while the clean up waits.
+        let (answers, answered) = channel();
+        let querier = {
+            let h = Arc::clone(&h);
+            std::thread::spawn(move || {
+                let all = h.jobs.query();
+                let one = h.jobs.info("j");
+                answers.send((all, one)).unwrap();
+            })
+        };
+        let (all, one) = answered
+            .recv_timeout(Duration::from_secs(2))
+            .unwrap_or_else(|_| {
+                panic!("query-jobs waited for the clean up (auto_finalize={auto_finalize})")
+            });
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].status, Pending, "{all:?}");
+        assert_eq!(one.unwrap().status, Pending);
+        querier.join().unwrap();
+
+        // A command waits for the finalize, as QEMU runs one after another.
+        let (done, cancelled) = channel();
+        let canceller = {
+            let h = Arc::clone(&h);
+            std::thread::spawn(move || done.send(h.jobs.cancel("j")).unwrap())
+        };
+        assert!(cancelled.recv_timeout(Duration::from_millis(200)).is_err());
+        release.send(()).unwrap();
+        let after = cancelled.recv_timeout(PATIENCE).unwrap();
+        assert!(matches!(after, Err(JobError::NotFound { .. })), "{after:?}");
+        canceller.join().unwrap();
+        if let Some(finalizer) = finalizer {
+            finalizer.join().unwrap().unwrap();
+        }
+        h.wait("j", Null);
+        let completed = h
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e, JobEvent::Completed { error: None, .. }))
+            .count();
+        assert_eq!(completed, 1);
+    }
 }
