@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryMmap;
 
-use super::dataplane::{Dataplane, StopSignal};
+use super::dataplane::{Dataplane, StopSignal, Stopped};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use crate::virtio::{
     ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
@@ -54,7 +54,7 @@ pub struct BlockConfig {
 
 struct Worker {
     stop: Arc<StopSignal>,
-    thread: JoinHandle<Vec<ActiveQueue>>,
+    thread: JoinHandle<Stopped>,
 }
 
 /// What an activated device needs to start its dataplane again.
@@ -183,7 +183,29 @@ impl Block {
             log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
         }
         match worker.thread.join() {
-            Ok(queues) => Some(queues),
+            Ok(Stopped {
+                queues,
+                drained: true,
+            }) => Some(queues),
+            Ok(Stopped {
+                queues,
+                drained: false,
+            }) => {
+                // Operations may still land on the disk: no one else may
+                // take the node while they can, so the lease is never
+                // released (the dataplane leaked its engine and guest
+                // memory for the same reason). The node stays busy under
+                // this device's name until the VMM ends.
+                if let Some(lease) = self.lease.take() {
+                    log::error!(
+                        "{}: keeping the lease on node '{}' for good: I/O may still be in flight",
+                        self.config.id,
+                        self.node.name()
+                    );
+                    std::mem::forget(lease);
+                }
+                Some(queues)
+            }
             Err(_) => {
                 log::error!("{}: the dataplane thread panicked", self.config.id);
                 None
