@@ -48,6 +48,10 @@ impl Driver for File {
         self.path.clone()
     }
 
+    fn io_alignment(&self) -> u32 {
+        self.disk.io_alignment()
+    }
+
     fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
         let ring =
             UringIo::with_owner(self.disk.clone(), depth).map_err(|source| BlockError::Io {

@@ -34,6 +34,10 @@ impl Driver for Raw {
         vec![("file", &self.file)]
     }
 
+    fn io_alignment(&self) -> u32 {
+        self.file.driver().io_alignment()
+    }
+
     fn open_io(&self, _node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
         // Raw adds nothing to the path: the child's engine serves it.
         self.file.driver().open_io(self.file.name(), depth)

@@ -254,8 +254,9 @@ where
 
     // The status: the last byte of the chain, which must be writable.
     let last_w = match writable.iter().rposition(|d| d.len() > 0) {
-        Some(i) if writable[i + 1..].iter().all(Descriptor::is_write_only)
-            && writable[i].is_write_only() =>
+        Some(i)
+            if writable[i + 1..].iter().all(Descriptor::is_write_only)
+                && writable[i].is_write_only() =>
         {
             i
         }
@@ -302,7 +303,10 @@ where
         }
         let piece = &mut header[got..got + n as usize];
         if mem.read_slice(piece, addr).is_err() {
-            return fail(RequestError::OutsideMemory { addr: addr.0, len: n });
+            return fail(RequestError::OutsideMemory {
+                addr: addr.0,
+                len: n,
+            });
         }
         got += n as usize;
     }
@@ -745,11 +749,7 @@ mod tests {
         m.write_slice(&h[10..], GuestAddress(DATA)).unwrap();
         let req = parse_chain(
             &m,
-            &[
-                desc(HDR, 10, 0),
-                desc(DATA, 6 + 512, 0),
-                desc(STATUS, 1, W),
-            ],
+            &[desc(HDR, 10, 0), desc(DATA, 6 + 512, 0), desc(STATUS, 1, W)],
             &limits(),
         )
         .unwrap();
@@ -764,8 +764,8 @@ mod tests {
         );
         // Everything in one readable and one writable descriptor.
         m.write_slice(&h, GuestAddress(HDR)).unwrap();
-        let req = parse_chain(&m, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)], &limits())
-            .unwrap();
+        let req =
+            parse_chain(&m, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)], &limits()).unwrap();
         assert_eq!(
             req.data,
             vec![Buffer {
@@ -776,7 +776,12 @@ mod tests {
         // A readable descriptor after a writable one is out of order.
         let res = parse_chain(
             &m,
-            &[desc(HDR, 16, 0), desc(DATA, 512, W), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, W),
+            ],
             &limits(),
         );
         assert_eq!(error_of(res).0, RequestError::WrongDirection);

@@ -80,10 +80,20 @@ impl AsyncIo for Held {
     fn notifier(&self) -> &EventFd {
         &self.notifier
     }
-    unsafe fn read_vectored(&mut self, _: u64, iov: &[libc::iovec], tag: u64) -> Result<(), IoError> {
+    unsafe fn read_vectored(
+        &mut self,
+        _: u64,
+        iov: &[libc::iovec],
+        tag: u64,
+    ) -> Result<(), IoError> {
         self.queue(tag, total(iov))
     }
-    unsafe fn write_vectored(&mut self, _: u64, iov: &[libc::iovec], tag: u64) -> Result<(), IoError> {
+    unsafe fn write_vectored(
+        &mut self,
+        _: u64,
+        iov: &[libc::iovec],
+        tag: u64,
+    ) -> Result<(), IoError> {
         self.queue(tag, total(iov))
     }
     fn flush(&mut self, tag: u64) -> Result<(), IoError> {
@@ -182,7 +192,8 @@ impl<'a> Driver<'a> {
     }
 
     fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(self.mock.used_addr().unchecked_add(2)).unwrap()
+        mem.read_obj(self.mock.used_addr().unchecked_add(2))
+            .unwrap()
     }
 
     /// (id, len) of used element `i`.
@@ -287,13 +298,21 @@ fn a_corrupt_avail_index_stops_the_dataplane_polling() {
     let tid = tid_rx.recv().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !interrupt.is_broken() {
-        assert!(Instant::now() < deadline, "the corrupt index went unnoticed");
+        assert!(
+            Instant::now() < deadline,
+            "the corrupt index went unnoticed"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     // CPU time (user + system, in clock ticks) of the dataplane thread.
     let cpu = || -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
-        let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
         fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
     };
     std::thread::sleep(Duration::from_millis(50));
@@ -343,7 +362,10 @@ fn requests_in_flight_are_capped_at_the_queue_size() {
     assert_eq!(dp.in_flight(), 8);
     driver.set_avail_idx(8 + SIZE);
     dp.service();
-    assert!(interrupt.is_broken(), "avail idx 24 with used idx 0 went unnoticed");
+    assert!(
+        interrupt.is_broken(),
+        "avail idx 24 with used idx 0 went unnoticed"
+    );
     assert_eq!(dp.in_flight(), 8);
 }
 
@@ -365,7 +387,10 @@ fn huge_sectors_in_any_request_type_are_answered_not_a_panic() {
         let mut driver = Driver::new(&m);
         header(&m, HDR, kind, 1 << 60);
         let len = if kind == T_FLUSH { 0 } else { 512 };
-        driver.chain(0, &[(HDR, 16, 0), (DATA + 4096, len, data_flags), (STATUS, 1, W)]);
+        driver.chain(
+            0,
+            &[(HDR, 16, 0), (DATA + 4096, len, data_flags), (STATUS, 1, W)],
+        );
         if matches!(kind, T_DISCARD | T_WRITE_ZEROES) {
             driver.chain(0, &[(HDR, 16, 0), (DATA, 16, 0), (STATUS, 1, W)]);
         }
@@ -375,7 +400,11 @@ fn huge_sectors_in_any_request_type_are_answered_not_a_panic() {
         dp.service();
         assert!(!interrupt.is_broken(), "type {kind}");
         assert_eq!(driver.used_idx(&m), 1, "type {kind}");
-        assert_eq!(m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), want, "type {kind}");
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            want,
+            "type {kind}"
+        );
     }
 }
 
@@ -391,10 +420,17 @@ fn a_merged_data_and_status_descriptor_is_served_in_full() {
     let (mut dp, interrupt, _) = dataplane(&m, &driver, null());
     dp.service();
     assert!(!interrupt.is_broken());
-    assert_eq!(driver.used(&m, 0), (0, 513), "512 bytes read plus the status");
+    assert_eq!(
+        driver.used(&m, 0),
+        (0, 513),
+        "512 bytes read plus the status"
+    );
     let mut back = [0u8; 513];
     m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
-    assert!(back[..512].iter().all(|&b| b == 0), "the null engine reads zeros");
+    assert!(
+        back[..512].iter().all(|&b| b == 0),
+        "the null engine reads zeros"
+    );
     assert_eq!(back[512], status::OK);
     assert_eq!(m.read_obj::<u8>(GuestAddress(DATA + 513)).unwrap(), 0xaa);
 }
@@ -432,12 +468,19 @@ fn a_drain_that_cannot_end_gives_up_and_keeps_what_the_io_may_touch() {
     let m = mem();
     let (engine, _) = Held::new(0, false);
     let started = Instant::now();
-    let (stopped, interrupt, used) =
-        stop_with_a_read_in_flight(&m, engine, Duration::from_millis(300), Duration::from_secs(10));
+    let (stopped, interrupt, used) = stop_with_a_read_in_flight(
+        &m,
+        engine,
+        Duration::from_millis(300),
+        Duration::from_secs(10),
+    );
     let drained = stopped.expect("the drain never ended");
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(!drained, "a stuck read was reported drained");
-    assert!(interrupt.is_broken(), "the device is not in DEVICE_NEEDS_RESET");
+    assert!(
+        interrupt.is_broken(),
+        "the device is not in DEVICE_NEEDS_RESET"
+    );
     assert_eq!(used, 0, "the stuck read was returned as served");
 }
 
@@ -464,7 +507,14 @@ fn any_descriptor() -> impl Strategy<Value = (u64, u32, u16)> {
         0u64..(4 << 20),
         any::<u64>()
     ];
-    let len = prop_oneof![Just(16u32), Just(1), Just(512), Just(513), 0u32..4096, any::<u32>()];
+    let len = prop_oneof![
+        Just(16u32),
+        Just(1),
+        Just(512),
+        Just(513),
+        0u32..4096,
+        any::<u32>()
+    ];
     let flags = prop_oneof![Just(0u16), Just(W)];
     (addr, len, flags)
 }
