@@ -61,6 +61,28 @@ fn all_workloads(dataplane: &str) {
     expect_ok(&vm, "discard vda");
     expect_ok(&vm, "writezeroes vda");
     let sum = tests::expect_line(&vm, "testguest: blk checksum vda:", WORKLOAD_TIMEOUT);
+    // A request with nowhere to put a status is never returned as served.
+    for case in ["status-not-writable", "write-nothing-writable", "no-status"] {
+        let line = tests::expect_line(
+            &vm,
+            &format!("testguest: blk malformed vda: {case}:"),
+            WORKLOAD_TIMEOUT,
+        );
+        assert!(line.contains(": needs_reset"), "{line}");
+    }
+    // Virtio 1.x message framing: data and status sharing a descriptor,
+    // the header over two, are served like any request.
+    for case in [
+        "data-and-status-in-one-descriptor",
+        "header-in-two-descriptors",
+    ] {
+        let line = tests::expect_line(
+            &vm,
+            &format!("testguest: blk malformed vda: {case}:"),
+            WORKLOAD_TIMEOUT,
+        );
+        assert!(line.contains(": status=0 len="), "{line}");
+    }
     let malformed = expect_ok(&vm, "malformed vda: ok");
     assert!(malformed.contains("resets="), "{malformed}");
     let id = tests::expect_line(&vm, "testguest: blk getid vda:", WORKLOAD_TIMEOUT);
