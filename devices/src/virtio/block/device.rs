@@ -75,6 +75,9 @@ pub struct Block {
     features: u64,
     active: Option<Active>,
     worker: Option<Worker>,
+    /// A dataplane gave up waiting for its I/O: the lease is kept for good
+    /// and the device never serves again.
+    stuck: bool,
 }
 
 /// The lease holder name of a virtio-blk device's dataplane.
@@ -124,6 +127,7 @@ impl Block {
             features,
             active: None,
             worker: None,
+            stuck: false,
         }
     }
 
@@ -137,6 +141,11 @@ impl Block {
 
     /// Starts a dataplane thread over `queues`.
     fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        if self.stuck {
+            return Err(
+                "its earlier I/O never completed; it stays unusable until the VMM ends".into(),
+            );
+        }
         let active = self.active.as_ref().ok_or("it is not active")?;
         let activation = Activation {
             mem: active.mem.clone(),
@@ -201,6 +210,7 @@ impl Block {
                 // released (the dataplane leaked its engine and guest
                 // memory for the same reason). The node stays busy under
                 // this device's name until the VMM ends.
+                self.stuck = true;
                 if let Some(lease) = self.lease.take() {
                     log::error!(
                         "{}: keeping the lease on node '{}' for good: I/O may still be in flight",
@@ -319,6 +329,13 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self) -> Result<(), ResumeError> {
+        if self.stuck {
+            // The VM runs on; this disk stays in DEVICE_NEEDS_RESET.
+            if let Some(active) = &self.active {
+                active.interrupt.fail();
+            }
+            return Ok(());
+        }
         let device = self.config.id.clone();
         self.take_lease().map_err(|e| ResumeError {
             device,
