@@ -643,7 +643,8 @@ impl Dataplane {
             // queue is full (io_uring's EBUSY): hand it over again each
             // round, after reaping has made room.
             if let Err(e) = self.engine.submit() {
-                log::warn!("{}: {e}", self.name);
+                // Retried every round until the deadline: keep it quiet.
+                log::debug!("{}: {e}", self.name);
             }
             if !self.reap() {
                 let mut pfd = libc::pollfd {
