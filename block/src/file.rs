@@ -154,6 +154,47 @@ impl DiskFile {
     pub fn options(&self) -> DiskOptions {
         self.options
     }
+
+    /// The alignment, in bytes, of file offsets and lengths the host
+    /// accepts for I/O on this file: with `O_DIRECT`, a block device's
+    /// logical block size (`BLKSSZGET`) or a file's `STATX_DIOALIGN`
+    /// offset alignment; 512 when buffered or when the host does not say.
+    pub fn io_alignment(&self) -> u32 {
+        if !self.options.direct {
+            return 512;
+        }
+        let fd = self.file.as_raw_fd();
+        let mut ssz: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int; it fails harmlessly with
+        // ENOTTY on anything but a block device.
+        let align = if unsafe { libc::ioctl(fd, libc::BLKSSZGET, &mut ssz) } == 0 {
+            u32::try_from(ssz).unwrap_or(0)
+        } else {
+            // SAFETY: an all-zero statx is a valid value to be overwritten.
+            let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+            // SAFETY: a valid fd, an empty path with AT_EMPTY_PATH, and a
+            // statx buffer the call fills.
+            let ok = unsafe {
+                libc::statx(
+                    fd,
+                    c"".as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                    libc::STATX_DIOALIGN,
+                    &mut stx,
+                )
+            } == 0;
+            if ok && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+                stx.stx_dio_offset_align
+            } else {
+                0
+            }
+        };
+        if align.is_power_of_two() {
+            align.max(512)
+        } else {
+            512
+        }
+    }
 }
 
 impl Drop for DiskFile {

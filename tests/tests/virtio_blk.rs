@@ -61,6 +61,28 @@ fn all_workloads(dataplane: &str) {
     expect_ok(&vm, "discard vda");
     expect_ok(&vm, "writezeroes vda");
     let sum = tests::expect_line(&vm, "testguest: blk checksum vda:", WORKLOAD_TIMEOUT);
+    // A request with nowhere to put a status is never returned as served.
+    for case in ["status-not-writable", "write-nothing-writable", "no-status"] {
+        let line = tests::expect_line(
+            &vm,
+            &format!("testguest: blk malformed vda: {case}:"),
+            WORKLOAD_TIMEOUT,
+        );
+        assert!(line.contains(": needs_reset"), "{line}");
+    }
+    // Virtio 1.x message framing: data and status sharing a descriptor,
+    // the header over two, are served like any request.
+    for case in [
+        "data-and-status-in-one-descriptor",
+        "header-in-two-descriptors",
+    ] {
+        let line = tests::expect_line(
+            &vm,
+            &format!("testguest: blk malformed vda: {case}:"),
+            WORKLOAD_TIMEOUT,
+        );
+        assert!(line.contains(": status=0 len="), "{line}");
+    }
     let malformed = expect_ok(&vm, "malformed vda: ok");
     assert!(malformed.contains("resets="), "{malformed}");
     let id = tests::expect_line(&vm, "testguest: blk getid vda:", WORKLOAD_TIMEOUT);
@@ -148,4 +170,55 @@ fn the_dataplane_thread_is_named_after_the_device_and_ends_with_the_vm() {
         "{:?}",
         threads()
     );
+}
+
+/// A loop device over a file, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    /// A loop device with 4096-byte logical sectors over `file`; None where
+    /// `losetup` may not make one (not root, no loop module).
+    fn with_4k_sectors(file: &std::path::Path) -> Option<Self> {
+        let out = std::process::Command::new("losetup")
+            .args(["--sector-size", "4096", "-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| Self(String::from_utf8_lossy(&out.stdout).trim().to_string()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn direct_on_a_4k_sector_disk_gives_the_guest_4k_blocks_and_serves_it() {
+    let disk = TempDisk::new("4k", 4 << 20);
+    let Some(dev) = LoopDevice::with_4k_sectors(&disk.path) else {
+        eprintln!("skipped: losetup cannot make a 4K-sector loop device here (needs root)");
+        return;
+    };
+    let config = guest(
+        "blk=verify,random,discard,writezeroes,checksum",
+        &[format!("path={},direct=on", dev.0)],
+    );
+    let vm = boot(&config);
+    let info = tests::expect_line(&vm, "testguest: blk vda: capacity=", WORKLOAD_TIMEOUT);
+    assert_eq!(value(&info, "blk_size"), "4096", "{info}");
+    expect_ok(&vm, "verify vda");
+    expect_ok(&vm, "random vda");
+    expect_ok(&vm, "discard vda");
+    expect_ok(&vm, "writezeroes vda");
+    let sum = tests::expect_line(&vm, "testguest: blk checksum vda:", WORKLOAD_TIMEOUT);
+    assert_eq!(vm.wait(), VmExit::Status(0), "a workload failed");
+    drop(dev);
+    assert_eq!(value(&sum, "fnv1a64"), fnv1a64_file(&disk.path));
 }

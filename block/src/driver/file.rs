@@ -87,6 +87,10 @@ impl<C> Driver<C> for File {
         self.path.clone()
     }
 
+    fn io_alignment(&self) -> u32 {
+        self.disk.io_alignment()
+    }
+
     fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
         let io_err = |source| BlockError::Io {
             node: node.into(),

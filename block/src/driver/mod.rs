@@ -39,6 +39,12 @@ pub trait Driver<C>: Send + Sync {
         Vec::new()
     }
 
+    /// The alignment in bytes of offsets and lengths this node's I/O needs
+    /// (a host disk's logical block size under `O_DIRECT`); at least 512.
+    fn io_alignment(&self) -> u32 {
+        512
+    }
+
     /// An I/O engine on this node for up to `depth` operations in flight.
     /// `node` is this node's name, for errors.
     fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError>;

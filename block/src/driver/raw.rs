@@ -33,6 +33,10 @@ impl<C: Child> Driver<C> for Raw<C> {
         vec![("file", &self.file)]
     }
 
+    fn io_alignment(&self) -> u32 {
+        self.file.driver().io_alignment()
+    }
+
     fn open_io(&self, _node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
         // Raw adds nothing to the path: the child's engine serves it.
         self.file.driver().open_io(self.file.name(), depth)

@@ -566,9 +566,13 @@ enum Case {
     PastEnd,
     UnknownType,
     NoStatus,
+    StatusReadOnly,
+    WriteNothingWritable,
+    MergedDataStatus,
+    SplitHeader,
 }
 
-const CASES: [(Case, &str); 8] = [
+const CASES: [(Case, &str); 12] = [
     (Case::OutsideRam, "buffer-outside-ram"),
     (Case::Loop, "descriptor-loop"),
     (Case::TooLong, "chain-longer-than-queue"),
@@ -577,7 +581,30 @@ const CASES: [(Case, &str); 8] = [
     (Case::PastEnd, "read-past-end"),
     (Case::UnknownType, "unknown-type"),
     (Case::NoStatus, "no-status"),
+    (Case::StatusReadOnly, "status-not-writable"),
+    (Case::WriteNothingWritable, "write-nothing-writable"),
+    (Case::MergedDataStatus, "data-and-status-in-one-descriptor"),
+    (Case::SplitHeader, "header-in-two-descriptors"),
 ];
+
+/// What the device must do with a case.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// Answer with an error status, or go to DEVICE_NEEDS_RESET.
+    Error,
+    /// Go to DEVICE_NEEDS_RESET: there is nowhere to put a status.
+    Reset,
+    /// Serve it (virtio 1.x lets a driver frame a request any way).
+    Served,
+}
+
+fn expect(case: Case) -> Expect {
+    match case {
+        Case::NoStatus | Case::StatusReadOnly | Case::WriteNothingWritable => Expect::Reset,
+        Case::MergedDataStatus | Case::SplitHeader => Expect::Served,
+        _ => Expect::Error,
+    }
+}
 
 fn malformed(dev: &mut Blk, env: &Env, out: &mut Out) -> Outcome {
     let name = dev.name;
@@ -602,8 +629,12 @@ fn malformed(dev: &mut Blk, env: &Env, out: &mut Out) -> Outcome {
         let (kind, sector) = match case {
             Case::PastEnd => (T_IN, dev.capacity),
             Case::UnknownType => (0xff, 0),
+            Case::WriteNothingWritable => (T_OUT, 0),
             _ => (T_IN, 0),
         };
+        // Where the status byte is, and the used length a served request has.
+        let mut status_at = status;
+        let served_len = bs + 1;
         let q = dev.q(0);
         match case {
             Case::OutsideRam => {
@@ -650,30 +681,58 @@ fn malformed(dev: &mut Blk, env: &Env, out: &mut Out) -> Outcome {
             Case::NoStatus => {
                 q.raw_desc(0, hdr, 16, 0, 0);
             }
+            Case::StatusReadOnly => {
+                q.raw_desc(0, hdr, 16, DESC_NEXT, 1);
+                q.raw_desc(1, data, bs, DESC_NEXT | DESC_WRITE, 2);
+                q.raw_desc(2, status, 1, 0, 0);
+            }
+            Case::WriteNothingWritable => {
+                q.raw_desc(0, hdr, 16, DESC_NEXT, 1);
+                q.raw_desc(1, data, bs, DESC_NEXT, 2);
+                q.raw_desc(2, status, 1, 0, 0);
+            }
+            Case::MergedDataStatus => {
+                q.raw_desc(0, hdr, 16, DESC_NEXT, 1);
+                q.raw_desc(1, data, bs + 1, DESC_WRITE, 0);
+                status_at = data + bs as u64;
+            }
+            Case::SplitHeader => {
+                q.raw_desc(0, hdr, 7, DESC_NEXT, 1);
+                q.raw_desc(1, hdr + 7, 9, DESC_NEXT, 2);
+                q.raw_desc(2, data, bs, DESC_NEXT | DESC_WRITE, 3);
+                q.raw_desc(3, status, 1, DESC_WRITE, 0);
+            }
         }
         q.raw_publish(0, kind, sector);
+        // A status the device never writes reads as this; a stale OK
+        // would hide a request the device did not serve.
+        // SAFETY: our metadata area or our scratch buffer.
+        unsafe { core::ptr::write_volatile(status_at as *mut u8, 0xff) };
         q.kick();
         let r = dev.wait(0);
         let _ = write!(out, "testguest: blk malformed {}: {}: ", name, cname);
         let mut reinit = false;
         match r {
             Ok(d) => {
-                if case == Case::NoStatus {
-                    let _ = writeln!(out, "status=none len={}", d.len);
-                } else {
-                    let _ = writeln!(out, "status={}", d.status);
-                    let good = match case {
-                        Case::UnknownType => d.status == S_UNSUPP,
-                        _ => d.status == S_IOERR || d.status == S_UNSUPP,
-                    };
-                    if !good && bad.is_none() {
-                        bad = Some(msg!("{}: status {}", cname, d.status));
-                    }
+                // SAFETY: as above.
+                let st = unsafe { core::ptr::read_volatile(status_at as *const u8) };
+                let _ = writeln!(out, "status={} len={}", st, d.len);
+                let good = match (expect(case), case) {
+                    (Expect::Reset, _) => false,
+                    (Expect::Served, _) => st == S_OK && d.len == served_len,
+                    (_, Case::UnknownType) => st == S_UNSUPP,
+                    _ => st == S_IOERR || st == S_UNSUPP,
+                };
+                if !good && bad.is_none() {
+                    bad = Some(msg!("{}: status {} len {}", cname, st, d.len));
                 }
                 dev.q(0).raw_end();
             }
             Err(Stall::NeedsReset) => {
                 let _ = writeln!(out, "needs_reset");
+                if expect(case) == Expect::Served && bad.is_none() {
+                    bad = Some(msg!("{}: needs_reset for a request virtio 1.x allows", cname));
+                }
                 reinit = true;
             }
             Err(s) => {

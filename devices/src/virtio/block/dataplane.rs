@@ -8,6 +8,13 @@
 //! rings and the completion queue for that long, without notifications
 //! (they stay suppressed by leaving the avail event index behind), before
 //! it re-arms them and sleeps in epoll.
+//!
+//! A driver error that leaves a queue in a state both sides cannot agree
+//! on (a chain that loops, a request with no status to answer in, a
+//! corrupt avail index, a head posted again while in flight, more requests
+//! than the queue holds) puts the device in DEVICE_NEEDS_RESET. From then
+//! on the thread no longer looks at any queue: it only finishes what is in
+//! flight and sleeps until it is stopped, which the driver's reset does.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,9 +26,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{
-    self, status, Buffer, DiskLimits, Refused, Request, RequestError, RequestKind, SECTOR_SIZE,
-};
+use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
 
 /// Tells a dataplane to stop: a flag its poll loop can read without a
@@ -48,6 +53,21 @@ impl StopSignal {
     fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
     }
+}
+
+/// How long a stopping dataplane waits for operations in flight before it
+/// gives up on them (see [`Stopped::drained`]).
+pub(crate) const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What a dataplane hands back when it ends.
+pub(crate) struct Stopped {
+    /// The queues, as the dataplane left them.
+    pub queues: Vec<ActiveQueue>,
+    /// Every operation completed. When false, some may still write into
+    /// guest memory or the disk: the dataplane has leaked its engine, the
+    /// iovecs and a reference to guest memory so they outlive them, and
+    /// the caller must not let the node's lease go either.
+    pub drained: bool,
 }
 
 /// A request handed to the engine, waiting for its completions.
@@ -82,7 +102,12 @@ pub(crate) struct Dataplane {
     parsed: Vec<(u16, Result<Request, Refused>)>,
     /// Queues whose used ring changed since the last interrupt decision.
     to_signal: Vec<bool>,
+    /// Per queue, per head: taken from the avail ring and not yet used.
+    heads: Vec<Vec<bool>>,
+    /// Per queue: how many heads are taken and not yet used.
+    taken: Vec<u16>,
     stopping: bool,
+    drain_deadline: Duration,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
@@ -99,6 +124,11 @@ impl Dataplane {
         stop: Arc<StopSignal>,
     ) -> Self {
         let queues = activation.queues.len();
+        let heads = activation
+            .queues
+            .iter()
+            .map(|q| vec![false; usize::from(q.queue.size())])
+            .collect();
         Self {
             name,
             mem: activation.mem,
@@ -113,19 +143,22 @@ impl Dataplane {
             free: Vec::new(),
             parsed: Vec::new(),
             to_signal: vec![false; queues],
+            heads,
+            taken: vec![0; queues],
             stopping: false,
+            drain_deadline: DRAIN_DEADLINE,
         }
     }
 
     /// Serves the queues until told to stop; then waits for requests in
     /// flight and hands the queues back.
-    pub fn run(mut self) -> Vec<ActiveQueue> {
+    pub fn run(mut self) -> Stopped {
         let epoll = match self.epoll() {
             Ok(epoll) => epoll,
             Err(e) => {
                 log::error!("{}: cannot set up the dataplane's epoll: {e}", self.name);
                 self.interrupt.fail();
-                return self.queues;
+                return self.end();
             }
         };
         let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
@@ -134,6 +167,14 @@ impl Dataplane {
             if self.stopping {
                 break;
             }
+            if self.interrupt.is_broken() {
+                // Nothing the driver does short of a reset is served now:
+                // sleep until a completion or the stop signal arrives.
+                if !self.wait(&epoll, &mut events) {
+                    break;
+                }
+                continue;
+            }
             if worked && !self.poll.is_zero() && self.poll_for_work() {
                 continue;
             }
@@ -141,22 +182,48 @@ impl Dataplane {
             if self.arm_notifications() {
                 continue;
             }
-            match epoll.wait(-1, &mut events) {
-                Ok(n) => {
-                    for ev in &events[..n] {
-                        self.on_event(ev.data());
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => {
-                    log::error!("{}: epoll_wait failed: {e}", self.name);
-                    self.interrupt.fail();
-                    break;
-                }
+            if !self.wait(&epoll, &mut events) {
+                break;
             }
         }
-        self.drain();
-        self.queues
+        self.end()
+    }
+
+    /// Sleeps until an event and clears it; false if epoll itself failed.
+    fn wait(&mut self, epoll: &Epoll, events: &mut [EpollEvent]) -> bool {
+        match epoll.wait(-1, events) {
+            Ok(n) => {
+                for ev in &events[..n] {
+                    self.on_event(ev.data());
+                }
+                true
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => true,
+            Err(e) => {
+                log::error!("{}: epoll_wait failed: {e}", self.name);
+                self.interrupt.fail();
+                false
+            }
+        }
+    }
+
+    /// Drains and hands the queues back; on a drain that did not end,
+    /// leaks what the operations still in flight may touch.
+    fn end(mut self) -> Stopped {
+        let drained = self.drain();
+        if !drained {
+            // The kernel may still write into guest memory through these
+            // iovecs, on the file the engine keeps open: keep the engine,
+            // the iovecs and guest memory's mapping alive for the rest of
+            // the process rather than let any of them go under it.
+            std::mem::forget(self.engine);
+            std::mem::forget(std::mem::take(&mut self.slots));
+            std::mem::forget(self.mem);
+        }
+        Stopped {
+            queues: self.queues,
+            drained,
+        }
     }
 
     fn epoll(&self) -> std::io::Result<Epoll> {
@@ -207,7 +274,7 @@ impl Dataplane {
         }
         let mut deadline = Instant::now() + self.poll;
         let mut found = false;
-        while Instant::now() < deadline {
+        while Instant::now() < deadline && !self.interrupt.is_broken() {
             if self.stop.requested() {
                 self.stopping = true;
                 return true;
@@ -225,6 +292,9 @@ impl Dataplane {
     fn service(&mut self) -> bool {
         let mut worked = false;
         for q in 0..self.queues.len() {
+            if self.interrupt.is_broken() {
+                break;
+            }
             worked |= self.pop_requests(q);
         }
         if let Err(e) = self.engine.submit() {
@@ -251,7 +321,38 @@ impl Dataplane {
         pending
     }
 
+    /// A driver error that only a reset can clear.
+    fn driver_error(&self, q: usize, what: &dyn std::fmt::Display) {
+        // Debug level: a hostile guest must not flood the host's log.
+        log::debug!("{}: queue {}: {what}", self.name, self.queues[q].index);
+        self.interrupt.fail();
+    }
+
     fn pop_requests(&mut self, q: usize) -> bool {
+        // Requests in flight are capped at the queue size: a driver that
+        // moves its avail index further ahead of the used one than that is
+        // reusing descriptors the device still owns.
+        let queue = &self.queues[q].queue;
+        let size = queue.size();
+        match queue.avail_idx(&self.mem, Ordering::Acquire) {
+            Ok(idx) => {
+                let ahead = u32::from(idx.0.wrapping_sub(queue.next_avail()));
+                if ahead + u32::from(self.taken[q]) > u32::from(size) {
+                    self.driver_error(
+                        q,
+                        &format_args!(
+                            "avail index {} is more than {size} ahead of the used index",
+                            idx.0
+                        ),
+                    );
+                    return false;
+                }
+            }
+            Err(e) => {
+                self.driver_error(q, &format_args!("{e:?}"));
+                return false;
+            }
+        }
         let mut parsed = std::mem::take(&mut self.parsed);
         match self.queues[q].queue.iter(&self.mem) {
             Ok(iter) => {
@@ -270,29 +371,49 @@ impl Dataplane {
         }
         let worked = !parsed.is_empty();
         for (head, req) in parsed.drain(..) {
+            if self.interrupt.is_broken() {
+                // The rest of the batch is the driver's again after reset.
+                break;
+            }
+            match self.heads[q].get_mut(usize::from(head)) {
+                Some(taken) if !*taken => {
+                    *taken = true;
+                    self.taken[q] += 1;
+                }
+                Some(_) => {
+                    self.driver_error(q, &format_args!("head {head} posted while in flight"));
+                    break;
+                }
+                None => {
+                    self.driver_error(q, &format_args!("head {head} is outside the queue"));
+                    break;
+                }
+            }
             match req {
                 Ok(req) => self.start(q, head, req),
-                // A chain that loops or outgrows the queue has no status to
-                // answer with, and returning it would hand the driver back
-                // descriptors in a state it did not expect: only a reset
-                // brings the queue back to a state both sides agree on.
-                Err(refused) if refused.error == RequestError::MalformedChain => {
-                    log::debug!("{}: request refused: {}", self.name, refused.error);
-                    self.interrupt.fail();
+                // A request without a status (a chain that loops, outgrows
+                // the queue, or has no device-writable byte) cannot be
+                // answered, and returning it would let the driver read a
+                // stale status as if it were served: only a reset brings
+                // the queue back to a state both sides agree on.
+                Err(Refused {
+                    error,
+                    status: None,
+                }) => {
+                    self.driver_error(q, &format_args!("request refused: {error}"));
+                    break;
                 }
-                Err(refused) => {
-                    log::debug!("{}: request refused: {}", self.name, refused.error);
-                    let used = match refused.status {
-                        Some(addr) => {
-                            self.write_status(addr, refused.error.status());
-                            1
-                        }
-                        None => 0,
-                    };
-                    self.add_used(q, head, used);
+                Err(Refused {
+                    error,
+                    status: Some(addr),
+                }) => {
+                    log::debug!("{}: request refused: {error}", self.name);
+                    self.write_status(addr, error.status());
+                    self.add_used(q, head, 1);
                 }
             }
         }
+        parsed.clear();
         self.parsed = parsed;
         worked
     }
@@ -306,6 +427,11 @@ impl Dataplane {
     }
 
     fn add_used(&mut self, q: usize, head: u16, len: u32) {
+        if let Some(taken) = self.heads[q].get_mut(usize::from(head)) {
+            if std::mem::take(taken) {
+                self.taken[q] -= 1;
+            }
+        }
         if let Err(e) = self.queues[q].queue.add_used(&self.mem, head, len) {
             log::debug!("{}: queue {}: {e:?}", self.name, self.queues[q].index);
             self.interrupt.fail();
@@ -339,7 +465,7 @@ impl Dataplane {
     }
 
     fn start(&mut self, q: usize, head: u16, req: Request) {
-        let offset = req.sector * SECTOR_SIZE;
+        let offset = req.offset;
         let mut entry = InFlight {
             queue: q,
             head,
@@ -411,7 +537,7 @@ impl Dataplane {
             RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
                 let zero = matches!(req.kind, RequestKind::WriteZeroes(_));
                 segs.iter().enumerate().try_for_each(|(n, s)| {
-                    let (off, len) = (s.sector * SECTOR_SIZE, u64::from(s.sectors) * SECTOR_SIZE);
+                    let (off, len) = (s.offset, s.len);
                     let queued = if zero && !s.unmap {
                         self.engine.write_zeroes(off, len, tag)
                     } else {
@@ -495,11 +621,31 @@ impl Dataplane {
     }
 
     /// Waits for every request in flight, so no operation touches guest
-    /// memory after the queues are handed back.
-    fn drain(&mut self) {
+    /// memory after the queues are handed back; false if some were still
+    /// in flight at the deadline (the device is then in NEEDS_RESET).
+    fn drain(&mut self) -> bool {
         use std::os::fd::AsRawFd;
-        let _ = self.engine.submit();
+        let deadline = Instant::now() + self.drain_deadline;
         while self.in_flight() > 0 {
+            if Instant::now() >= deadline {
+                log::error!(
+                    "{}: {} requests still in flight after {:?}; the device needs a reset \
+                     and keeps its disk and guest memory until the VMM ends",
+                    self.name,
+                    self.in_flight(),
+                    self.drain_deadline
+                );
+                self.interrupt.fail();
+                self.signal();
+                return false;
+            }
+            // An engine may refuse a submission while its completion
+            // queue is full (io_uring's EBUSY): hand it over again each
+            // round, after reaping has made room.
+            if let Err(e) = self.engine.submit() {
+                // Retried every round until the deadline: keep it quiet.
+                log::debug!("{}: {e}", self.name);
+            }
             if !self.reap() {
                 let mut pfd = libc::pollfd {
                     fd: self.engine.notifier().as_raw_fd(),
@@ -507,10 +653,14 @@ impl Dataplane {
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, 100) };
+                unsafe { libc::poll(&mut pfd, 1, 10) };
                 let _ = self.engine.notifier().read();
             }
         }
         self.signal();
+        true
     }
 }
+
+#[cfg(test)]
+mod tests;

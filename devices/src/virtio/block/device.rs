@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryMmap;
 
-use super::dataplane::{Dataplane, StopSignal};
+use super::dataplane::{Dataplane, StopSignal, Stopped};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use super::throttle::ThrottleControl;
 use crate::virtio::{
@@ -32,9 +32,9 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Largest number of queues we offer.
 pub const MAX_QUEUES: u16 = 16;
-/// The logical block size the guest sees: 512, like a disk it can boot from
-/// with any file system (Linux takes blk_size as its logical block size).
-const BLOCK_SIZE: u32 = 512;
+/// The largest logical block size we pass on to the guest (Linux takes
+/// blk_size as its logical block size and accepts up to a page).
+const MAX_BLOCK_SIZE: u32 = 4096;
 const CONFIG_LEN: usize = 60;
 
 /// How the user configured a virtio-blk device.
@@ -56,7 +56,7 @@ pub struct BlockConfig {
 
 struct Worker {
     stop: Arc<StopSignal>,
-    thread: JoinHandle<Vec<ActiveQueue>>,
+    thread: JoinHandle<Stopped>,
 }
 
 /// What an activated device needs to start its dataplane again.
@@ -79,6 +79,9 @@ pub struct Block {
     features: u64,
     active: Option<Active>,
     worker: Option<Worker>,
+    /// A dataplane gave up waiting for its I/O: the lease is kept for good
+    /// and the device never serves again.
+    stuck: bool,
 }
 
 /// The lease holder name of a virtio-blk device's dataplane.
@@ -127,7 +130,12 @@ impl Block {
         } else {
             features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let config_space = config_space(&config, node.driver().size());
+        // The guest sees the host's logical block size where the host
+        // needs aligned I/O (O_DIRECT on a 4K-sector disk), so that the
+        // requests it sends are ones the host accepts; else 512, like a
+        // disk it can boot from with any file system.
+        let blk_size = node.driver().io_alignment().clamp(512, MAX_BLOCK_SIZE);
+        let config_space = config_space(&config, node.driver().size(), blk_size);
         Self {
             config,
             node,
@@ -137,6 +145,7 @@ impl Block {
             features,
             active: None,
             worker: None,
+            stuck: false,
         }
     }
 
@@ -150,6 +159,11 @@ impl Block {
 
     /// Starts a dataplane thread over `queues`.
     fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        if self.stuck {
+            return Err(
+                "its earlier I/O never completed; it stays unusable until the VMM ends".into(),
+            );
+        }
         let active = self.active.as_ref().ok_or("it is not active")?;
         let activation = Activation {
             mem: active.mem.clone(),
@@ -201,7 +215,30 @@ impl Block {
             log::error!("{}: cannot stop the dataplane: {e}", self.config.id);
         }
         match worker.thread.join() {
-            Ok(queues) => Some(queues),
+            Ok(Stopped {
+                queues,
+                drained: true,
+            }) => Some(queues),
+            Ok(Stopped {
+                queues,
+                drained: false,
+            }) => {
+                // Operations may still land on the disk: no one else may
+                // take the node while they can, so the lease is never
+                // released (the dataplane leaked its engine and guest
+                // memory for the same reason). The node stays busy under
+                // this device's name until the VMM ends.
+                self.stuck = true;
+                if let Some(lease) = self.lease.take() {
+                    log::error!(
+                        "{}: keeping the lease on node '{}' for good: I/O may still be in flight",
+                        self.config.id,
+                        self.node.name()
+                    );
+                    std::mem::forget(lease);
+                }
+                Some(queues)
+            }
             Err(_) => {
                 log::error!("{}: the dataplane thread panicked", self.config.id);
                 None
@@ -215,7 +252,7 @@ impl Block {
 }
 
 /// The virtio_blk_config structure (virtio 1.2, 5.2.4), little endian.
-fn config_space(config: &BlockConfig, size: u64) -> [u8; CONFIG_LEN] {
+fn config_space(config: &BlockConfig, size: u64, blk_size: u32) -> [u8; CONFIG_LEN] {
     let mut c = [0u8; CONFIG_LEN];
     let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
@@ -223,11 +260,11 @@ fn config_space(config: &BlockConfig, size: u64) -> [u8; CONFIG_LEN] {
         12,
         &u32::from(config.queue_size.saturating_sub(2).max(1)).to_le_bytes(),
     ); // seg_max
-    put(20, &BLOCK_SIZE.to_le_bytes()); // blk_size
+    put(20, &blk_size.to_le_bytes()); // blk_size
     put(34, &config.queues.to_le_bytes()); // num_queues
     put(36, &(u32::MAX / 512).to_le_bytes()); // max_discard_sectors
     put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_discard_seg
-    put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+    put(44, &(blk_size / 512).to_le_bytes()); // discard_sector_alignment
     put(48, &(u32::MAX / 512).to_le_bytes()); // max_write_zeroes_sectors
     put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
     put(56, &[1]); // write_zeroes_may_unmap
@@ -310,6 +347,13 @@ impl VirtioDevice for Block {
     }
 
     fn resume(&mut self) -> Result<(), ResumeError> {
+        if self.stuck {
+            // The VM runs on; this disk stays in DEVICE_NEEDS_RESET.
+            if let Some(active) = &self.active {
+                active.interrupt.fail();
+            }
+            return Ok(());
+        }
         let device = self.config.id.clone();
         self.take_lease().map_err(|e| ResumeError {
             device,
@@ -562,5 +606,65 @@ mod tests {
         device.read_config(u64::MAX, &mut past_end);
         assert_eq!(past_end, [0; 8]);
         assert_eq!(device.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let mut blk_size = [0u8; 4];
+        device.read_config(20, &mut blk_size);
+        assert_eq!(u32::from_le_bytes(blk_size), 512);
+    }
+
+    #[test]
+    fn a_host_block_size_of_4096_is_the_guests_block_size() {
+        let c = config_space(&config(0), 1 << 20, 4096);
+        assert_eq!(c[20..24], 4096u32.to_le_bytes(), "blk_size");
+        assert_eq!(c[44..48], 8u32.to_le_bytes(), "discard_sector_alignment");
+    }
+
+    /// A loop device with 4096-byte sectors over a temporary file, as
+    /// `losetup` makes it; None where that is not allowed (not root, no
+    /// loop module).
+    fn loop_4k(file: &std::path::Path) -> Option<String> {
+        let out = std::process::Command::new("losetup")
+            .args(["--sector-size", "4096", "-f", "--show"])
+            .arg(file)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    #[test]
+    fn direct_on_a_4k_sector_disk_advertises_4096_byte_blocks() {
+        let file = std::env::temp_dir().join(format!("devices-blk-{}-4k", std::process::id()));
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let Some(dev) = loop_4k(&file) else {
+            std::fs::remove_file(&file).unwrap();
+            eprintln!("skipped: losetup cannot make a 4K-sector loop device here (needs root)");
+            return;
+        };
+        let block_size = |direct: bool| {
+            let graph = Graph::new();
+            graph
+                .add_disk(
+                    "drive0",
+                    false,
+                    FileOptions {
+                        direct,
+                        ..FileOptions::new(dev.clone().into())
+                    },
+                )
+                .unwrap();
+            let node = graph.get("drive0", device_holder("vdt")).unwrap();
+            let device = Block::new(config(0), node);
+            let mut blk_size = [0u8; 4];
+            device.read_config(20, &mut blk_size);
+            u32::from_le_bytes(blk_size)
+        };
+        let (direct, buffered) = (block_size(true), block_size(false));
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(direct, 4096, "direct=on on {dev}");
+        assert_eq!(buffered, 512, "the page cache takes any 512-byte I/O");
     }
 }

@@ -59,13 +59,14 @@ pub enum RequestKind {
     WriteZeroes(Vec<Segment>),
 }
 
-/// One range of a DISCARD or WRITE_ZEROES request.
+/// One range of a DISCARD or WRITE_ZEROES request, in bytes, checked to
+/// lie inside the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
-    /// First sector.
-    pub sector: u64,
-    /// Number of sectors.
-    pub sectors: u32,
+    /// First byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub len: u64,
     /// WRITE_ZEROES with UNMAP: the range may be deallocated.
     pub unmap: bool,
 }
@@ -84,9 +85,9 @@ pub struct Buffer {
 pub struct Request {
     /// What to do.
     pub kind: RequestKind,
-    /// First sector (IN and OUT).
-    pub sector: u64,
-    /// The data buffers, in order.
+    /// First byte on the disk (IN and OUT; 0 for the others), checked.
+    pub offset: u64,
+    /// The data buffers, in order; they may cover parts of descriptors.
     pub data: Vec<Buffer>,
     /// Total bytes of the data buffers.
     pub data_len: u64,
@@ -100,16 +101,17 @@ pub enum RequestError {
     /// The chain ended early, looped or outgrew the queue.
     #[error("the descriptor chain is malformed (it loops, outgrows the queue, or lacks a header or status)")]
     MalformedChain,
-    /// The status descriptor is missing, too short, read-only or outside RAM.
-    #[error("the status descriptor is missing, read-only, or outside guest memory")]
+    /// No device-writable byte for the status, or it lies outside RAM.
+    #[error("the request has no device-writable status byte inside guest memory")]
     BadStatus,
     /// A buffer lies (partly) outside guest RAM.
     #[error("a buffer at {addr:#x} (length {len}) is outside guest memory")]
     OutsideMemory { addr: u64, len: u32 },
-    /// A buffer points the wrong way (device-writable header, read-only IN buffer...).
+    /// A buffer points the wrong way (device-writable header, read-only IN
+    /// buffer, a readable descriptor after a writable one...).
     #[error("a buffer points the wrong way for this request")]
     WrongDirection,
-    /// The header is shorter than 16 bytes.
+    /// Fewer than 16 device-readable bytes for the header.
     #[error("the request header is too short")]
     ShortHeader,
     /// Data length is not a whole number of sectors (or segments).
@@ -146,7 +148,7 @@ pub struct DiskLimits {
     pub capacity: u64,
     /// Refuse writes.
     pub read_only: bool,
-    /// Most data descriptors per request (`seg_max`).
+    /// Most data buffers per request (`seg_max`).
     pub max_segments: u32,
     /// DISCARD was offered.
     pub discard: bool,
@@ -155,7 +157,8 @@ pub struct DiskLimits {
 }
 
 /// A request that could not be parsed, with where its status goes if that
-/// much could be found.
+/// much could be found. Without a status the request cannot be answered:
+/// the device must go to DEVICE_NEEDS_RESET rather than return it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     /// Why.
@@ -164,28 +167,70 @@ pub struct Refused {
     pub status: Option<GuestAddress>,
 }
 
+/// Checks that `len` bytes at `addr` lie in one region of guest RAM (so
+/// they become one host iovec).
 fn in_memory<M: GuestMemoryBackend + ?Sized>(
     mem: &M,
-    desc: &Descriptor,
+    addr: GuestAddress,
+    len: u32,
 ) -> Result<Buffer, RequestError> {
-    let outside = RequestError::OutsideMemory {
-        addr: desc.addr().0,
-        len: desc.len(),
-    };
-    // One region only: the buffer becomes one host iovec.
-    if desc.len() > 0 {
-        mem.get_slice(desc.addr(), desc.len() as usize)
-            .map_err(|_| outside.clone())?;
-    } else if !mem.address_in_range(desc.addr()) {
+    let outside = RequestError::OutsideMemory { addr: addr.0, len };
+    if len > 0 {
+        mem.get_slice(addr, len as usize).map_err(|_| outside)?;
+    } else if !mem.address_in_range(addr) {
         return Err(outside);
     }
-    Ok(Buffer {
-        addr: desc.addr(),
-        len: desc.len(),
-    })
+    Ok(Buffer { addr, len })
+}
+
+/// Takes bytes off the front of a run of descriptors, splitting one where
+/// the wanted length ends inside it.
+struct Cursor<'a> {
+    descs: &'a [Descriptor],
+    /// Bytes of `descs[0]` already taken.
+    skip: u32,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(descs: &'a [Descriptor]) -> Self {
+        Self { descs, skip: 0 }
+    }
+
+    /// The next piece, at most `max` bytes long; None when nothing is left.
+    fn take(&mut self, max: u64) -> Option<(GuestAddress, u32)> {
+        while let Some(d) = self.descs.first() {
+            let left = d.len() - self.skip;
+            if left == 0 {
+                self.descs = &self.descs[1..];
+                self.skip = 0;
+                continue;
+            }
+            let n = u64::from(left).min(max) as u32;
+            // A descriptor that wraps the address space is refused by the
+            // memory check later; keep the arithmetic from overflowing here.
+            let addr = GuestAddress(d.addr().0.wrapping_add(u64::from(self.skip)));
+            self.skip += n;
+            return Some((addr, n));
+        }
+        None
+    }
+
+    fn is_empty(&self) -> bool {
+        self.descs
+            .iter()
+            .enumerate()
+            .all(|(i, d)| d.len() == if i == 0 { self.skip } else { 0 })
+    }
 }
 
 /// Parses the chain into a request, checking it against `limits`.
+///
+/// The layout is free (virtio 1.x "message framing"): the first 16
+/// device-readable bytes are the header, the last device-writable byte is
+/// the status, and the bytes between are the data, readable for OUT,
+/// DISCARD and WRITE_ZEROES, writable for IN and GET_ID. Header, data and
+/// status may share descriptors and the header may span several; data
+/// buffers then cover parts of descriptors.
 pub fn parse<M>(mut chain: DescriptorChain<M>, limits: &DiskLimits) -> Result<Request, Refused>
 where
     M: Deref,
@@ -196,79 +241,116 @@ where
     let descs: Vec<Descriptor> = chain.by_ref().collect();
     let mem = chain.memory();
     let refuse = |error, status| Refused { error, status };
-    let (last, head) = match (descs.last(), descs.first()) {
-        (Some(last), Some(head)) if descs.len() >= 2 => (last, head),
+    match descs.last() {
+        Some(last) if !last.has_next() => {}
         _ => return Err(refuse(RequestError::MalformedChain, None)),
+    }
+    // Readable descriptors come first, then writable ones (2.7.4.2).
+    let split = descs
+        .iter()
+        .position(Descriptor::is_write_only)
+        .unwrap_or(descs.len());
+    let (readable, writable) = descs.split_at(split);
+
+    // The status: the last byte of the chain, which must be writable.
+    let last_w = match writable.iter().rposition(|d| d.len() > 0) {
+        Some(i)
+            if writable[i + 1..].iter().all(Descriptor::is_write_only)
+                && writable[i].is_write_only() =>
+        {
+            i
+        }
+        _ => return Err(refuse(RequestError::BadStatus, None)),
     };
-    if last.has_next() {
-        return Err(refuse(RequestError::MalformedChain, None));
-    }
-    if !last.is_write_only() || last.len() < 1 {
-        return Err(refuse(RequestError::BadStatus, None));
-    }
-    let status = in_memory(mem, last)
-        .map_err(|_| refuse(RequestError::BadStatus, None))?
-        .addr;
+    let status_desc = &writable[last_w];
+    let status = status_desc
+        .addr()
+        .0
+        .checked_add(u64::from(status_desc.len() - 1))
+        .map(GuestAddress)
+        .filter(|&a| in_memory(mem, a, 1).is_ok())
+        .ok_or_else(|| refuse(RequestError::BadStatus, None))?;
     let with_status = |error| refuse(error, Some(status));
     let fail = |error| Err(with_status(error));
 
-    if head.is_write_only() {
+    if writable.iter().any(|d| !d.is_write_only()) {
         return fail(RequestError::WrongDirection);
     }
-    if head.len() < HEADER_LEN {
-        return fail(RequestError::ShortHeader);
-    }
-    let header = match in_memory(mem, head) {
-        Ok(_) => {
-            let mut bytes = [0u8; HEADER_LEN as usize];
-            if mem.read_slice(&mut bytes, head.addr()).is_err() {
-                return fail(RequestError::OutsideMemory {
-                    addr: head.addr().0,
-                    len: head.len(),
-                });
-            }
-            bytes
+    // The writable bytes before the status.
+    let mut w_descs = writable[..=last_w].to_vec();
+    let shortened = w_descs.last_mut().expect("holds the status descriptor");
+    *shortened = Descriptor::new(
+        shortened.addr().0,
+        shortened.len() - 1,
+        shortened.flags(),
+        0,
+    );
+
+    // The header: the first 16 readable bytes, wherever they lie.
+    let mut r = Cursor::new(readable);
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut got = 0usize;
+    while got < header.len() {
+        let Some((addr, n)) = r.take((header.len() - got) as u64) else {
+            return fail(if descs[0].is_write_only() {
+                RequestError::WrongDirection
+            } else {
+                RequestError::ShortHeader
+            });
+        };
+        if let Err(e) = in_memory(mem, addr, n) {
+            return fail(e);
         }
-        Err(e) => return fail(e),
-    };
+        let piece = &mut header[got..got + n as usize];
+        if mem.read_slice(piece, addr).is_err() {
+            return fail(RequestError::OutsideMemory {
+                addr: addr.0,
+                len: n,
+            });
+        }
+        got += n as usize;
+    }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
 
-    let middle = &descs[1..descs.len() - 1];
     let wants_writable = match req_type {
         T_IN | T_GET_ID => true,
         T_OUT | T_DISCARD | T_WRITE_ZEROES | T_FLUSH => false,
         other => return fail(RequestError::Unsupported(other)),
     };
-    if middle.len() as u32 > limits.max_segments {
-        return fail(RequestError::TooLarge);
+    let mut w = Cursor::new(&w_descs);
+    // Data flows one way only: bytes the other way are a driver error.
+    if (wants_writable && !r.is_empty()) || (!wants_writable && !w.is_empty()) {
+        return fail(RequestError::WrongDirection);
     }
-    let mut data = Vec::with_capacity(middle.len());
+    let source = if wants_writable { &mut w } else { &mut r };
+    let mut data = Vec::new();
     let mut data_len: u64 = 0;
-    for desc in middle {
-        if desc.is_write_only() != wants_writable {
-            return fail(RequestError::WrongDirection);
+    while let Some((addr, n)) = source.take(u64::from(u32::MAX)) {
+        if data.len() as u32 >= limits.max_segments {
+            return fail(RequestError::TooLarge);
         }
-        match in_memory(mem, desc) {
+        match in_memory(mem, addr, n) {
             Ok(buf) => data.push(buf),
             Err(e) => return fail(e),
         }
-        data_len += u64::from(desc.len());
-    }
-    if data_len > MAX_REQUEST_BYTES {
-        return fail(RequestError::TooLarge);
+        data_len += u64::from(n);
+        if data_len > MAX_REQUEST_BYTES {
+            return fail(RequestError::TooLarge);
+        }
     }
 
     let writes = matches!(req_type, T_OUT | T_DISCARD | T_WRITE_ZEROES);
     if writes && limits.read_only {
         return fail(RequestError::ReadOnly);
     }
+    let mut offset = 0;
     let kind = match req_type {
         T_IN | T_OUT => {
             if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return fail(RequestError::BadLength(data_len));
             }
-            check_range(limits, sector, data_len).map_err(with_status)?;
+            offset = check_range(limits, sector, data_len).map_err(with_status)?;
             if req_type == T_IN {
                 RequestKind::In
             } else {
@@ -302,20 +384,27 @@ where
     };
     Ok(Request {
         kind,
-        sector,
+        offset,
         data,
         data_len,
         status,
     })
 }
 
-fn check_range(limits: &DiskLimits, sector: u64, len: u64) -> Result<(), RequestError> {
-    let end = sector
+/// Checks that `len` bytes from `sector` lie inside the disk; the byte
+/// offset of `sector`. Nothing is multiplied before it is checked.
+fn check_range(limits: &DiskLimits, sector: u64, len: u64) -> Result<u64, RequestError> {
+    let out_of_range = || RequestError::OutOfRange { sector, len };
+    let start = sector.checked_mul(SECTOR_SIZE).ok_or_else(out_of_range)?;
+    let end = start.checked_add(len).ok_or_else(out_of_range)?;
+    let size = limits
+        .capacity
         .checked_mul(SECTOR_SIZE)
-        .and_then(|start| start.checked_add(len));
-    match end {
-        Some(end) if end <= limits.capacity * SECTOR_SIZE => Ok(()),
-        _ => Err(RequestError::OutOfRange { sector, len }),
+        .ok_or_else(out_of_range)?;
+    if end <= size {
+        Ok(start)
+    } else {
+        Err(out_of_range())
     }
 }
 
@@ -345,14 +434,16 @@ fn read_segments<M: GuestMemoryBackend + ?Sized>(
     bytes
         .chunks_exact(SEGMENT_LEN as usize)
         .map(|raw| {
-            let seg = Segment {
-                sector: u64::from_le_bytes(raw[0..8].try_into().unwrap()),
-                sectors: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
-                unmap: u32::from_le_bytes(raw[12..16].try_into().unwrap()) & WRITE_ZEROES_UNMAP
-                    != 0,
-            };
-            check_range(limits, seg.sector, u64::from(seg.sectors) * SECTOR_SIZE)?;
-            Ok(seg)
+            let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap());
+            let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap());
+            let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap());
+            // A u32 count of sectors times 512 always fits a u64.
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            Ok(Segment {
+                offset: check_range(limits, sector, len)?,
+                len,
+                unmap: flags & WRITE_ZEROES_UNMAP != 0,
+            })
         })
         .collect()
 }
@@ -431,8 +522,8 @@ mod tests {
         let req = simple(&m, T_IN, 2, desc(DATA, 1024, W)).unwrap();
         assert_eq!(req.kind, RequestKind::In);
         assert_eq!(
-            (req.sector, req.data_len, req.status),
-            (2, 1024, GuestAddress(STATUS))
+            (req.offset, req.data_len, req.status),
+            (1024, 1024, GuestAddress(STATUS))
         );
         assert_eq!(
             req.data,
@@ -484,7 +575,7 @@ mod tests {
         );
         assert_eq!(error_of(res), (RequestError::BadStatus, None));
         let res = parse_chain(&m, &[desc(HDR, 16, 0)], &limits());
-        assert_eq!(error_of(res), (RequestError::MalformedChain, None));
+        assert_eq!(error_of(res), (RequestError::BadStatus, None));
         let res = parse_chain(&m, &[desc(HDR, 16, 0), desc(0xffff_0000, 1, W)], &limits());
         assert_eq!(error_of(res), (RequestError::BadStatus, None));
     }
@@ -585,13 +676,13 @@ mod tests {
             req.kind,
             RequestKind::WriteZeroes(vec![
                 Segment {
-                    sector: 0,
-                    sectors: 8,
+                    offset: 0,
+                    len: 4096,
                     unmap: false
                 },
                 Segment {
-                    sector: 16,
-                    sectors: 4,
+                    offset: 8192,
+                    len: 2048,
                     unmap: true
                 },
             ])
@@ -602,6 +693,102 @@ mod tests {
         assert!(matches!(err, RequestError::OutOfRange { sector: 60, .. }));
         let (err, _) = error_of(simple(&m, T_DISCARD, 0, desc(DATA, 20, 0)));
         assert_eq!(err, RequestError::BadLength(20));
+    }
+
+    #[test]
+    fn sectors_that_overflow_in_bytes_are_out_of_range_not_a_panic() {
+        let m = mem();
+        for sector in [1u64 << 55, u64::MAX, (u64::MAX / 512) + 1] {
+            let (err, status) = error_of(simple(&m, T_IN, sector, desc(DATA, 512, W)));
+            assert!(matches!(err, RequestError::OutOfRange { .. }), "{err:?}");
+            assert_eq!(status, Some(GuestAddress(STATUS)));
+            // FLUSH and GET_ID ignore the sector; nothing multiplies it.
+            let req = simple(&m, T_FLUSH, sector, desc(DATA, 0, 0)).unwrap();
+            assert_eq!(req.offset, 0);
+            let req = simple(&m, T_GET_ID, sector, desc(DATA, 20, W)).unwrap();
+            assert_eq!(req.offset, 0);
+        }
+        let mut seg = Vec::new();
+        seg.extend_from_slice(&(1u64 << 55).to_le_bytes());
+        seg.extend_from_slice(&u32::MAX.to_le_bytes());
+        seg.extend_from_slice(&0u32.to_le_bytes());
+        m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        let (err, _) = error_of(simple(&m, T_DISCARD, u64::MAX, desc(DATA, 16, 0)));
+        assert!(matches!(err, RequestError::OutOfRange { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_merged_data_and_status_descriptor_is_read_into_up_to_its_last_byte() {
+        let m = mem();
+        header(&m, T_IN, 1);
+        // Data and status in one writable descriptor of 1025 bytes.
+        let req = parse_chain(&m, &[desc(HDR, 16, 0), desc(DATA, 1025, W)], &limits()).unwrap();
+        assert_eq!(req.kind, RequestKind::In);
+        assert_eq!(
+            (req.offset, req.data_len, req.status),
+            (512, 1024, GuestAddress(DATA + 1024))
+        );
+        assert_eq!(
+            req.data,
+            vec![Buffer {
+                addr: GuestAddress(DATA),
+                len: 1024
+            }]
+        );
+    }
+
+    #[test]
+    fn header_and_data_may_share_descriptors_and_the_header_may_be_split() {
+        let m = mem();
+        // A write: 10 header bytes, then 6 header bytes and 512 data bytes
+        // in one descriptor, then the status.
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+        h[8..16].copy_from_slice(&3u64.to_le_bytes());
+        m.write_slice(&h[..10], GuestAddress(HDR)).unwrap();
+        m.write_slice(&h[10..], GuestAddress(DATA)).unwrap();
+        let req = parse_chain(
+            &m,
+            &[desc(HDR, 10, 0), desc(DATA, 6 + 512, 0), desc(STATUS, 1, W)],
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(req.kind, RequestKind::Out);
+        assert_eq!((req.offset, req.data_len), (3 * 512, 512));
+        assert_eq!(
+            req.data,
+            vec![Buffer {
+                addr: GuestAddress(DATA + 6),
+                len: 512
+            }]
+        );
+        // Everything in one readable and one writable descriptor.
+        m.write_slice(&h, GuestAddress(HDR)).unwrap();
+        let req =
+            parse_chain(&m, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)], &limits()).unwrap();
+        assert_eq!(
+            req.data,
+            vec![Buffer {
+                addr: GuestAddress(HDR + 16),
+                len: 512
+            }]
+        );
+        // A readable descriptor after a writable one is out of order.
+        let res = parse_chain(
+            &m,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, W),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, W),
+            ],
+            &limits(),
+        );
+        assert_eq!(error_of(res).0, RequestError::WrongDirection);
+        // Header bytes left over in a read are data the wrong way.
+        header(&m, T_IN, 0);
+        let res = parse_chain(&m, &[desc(HDR, 16 + 512, 0), desc(DATA, 513, W)], &limits());
+        assert_eq!(error_of(res).0, RequestError::WrongDirection);
     }
 
     #[test]
@@ -695,7 +882,8 @@ mod proptests {
                     prop_assert!(req.data_len <= MAX_REQUEST_BYTES);
                     match req.kind {
                         RequestKind::In | RequestKind::Out => {
-                            prop_assert!(req.sector * SECTOR_SIZE + req.data_len <= 64 * SECTOR_SIZE);
+                            prop_assert!(req.offset + req.data_len <= 64 * SECTOR_SIZE);
+                            prop_assert_eq!(req.offset, sector * SECTOR_SIZE);
                             prop_assert!(!(read_only && req.kind == RequestKind::Out));
                         }
                         RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => prop_assert!(!read_only),
