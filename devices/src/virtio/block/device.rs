@@ -198,10 +198,13 @@ impl Block {
         let stop_for_thread = stop.clone();
         let name = self.config.id.clone();
         let poll = self.config.poll;
+        let throttle = self.throttle.clone();
         let thread = std::thread::Builder::new()
             .name(format!("blk-{}", self.config.id))
             .spawn(move || {
-                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread).run()
+                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
+                    .with_throttle(throttle)
+                    .run()
             })
             .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
         self.worker = Some(Worker { stop, thread });

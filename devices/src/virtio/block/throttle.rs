@@ -77,6 +77,11 @@ impl ThrottleControl {
     fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
     }
+
+    /// Whether the limits changed since `gate` last took them up.
+    pub(crate) fn changed_since<T>(&self, gate: &Gate<T>) -> bool {
+        self.generation() != gate.seen
+    }
 }
 
 /// A request the gate holds back, with what the dataplane needs to start it.
@@ -194,12 +199,18 @@ impl<T> Gate<T> {
         Ok(())
     }
 
+    /// Whether any limit is set.
+    pub fn enabled(&self) -> bool {
+        self.throttle.enabled()
+    }
+
     /// Whether any request waits.
     pub fn is_holding(&self) -> bool {
         self.waiting.iter().any(|w| !w.is_empty())
     }
 
     /// How many requests wait.
+    #[cfg(test)]
     pub fn held(&self) -> usize {
         self.waiting.iter().map(VecDeque::len).sum()
     }
