@@ -416,8 +416,10 @@ mod tests {
             l.validate().unwrap_err().to_string(),
             "bps/iops/max total values and read/write values cannot be used at the same time"
         );
-        let mut l = Limits::default();
-        l.iops_size = 512;
+        let l = Limits {
+            iops_size: 512,
+            ..Limits::default()
+        };
         assert_eq!(l.validate(), Err(LimitsError::SizeWithoutIops));
         let mut l = iops(VALUE_MAX + 1);
         assert_eq!(l.validate(), Err(LimitsError::TooLarge));
