@@ -23,6 +23,7 @@ pub mod io;
 pub mod job;
 pub mod lock;
 pub mod name;
+pub mod throttle;
 
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions, FileId};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use block::throttle::{Limit, Limits, VALUE_MAX};
 use block::{Aio, Locking};
 use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
@@ -32,6 +33,8 @@ pub struct DiskConfig {
     pub locking: Locking,
     /// The I/O engine: auto, io_uring or sync.
     pub aio: Aio,
+    /// I/O limits (`throttling.*`, QEMU's names); none by default.
+    pub throttle: Limits,
 }
 
 /// Why a `--disk` value did not parse.
@@ -41,7 +44,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll)")]
+    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -56,6 +59,9 @@ pub enum DiskOptionError {
         value: String,
         why: String,
     },
+    /// Throttling limits that do not go together.
+    #[error("disk throttling options are invalid: {0}")]
+    Throttle(#[from] block::throttle::LimitsError),
 }
 
 fn on_off(key: &str, value: &str) -> Result<bool, DiskOptionError> {
@@ -81,6 +87,40 @@ fn number(key: &str, value: &str, min: u64, max: u64) -> Result<u64, DiskOptionE
     }
 }
 
+/// Sets one `throttling.NAME=VALUE` option, QEMU's names: `iops-total`,
+/// `bps-read-max`, `iops-write-max-length`, `iops-size`...
+fn throttle_option(
+    limits: &mut Limits,
+    key: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), DiskOptionError> {
+    if name == "iops-size" {
+        limits.iops_size = number(key, value, 0, VALUE_MAX)?;
+        return Ok(());
+    }
+    let (kind, rest) = name
+        .split_once('-')
+        .ok_or_else(|| DiskOptionError::UnknownKey(key.into()))?;
+    let (dir, field) = rest.split_once('-').unwrap_or((rest, ""));
+    let limit: &mut Limit = match (kind, dir) {
+        ("iops", "total") => &mut limits.iops_total,
+        ("iops", "read") => &mut limits.iops_read,
+        ("iops", "write") => &mut limits.iops_write,
+        ("bps", "total") => &mut limits.bps_total,
+        ("bps", "read") => &mut limits.bps_read,
+        ("bps", "write") => &mut limits.bps_write,
+        _ => return Err(DiskOptionError::UnknownKey(key.into())),
+    };
+    match field {
+        "" => limit.avg = number(key, value, 0, VALUE_MAX)?,
+        "max" => limit.max = number(key, value, 0, VALUE_MAX)?,
+        "max-length" => limit.max_length = number(key, value, 1, VALUE_MAX)?,
+        _ => return Err(DiskOptionError::UnknownKey(key.into())),
+    }
+    Ok(())
+}
+
 impl FromStr for DiskConfig {
     type Err = DiskOptionError;
 
@@ -97,6 +137,7 @@ impl FromStr for DiskConfig {
             poll: Duration::ZERO,
             locking: Locking::Auto,
             aio: Aio::Auto,
+            throttle: Limits::default(),
         };
         let mut seen: Vec<&str> = Vec::new();
         for token in s.split(',') {
@@ -154,12 +195,16 @@ impl FromStr for DiskConfig {
                     disk.serial = Some(value.into());
                 }
                 "poll" => disk.poll = Duration::from_micros(number(key, value, 0, 1_000_000)?),
-                other => return Err(DiskOptionError::UnknownKey(other.into())),
+                other => match other.strip_prefix("throttling.") {
+                    Some(limit) => throttle_option(&mut disk.throttle, key, limit, value)?,
+                    None => return Err(DiskOptionError::UnknownKey(other.into())),
+                },
             }
         }
         if disk.path.as_os_str().is_empty() {
             return Err(DiskOptionError::NoPath(s.into()));
         }
+        disk.throttle.validate()?;
         Ok(disk)
     }
 }
@@ -214,5 +259,37 @@ mod tests {
             err("path=x,aio=native"),
             "disk option aio='native' is invalid: 'native' is not one of auto, io_uring, sync"
         );
+        assert!(err("path=x,throttling.iops-sideways=5").contains("'throttling.iops-sideways'"));
+        assert!(err("path=x,throttling.iops-total-min=5").contains("unknown disk option"));
+        assert!(err("path=x,throttling.bps-read=lots").contains("throttling.bps-read='lots'"));
+    }
+
+    #[test]
+    fn throttling_options_use_qemus_names_and_rules() {
+        let d: DiskConfig = "path=x,throttling.iops-total=500,throttling.iops-total-max=1000,throttling.iops-total-max-length=3,throttling.bps-read=1048576,throttling.bps-write=2097152,throttling.iops-size=8192"
+            .parse()
+            .unwrap();
+        let t = d.throttle;
+        assert_eq!(
+            (t.iops_total.avg, t.iops_total.max, t.iops_total.max_length),
+            (500, 1000, 3)
+        );
+        assert_eq!(
+            (t.bps_read.avg, t.bps_write.avg, t.iops_size),
+            (1 << 20, 2 << 20, 8192)
+        );
+        let plain: DiskConfig = "path=x".parse().unwrap();
+        assert!(!plain.throttle.enabled());
+        let err = "path=x,throttling.iops-total=5,throttling.iops-read=1"
+            .parse::<DiskConfig>()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "disk throttling options are invalid: bps/iops/max total values and read/write values cannot be used at the same time"
+        );
+        let err = "path=x,throttling.iops-read-max=10"
+            .parse::<DiskConfig>()
+            .unwrap_err();
+        assert!(err.to_string().contains("require corresponding"), "{err}");
     }
 }

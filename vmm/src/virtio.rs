@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use block::{FileOptions, Graph};
-use devices::virtio::block::{device_holder, Block, BlockConfig};
+use devices::virtio::block::{device_holder, Block, BlockConfig, ThrottleControl};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::Interrupt;
 use devices::Bus;
@@ -26,6 +26,29 @@ pub const MAX_DISKS: usize = (IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ) as usize;
 pub struct OpenDisk {
     config: BlockConfig,
     node: block::NodeRef,
+    throttle: Arc<ThrottleControl>,
+}
+
+/// Each disk's I/O limits by device id, for `block_set_io_throttle` and
+/// `query-block`.
+#[derive(Clone, Default)]
+pub struct DiskThrottles(Vec<(String, Arc<ThrottleControl>)>);
+
+impl DiskThrottles {
+    /// The limits of the disk whose device is `id`.
+    pub fn get(&self, id: &str) -> Option<&Arc<ThrottleControl>> {
+        self.0.iter().find(|(d, _)| d == id).map(|(_, c)| c)
+    }
+}
+
+/// The throttle controls of `disks`, before they are attached.
+pub fn throttles(disks: &[OpenDisk]) -> DiskThrottles {
+    DiskThrottles(
+        disks
+            .iter()
+            .map(|d| (d.config.id.clone(), d.throttle.clone()))
+            .collect(),
+    )
 }
 
 /// The name a disk goes by: its `id=`, or `vda`, `vdb`... by position.
@@ -72,7 +95,9 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
         let node = graph
             .get(&node_name, device_holder(&id))
             .map_err(disk_err)?;
+        let throttle = Arc::new(ThrottleControl::new(d.throttle));
         open.push(OpenDisk {
+            throttle,
             config: BlockConfig {
                 id,
                 read_only: d.read_only,
@@ -120,7 +145,7 @@ pub fn attach_disks(
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
         vm.register_irqfd(&irq, irq_line)
             .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
-        let device = Block::new(disk.config, disk.node);
+        let device = Block::with_throttle(disk.config, disk.node, disk.throttle);
         let transport =
             MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
                 .map_err(|e| fail(e.to_string()))?;

@@ -393,6 +393,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     })
     .map_err(|e| device_err("legacy")(&e))?;
     let mut mmio = Bus::new();
+    let throttles = virtio::throttles(&disks);
     let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks)?;
     let run = Arc::new(RunState::new(shared.clone(), transports));
     // Devices take their nodes' leases now, before the guest can probe them.
@@ -440,6 +441,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
                     run.clone(),
                     graph.clone(),
                     jobs.clone(),
+                    throttles.clone(),
                     events,
                     Box::new(move || quit.finish(VmExit::Quit)),
                 )

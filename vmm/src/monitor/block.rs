@@ -48,7 +48,18 @@ pub(super) fn query_named_block_nodes(m: &Monitor, mut args: Args) -> Result<Val
     let _flat = args.opt_bool("flat")?;
     args.finish()?;
     Ok(Value::Array(
-        m.graph.nodes().iter().map(node_json).collect(),
+        m.graph
+            .nodes()
+            .iter()
+            .map(|n| {
+                let mut v = node_json(n);
+                // QEMU lists the limit fields for every node: zeros here.
+                if let Value::Object(fields) = &mut v {
+                    fields.extend(super::throttle::device_fields(m, None));
+                }
+                v
+            })
+            .collect(),
     ))
 }
 
@@ -59,6 +70,10 @@ pub(super) fn query_block(m: &Monitor, args: Args) -> Result<Value, QmpError> {
     for node in m.graph.nodes() {
         for holder in &node.references {
             if let Holder::Device { id, .. } = holder {
+                let mut inserted = node_json(&node);
+                if let Value::Object(fields) = &mut inserted {
+                    fields.extend(super::throttle::device_fields(m, Some(id)));
+                }
                 devices.push((
                     id.clone(),
                     json!({
@@ -67,7 +82,7 @@ pub(super) fn query_block(m: &Monitor, args: Args) -> Result<Value, QmpError> {
                         "type": "unknown",
                         "removable": false,
                         "locked": false,
-                        "inserted": node_json(&node),
+                        "inserted": inserted,
                     }),
                 ));
             }

@@ -8,6 +8,7 @@
 mod block;
 mod jobs;
 mod machine;
+mod throttle;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::qmp::{Args, Commands, EventSink, QmpError};
 use crate::runstate::RunState;
+use crate::virtio::DiskThrottles;
 
 /// Every command we implement, as `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -38,6 +40,7 @@ const COMMANDS: &[&str] = &[
     "job-finalize",
     "job-dismiss",
     "block-job-set-speed",
+    "block_set_io_throttle",
 ];
 
 /// The VM as QMP commands see it.
@@ -45,6 +48,8 @@ pub struct Monitor {
     run: Arc<RunState>,
     graph: Arc<Graph>,
     jobs: Arc<JobManager>,
+    /// Each disk's I/O limits.
+    throttles: DiskThrottles,
     events: EventSink,
     /// The same sink, for jobs' events.
     job_events: ::block::job::EventSink,
@@ -53,12 +58,13 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Commands acting on `run`, `graph` and `jobs`, emitting through
-    /// `events`; `quit` ends the VM.
+    /// Commands acting on `run`, `graph`, `jobs` and the disks' limits,
+    /// emitting through `events`; `quit` ends the VM.
     pub fn new(
         run: Arc<RunState>,
         graph: Arc<Graph>,
         jobs: Arc<JobManager>,
+        throttles: DiskThrottles,
         events: EventSink,
         quit: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
@@ -66,6 +72,7 @@ impl Monitor {
             run,
             graph,
             jobs,
+            throttles,
             job_events: jobs::event_sink(events.clone()),
             events,
             quit,
@@ -108,6 +115,7 @@ impl Commands for Monitor {
                 jobs::job_verb(self, name, args)
             }
             "block-job-set-speed" => jobs::block_job_set_speed(self, args),
+            "block_set_io_throttle" => throttle::block_set_io_throttle(self, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),

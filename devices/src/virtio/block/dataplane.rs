@@ -15,11 +15,16 @@
 //! than the queue holds) puts the device in DEVICE_NEEDS_RESET. From then
 //! on the thread no longer looks at any queue: it only finishes what is in
 //! flight and sleeps until it is stopped, which the driver's reset does.
+//!
+//! Reads and writes pass the device's throttle gate (`throttle.rs`) before
+//! they reach the engine: one over the limits waits there, in order, until
+//! a timer says its turn has come; a stopping dataplane serves them all.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use block::throttle::Direction;
 use block::AsyncIo;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -27,6 +32,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
+use super::throttle::{Gate, ThrottleControl};
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
 
 /// Tells a dataplane to stop: a flag its poll loop can read without a
@@ -108,10 +114,21 @@ pub(crate) struct Dataplane {
     taken: Vec<u16>,
     stopping: bool,
     drain_deadline: Duration,
+    /// The device's I/O limits.
+    throttle: Arc<ThrottleControl>,
+    /// Requests waiting for their turn under the limits: (queue, head,
+    /// request). Set up when the thread starts.
+    gate: Option<Gate<(usize, u16, Request)>>,
+    /// Requests the gate let go, kept to reuse the allocation.
+    released: Vec<(usize, u16, Request)>,
+    /// Signalled by the throttle control when the limits change.
+    throttle_waker: Option<EventFd>,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
 const ENGINE_TOKEN: u64 = u64::MAX - 1;
+const TIMER_TOKEN: u64 = u64::MAX - 2;
+const THROTTLE_TOKEN: u64 = u64::MAX - 3;
 
 impl Dataplane {
     pub fn new(
@@ -147,7 +164,17 @@ impl Dataplane {
             taken: vec![0; queues],
             stopping: false,
             drain_deadline: DRAIN_DEADLINE,
+            throttle: Arc::new(ThrottleControl::new(Default::default())),
+            gate: None,
+            released: Vec::new(),
+            throttle_waker: None,
         }
+    }
+
+    /// Applies `throttle`'s limits, as they are now and as they change.
+    pub fn with_throttle(mut self, throttle: Arc<ThrottleControl>) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     /// Serves the queues until told to stop; then waits for requests in
@@ -161,7 +188,7 @@ impl Dataplane {
                 return self.end();
             }
         };
-        let mut events = vec![EpollEvent::default(); self.queues.len() + 2];
+        let mut events = vec![EpollEvent::default(); self.queues.len() + 4];
         while !self.stopping {
             let worked = self.service();
             if self.stopping {
@@ -210,6 +237,21 @@ impl Dataplane {
     /// Drains and hands the queues back; on a drain that did not end,
     /// leaks what the operations still in flight may touch.
     fn end(mut self) -> Stopped {
+        self.throttle.set_waker(None);
+        // Requests the limits held back were taken from the driver: serve
+        // them now rather than hand back queues that lost them.
+        if let Some(gate) = self.gate.as_mut() {
+            let mut held = std::mem::take(&mut self.released);
+            if let Err(e) = gate.drain(&mut held) {
+                log::debug!("{}: cannot disarm the throttle timer: {e}", self.name);
+            }
+            for (q, head, req) in held.drain(..) {
+                if !self.interrupt.is_broken() {
+                    self.start(q, head, req);
+                }
+            }
+            self.released = held;
+        }
         let drained = self.drain();
         if !drained {
             // The kernel may still write into guest memory through these
@@ -226,8 +268,10 @@ impl Dataplane {
         }
     }
 
-    fn epoll(&self) -> std::io::Result<Epoll> {
+    fn epoll(&mut self) -> std::io::Result<Epoll> {
         use std::os::fd::AsRawFd;
+        let gate = Gate::new(&self.throttle, Instant::now())?;
+        let waker = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         let add = |fd: i32, token: u64| {
             epoll.ctl(
@@ -241,6 +285,11 @@ impl Dataplane {
         }
         add(self.engine.notifier().as_raw_fd(), ENGINE_TOKEN)?;
         add(self.stop.wake.as_raw_fd(), STOP_TOKEN)?;
+        add(gate.timer().as_raw_fd(), TIMER_TOKEN)?;
+        add(waker.as_raw_fd(), THROTTLE_TOKEN)?;
+        self.throttle.set_waker(Some(waker.try_clone()?));
+        self.throttle_waker = Some(waker);
+        self.gate = Some(gate);
         Ok(epoll)
     }
 
@@ -254,6 +303,10 @@ impl Dataplane {
             ENGINE_TOKEN => {
                 let _ = self.engine.notifier().read();
             }
+            // The timer is re-armed or disarmed by `release_throttled`,
+            // which also resets its count; the waker is cleared there when
+            // the change is taken up, so none is lost.
+            TIMER_TOKEN | THROTTLE_TOKEN => {}
             q => {
                 if let Some(queue) = self.queues.get(q as usize) {
                     let _ = queue.notify.read();
@@ -290,7 +343,7 @@ impl Dataplane {
 
     /// Pops new requests and reaps completions; true if anything happened.
     fn service(&mut self) -> bool {
-        let mut worked = false;
+        let mut worked = self.release_throttled();
         for q in 0..self.queues.len() {
             if self.interrupt.is_broken() {
                 break;
@@ -304,6 +357,64 @@ impl Dataplane {
         worked |= self.reap();
         self.signal();
         worked
+    }
+
+    /// Takes up changed limits and starts the requests whose turn has come;
+    /// true if any started.
+    fn release_throttled(&mut self) -> bool {
+        let Some(gate) = self.gate.as_mut() else {
+            return false;
+        };
+        let changed = self.throttle.changed_since(gate);
+        if !changed && !gate.is_holding() {
+            return false;
+        }
+        let now = Instant::now();
+        if changed {
+            if let Some(waker) = &self.throttle_waker {
+                let _ = waker.read();
+            }
+            gate.refresh(&self.throttle, now);
+        }
+        let mut ready = std::mem::take(&mut self.released);
+        if let Err(e) = gate.release(now, &mut ready) {
+            log::error!("{}: cannot arm the throttle timer: {e}", self.name);
+            self.interrupt.fail();
+        }
+        let any = !ready.is_empty();
+        for (q, head, req) in ready.drain(..) {
+            self.start(q, head, req);
+        }
+        self.released = ready;
+        any
+    }
+
+    /// Starts `req` now, or leaves it with the throttle gate until the
+    /// limits let it go.
+    fn admit(&mut self, q: usize, head: u16, req: Request) {
+        let (dir, bytes) = match &req.kind {
+            RequestKind::In => (Direction::Read, req.data_len),
+            RequestKind::Out => (Direction::Write, req.data_len),
+            RequestKind::WriteZeroes(segs) => {
+                (Direction::Write, segs.iter().map(|s| s.len).sum::<u64>())
+            }
+            // QEMU's limits cover reads and writes only.
+            _ => return self.start(q, head, req),
+        };
+        let Some(gate) = self.gate.as_mut() else {
+            return self.start(q, head, req);
+        };
+        if !gate.is_holding() && !gate.enabled() {
+            return self.start(q, head, req);
+        }
+        match gate.admit(dir, bytes, (q, head, req), Instant::now()) {
+            Ok(Some((q, head, req))) => self.start(q, head, req),
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("{}: cannot arm the throttle timer: {e}", self.name);
+                self.interrupt.fail();
+            }
+        }
     }
 
     /// Turns notifications back on; true if a request arrived meanwhile.
@@ -390,7 +501,7 @@ impl Dataplane {
                 }
             }
             match req {
-                Ok(req) => self.start(q, head, req),
+                Ok(req) => self.admit(q, head, req),
                 // A request without a status (a chain that loops, outgrows
                 // the queue, or has no device-writable byte) cannot be
                 // answered, and returning it would let the driver read a

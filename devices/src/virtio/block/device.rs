@@ -20,9 +20,11 @@ use vm_memory::GuestMemoryMmap;
 
 use super::dataplane::{Dataplane, StopSignal, Stopped};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::throttle::ThrottleControl;
 use crate::virtio::{
     ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
 };
+use block::throttle::Limits;
 
 /// The virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -70,6 +72,8 @@ struct Active {
 pub struct Block {
     config: BlockConfig,
     node: NodeRef,
+    /// Its I/O limits, which its dataplane applies.
+    throttle: Arc<ThrottleControl>,
     lease: Option<Lease>,
     config_space: [u8; CONFIG_LEN],
     features: u64,
@@ -99,7 +103,20 @@ pub fn device_holder(id: &str) -> Holder {
 impl Block {
     /// A device serving `node` as `config` says; a read-only node makes a
     /// read-only device.
-    pub fn new(mut config: BlockConfig, node: NodeRef) -> Self {
+    pub fn new(config: BlockConfig, node: NodeRef) -> Self {
+        Self::with_throttle(
+            config,
+            node,
+            Arc::new(ThrottleControl::new(Limits::default())),
+        )
+    }
+
+    /// A device as [`Block::new`] makes, its I/O limited by `throttle`.
+    pub fn with_throttle(
+        mut config: BlockConfig,
+        node: NodeRef,
+        throttle: Arc<ThrottleControl>,
+    ) -> Self {
         config.read_only |= node.read_only();
         let mut features = F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
@@ -122,6 +139,7 @@ impl Block {
         Self {
             config,
             node,
+            throttle,
             lease: None,
             config_space,
             features,
@@ -180,10 +198,13 @@ impl Block {
         let stop_for_thread = stop.clone();
         let name = self.config.id.clone();
         let poll = self.config.poll;
+        let throttle = self.throttle.clone();
         let thread = std::thread::Builder::new()
             .name(format!("blk-{}", self.config.id))
             .spawn(move || {
-                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread).run()
+                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
+                    .with_throttle(throttle)
+                    .run()
             })
             .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
         self.worker = Some(Worker { stop, thread });

@@ -3,5 +3,7 @@
 mod dataplane;
 pub mod device;
 pub mod request;
+pub mod throttle;
 
 pub use device::{dataplane_holder, device_holder, Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use throttle::ThrottleControl;
