@@ -27,6 +27,7 @@ pub mod memory;
 pub mod monitor;
 pub mod qmp;
 pub mod runstate;
+pub mod seccomp;
 mod vcpu;
 pub mod virtio;
 pub mod vm;

@@ -31,6 +31,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    if let Err(e) = vm.confine_main_thread() {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(EXIT_START_FAILED);
+    }
     let exit = vm.wait();
     if let VmExit::Failed(why) = &exit {
         eprintln!("vmm: the VM failed: {why}");

@@ -322,10 +322,13 @@ impl QmpServer {
     /// Serves clients on a new thread named `qmp`.
     pub fn spawn(self) -> Result<QmpThread, QmpServerError> {
         let shutdown = self.shutdown_handle();
-        let thread = std::thread::Builder::new()
-            .name("qmp".into())
-            .spawn(move || self.run())
-            .map_err(QmpServerError::Spawn)?;
+        let thread = base::spawn(
+            base::ThreadKind::Qmp,
+            "qmp".into(),
+            move || self.run(),
+            || Err(QmpServerError::Panicked),
+        )
+        .map_err(QmpServerError::Spawn)?;
         Ok(QmpThread { thread, shutdown })
     }
 

@@ -166,12 +166,21 @@ impl Block {
         let stop_for_thread = stop.clone();
         let name = self.config.id.clone();
         let poll = self.config.poll;
-        let thread = std::thread::Builder::new()
-            .name(format!("blk-{}", self.config.id))
-            .spawn(move || {
+        // A panic loses the queues with the thread: only a reset brings
+        // the device back.
+        let interrupt = activation.interrupt.clone();
+        let thread = base::spawn(
+            base::ThreadKind::Dataplane,
+            format!("blk-{}", self.config.id),
+            move || {
                 Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread).run()
-            })
-            .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
+            },
+            move || {
+                interrupt.fail();
+                Vec::new()
+            },
+        )
+        .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
         self.worker = Some(Worker { stop, thread });
         Ok(())
     }
