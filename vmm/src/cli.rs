@@ -144,6 +144,19 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_is_on_unless_the_flag_says_log_or_off() {
+        let mode = |args: &[&str]| match parse(["vmm", "--kernel", "k"].iter().chain(args)) {
+            Parsed::Run(cfg) => cfg.seccomp,
+            other => panic!("parse failed: {other:?}"),
+        };
+        assert_eq!(mode(&[]), SeccompMode::On);
+        assert_eq!(mode(&["--seccomp=on"]), SeccompMode::On);
+        assert_eq!(mode(&["--seccomp=log"]), SeccompMode::Log);
+        assert_eq!(mode(&["--seccomp", "off"]), SeccompMode::Off);
+        assert!(usage(&["--kernel", "k", "--seccomp=yes"]).contains("--seccomp"));
+    }
+
+    #[test]
     fn bad_flags_give_one_line_naming_the_problem() {
         assert!(usage(&[]).contains("--kernel"));
         assert!(usage(&["--kernel", "k", "--memory", "lots"]).contains("'lots'"));
