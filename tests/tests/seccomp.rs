@@ -92,7 +92,7 @@ fn modes_under(mode: &str) -> Vec<(String, String)> {
         "vmm-test-{}-seccomp-{mode}.qmp",
         std::process::id()
     ));
-    let (mut child, mut qmp) = start(&disk, &socket, mode);
+    let (child, mut qmp) = start(&disk, &socket, mode);
     // The guest's driver starts the dataplane; a backup of another file
     // into a null node runs beside it, slowly, on its own thread.
     wait_for_threads(child.id(), &["blk-vda"]);
