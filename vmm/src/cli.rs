@@ -7,6 +7,7 @@ use clap::Parser;
 
 use crate::config::{MemorySize, VmConfig, DEFAULT_CMDLINE};
 use crate::disk::DiskConfig;
+use crate::seccomp::SeccompMode;
 
 /// Boot a Linux kernel or a PVH guest on KVM.
 #[derive(Debug, Parser)]
@@ -38,6 +39,10 @@ pub struct Cli {
     /// Serve QMP (QEMU's machine protocol) on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
+    /// Seccomp filters on every thread: `on` ends the VMM on a system call
+    /// outside a thread's list, `log` only logs it, `off` has none.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On)]
+    pub seccomp: SeccompMode,
 }
 
 impl From<Cli> for VmConfig {
@@ -50,6 +55,7 @@ impl From<Cli> for VmConfig {
             cpus: cli.cpus,
             disks: cli.disks,
             qmp: cli.qmp,
+            seccomp: cli.seccomp,
         }
     }
 }
@@ -135,6 +141,19 @@ mod tests {
             panic!("parse failed")
         };
         assert_eq!(*cfg, VmConfig::new("k"));
+    }
+
+    #[test]
+    fn seccomp_is_on_unless_the_flag_says_log_or_off() {
+        let mode = |args: &[&str]| match parse(["vmm", "--kernel", "k"].iter().chain(args)) {
+            Parsed::Run(cfg) => cfg.seccomp,
+            other => panic!("parse failed: {other:?}"),
+        };
+        assert_eq!(mode(&[]), SeccompMode::On);
+        assert_eq!(mode(&["--seccomp=on"]), SeccompMode::On);
+        assert_eq!(mode(&["--seccomp=log"]), SeccompMode::Log);
+        assert_eq!(mode(&["--seccomp", "off"]), SeccompMode::Off);
+        assert!(usage(&["--kernel", "k", "--seccomp=yes"]).contains("--seccomp"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Serve QMP on this Unix socket.
     pub qmp: Option<PathBuf>,
+    /// Which seccomp filters the VM's threads run under.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl VmConfig {
@@ -41,6 +43,7 @@ impl VmConfig {
             cpus: 1,
             disks: Vec::new(),
             qmp: None,
+            seccomp: Default::default(),
         }
     }
 }

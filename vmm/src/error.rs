@@ -89,6 +89,10 @@ pub enum Error {
     /// A device could not be set up.
     #[error("cannot set up device '{name}': {reason}")]
     Device { name: String, reason: String },
+    /// The seccomp filters could not be set up, or installed on the main
+    /// thread.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompSetupError),
     /// A thread could not be started.
     #[error("cannot start thread '{name}': {source}")]
     Thread {

@@ -29,6 +29,7 @@ pub mod memory;
 pub mod monitor;
 pub mod qmp;
 pub mod runstate;
+pub mod seccomp;
 mod shared;
 mod vcpu;
 pub mod virtio;

@@ -41,6 +41,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    if let Err(e) = vm.confine_main_thread() {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(EXIT_START_FAILED);
+    }
     // The main loop: the VM ends by itself, or a signal ends it as QEMU
     // does (SHUTDOWN with reason host-signal, then the normal stop).
     while vm.wait_timeout(Duration::ZERO).is_none() {

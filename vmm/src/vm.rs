@@ -80,6 +80,8 @@ pub struct VmHandle {
     input: Option<JoinHandle<()>>,
     /// The QMP server.
     qmp: Option<QmpThread>,
+    /// The filters the VM's threads run under.
+    sandbox: Arc<base::Sandbox>,
     // KVM keeps using these until every vCPU has left KVM_RUN: dropped
     // only once every vCPU thread has ended, else leaked (see Drop).
     vm: Option<VmFd>,
@@ -128,6 +130,15 @@ impl VmHandle {
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
         self.shared.wait_timeout(timeout)
+    }
+
+    /// Installs the main thread's seccomp filter on the calling thread,
+    /// which from then on may only wait for the VM, stop it and exit: for
+    /// the thread that started the VM, once it has nothing else to set up.
+    pub fn confine_main_thread(&self) -> Result<()> {
+        self.sandbox
+            .confine_current(base::ThreadKind::Main, "main")
+            .map_err(|e| Error::Seccomp(base::thread::ThreadError::from(e).into()))
     }
 
     /// Waits for the VM to end, stops every thread, and says how it ended.
@@ -247,9 +258,11 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 
 /// Passes this process's stdin to the guest's serial port until the VM ends.
 fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("serial-input".into())
-        .spawn(move || {
+    let name = "serial-input".to_string();
+    base::spawn(
+        base::ThreadKind::SerialInput,
+        name.clone(),
+        move || {
             let stdin = io::stdin();
             let mut buf = [0u8; 64];
             while !shared.stopping.load(Ordering::Acquire) {
@@ -282,11 +295,10 @@ fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHa
                     }
                 }
             }
-        })
-        .map_err(|source| Error::Thread {
-            name: "serial-input".into(),
-            source,
-        })
+        },
+        || (),
+    )
+    .map_err(|source| Error::Thread { name, source })
 }
 
 /// Builds the VM described by `config` and starts its vCPUs.
@@ -306,6 +318,10 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: mptable::MAX_CPUS,
         });
     }
+    let sandbox = crate::seccomp::sandbox(config.seccomp)?;
+    // Every thread started from here on (and the threads those start) runs
+    // under its kind's filter.
+    let _sandboxed = sandbox.enter();
     let graph = Arc::new(Graph::new());
     let disks = virtio::open_disks(&graph, &config.disks)?;
     let pvm = host::is_pvm();
@@ -460,6 +476,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         console: log,
         input: None,
         qmp,
+        sandbox,
         vm: Some(vm),
         memory: Some(mem),
     };
@@ -467,15 +484,13 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         let name = format!("vcpu{}", vcpu.id);
         let shared = shared.clone();
         let id = vcpu.id;
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run()));
-                if run.is_err() {
-                    shared.finish(VmExit::Failed(format!("vCPU {id}: its thread panicked")));
-                }
-            })
-            .map_err(|source| Error::Thread { name, source })?;
+        let thread = base::spawn(
+            base::ThreadKind::Vcpu,
+            name.clone(),
+            move || vcpu.run(),
+            move || shared.finish(VmExit::Failed(format!("vCPU {id}: its thread panicked"))),
+        )
+        .map_err(|source| Error::Thread { name, source })?;
         run.add_vcpu(thread);
     }
     if wants_stdin {

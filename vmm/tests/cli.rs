@@ -138,3 +138,13 @@ fn a_command_line_longer_than_linux_reads_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("bytes long (with the VMM's own parameters); the limit is 2047"));
 }
+
+#[test]
+fn a_bad_seccomp_mode_is_a_usage_error() {
+    let kernel = testguest();
+    let kernel = kernel.to_str().unwrap();
+    for bad in ["--seccomp=maybe", "--seccomp=", "--seccomp=ON"] {
+        let out = vmm(&["--kernel", kernel, bad]);
+        assert_one_line_error(&out, 2, "--seccomp");
+    }
+}

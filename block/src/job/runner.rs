@@ -10,7 +10,9 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
+
+use base::ThreadKind;
 use std::time::{Duration, Instant};
 
 use super::rate::RateLimit;
@@ -193,9 +195,13 @@ impl Job {
         let job = Arc::clone(self);
         // The thread's first act is to take the state lock, which the
         // caller holds: it sees `running` and the options set so far.
-        let spawned = thread::Builder::new()
-            .name(format!("job-{}", self.id))
-            .spawn(move || job.run());
+        let failed = Arc::clone(self);
+        let spawned = base::spawn(
+            ThreadKind::Job,
+            format!("job-{}", self.id),
+            move || job.run(),
+            move || failed.fail_on_panic(),
+        );
         match spawned {
             Ok(handle) => {
                 *lock(&self.thread) = Some(handle);
@@ -246,6 +252,22 @@ impl Job {
             }
         };
         self.completed(&mut st, failure);
+        drop(self.settle(st));
+    }
+
+    /// The work thread panicked outside a step (whose panics [`step`]
+    /// already turns into a failure): the job fails rather than stay
+    /// running with nobody to step it.
+    ///
+    /// [`step`]: Self::step
+    fn fail_on_panic(&self) {
+        let mut st = self.state();
+        st.busy = false;
+        if !st.work_ended {
+            let failure =
+                JobFailure::new(format!("The {} job '{}' panicked", self.job_type, self.id));
+            self.completed(&mut st, Some(failure));
+        }
         drop(self.settle(st));
     }
 

@@ -358,10 +358,13 @@ impl QmpServer {
     /// Serves clients on a new thread named `qmp`.
     pub fn spawn(self) -> Result<QmpThread, QmpServerError> {
         let shutdown = self.shutdown_handle();
-        let thread = std::thread::Builder::new()
-            .name("qmp".into())
-            .spawn(move || self.run())
-            .map_err(QmpServerError::Spawn)?;
+        let thread = base::spawn(
+            base::ThreadKind::Qmp,
+            "qmp".into(),
+            move || self.run(),
+            || Err(QmpServerError::Panicked),
+        )
+        .map_err(QmpServerError::Spawn)?;
         Ok(QmpThread { thread, shutdown })
     }
 
@@ -727,6 +730,21 @@ impl Drop for QmpServer {
     }
 }
 
+/// Queues the reply to `request` for client `token` and wakes the server,
+/// unless it has stopped.
+fn post_reply(shared: &Shared, token: u64, request: &Request, result: Result<Value, QmpError>) {
+    if shared.closed.load(Ordering::Acquire) {
+        return;
+    }
+    let reply = request.reply(result);
+    shared
+        .replies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((token, reply));
+    shared.wake();
+}
+
 /// Runs `request` on a new thread, `qmp-cmd`, whose reply goes to client
 /// `token` through the server's wake-up; if no thread starts, the reply
 /// saying so.
@@ -741,29 +759,25 @@ fn spawn_command(
         "The command {} cannot run: no thread could be started for it",
         request.name
     ))));
-    let spawned = std::thread::Builder::new()
-        .name("qmp-cmd".into())
-        .spawn(move || {
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commands.execute(&request.name, request.args.clone())
-            }));
-            let result = run.unwrap_or_else(|_| {
-                Err(QmpError::generic(format!(
-                    "The command {} failed: its thread panicked",
-                    request.name
-                )))
-            });
-            if shared.closed.load(Ordering::Acquire) {
-                return;
-            }
-            let reply = request.reply(result);
-            shared
-                .replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((token, reply));
-            shared.wake();
-        });
+    let name = request.name.clone();
+    let request = Arc::new(request);
+    let (failed_request, failed_shared) = (request.clone(), shared.clone());
+    // The QMP thread's filter: these are the commands it ran itself
+    // before they moved off it.
+    let spawned = base::spawn(
+        base::ThreadKind::Qmp,
+        "qmp-cmd".into(),
+        move || {
+            let result = commands.execute(&request.name, request.args.clone());
+            post_reply(&shared, token, &request, result);
+        },
+        move || {
+            let result = Err(QmpError::generic(format!(
+                "The command {name} failed: its thread panicked"
+            )));
+            post_reply(&failed_shared, token, &failed_request, result);
+        },
+    );
     spawned.map(drop).map_err(|e| {
         log::warn!("QMP: cannot start a thread for a command: {e}");
         refused

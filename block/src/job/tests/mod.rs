@@ -87,6 +87,9 @@ enum Order {
     Done,
     Fail(JobFailure),
     Panic,
+    /// The step succeeds, and the job's thread panics outside the step,
+    /// when it next asks for the total.
+    PanicAfterStep,
 }
 
 /// A job whose every step waits for the test's order, so a test can hold
@@ -95,6 +98,7 @@ struct Remote {
     orders: Receiver<Order>,
     total: Arc<AtomicU64>,
     calls: Calls,
+    panic_in_total: std::sync::atomic::AtomicBool,
 }
 
 impl JobDriver for Remote {
@@ -102,10 +106,17 @@ impl JobDriver for Remote {
         "backup"
     }
     fn total(&self) -> u64 {
+        if self.panic_in_total.swap(false, Ordering::SeqCst) {
+            panic!("the test asked this driver to panic outside a step");
+        }
         self.total.load(Ordering::SeqCst)
     }
     fn step(&mut self) -> Result<Step, JobFailure> {
         match self.orders.recv() {
+            Ok(Order::PanicAfterStep) => {
+                self.panic_in_total.store(true, Ordering::SeqCst);
+                Ok(Step::Progress(512))
+            }
             Ok(Order::Progress(bytes)) => Ok(Step::Progress(bytes)),
             Ok(Order::Done) | Err(_) => Ok(Step::Done),
             Ok(Order::Fail(failure)) => Err(failure),
@@ -138,6 +149,7 @@ fn remote(total: u64) -> (Remote, Control) {
         orders: rx,
         total: Arc::clone(&total),
         calls: Arc::clone(&calls),
+        panic_in_total: Default::default(),
     };
     (
         driver,

@@ -204,6 +204,26 @@ fn a_panicking_driver_fails_its_job() {
     assert_eq!(*control.calls.lock().unwrap(), ["abort", "clean"]);
 }
 
+/// A panic on the job's thread outside the driver's step (here, asking
+/// for the total) fails the job too, through the thread helper, instead
+/// of leaving it `running` with no thread.
+#[test]
+fn a_panic_outside_a_step_fails_the_job() {
+    let h = Harness::new();
+    let (driver, control) = remote(MIB);
+    let options = JobOptions {
+        auto_dismiss: false,
+        ..JobOptions::default()
+    };
+    h.create("j", driver, options);
+    h.jobs.start("j").unwrap();
+    control.send(Order::PanicAfterStep);
+    h.wait("j", Concluded);
+    let info = h.jobs.info("j").unwrap();
+    assert_eq!(info.error.as_deref(), Some("The backup job 'j' panicked"));
+    assert_eq!(*control.calls.lock().unwrap(), ["abort", "clean"]);
+}
+
 #[test]
 fn waiting_times_out_naming_the_status() {
     let h = Harness::new();

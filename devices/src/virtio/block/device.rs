@@ -199,14 +199,27 @@ impl Block {
         let name = self.config.id.clone();
         let poll = self.config.poll;
         let throttle = self.throttle.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("blk-{}", self.config.id))
-            .spawn(move || {
+        // A panic loses the queues with the thread, and the I/O it had in
+        // flight may still land: the device needs a reset and keeps its
+        // lease, as after a drain that did not end.
+        let interrupt = activation.interrupt.clone();
+        let thread = base::spawn(
+            base::ThreadKind::Dataplane,
+            format!("blk-{}", self.config.id),
+            move || {
                 Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
                     .with_throttle(throttle)
                     .run()
-            })
-            .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
+            },
+            move || {
+                interrupt.fail();
+                Stopped {
+                    queues: Vec::new(),
+                    drained: false,
+                }
+            },
+        )
+        .map_err(|e| format!("cannot start its dataplane thread: {e}"))?;
         self.worker = Some(Worker { stop, thread });
         Ok(())
     }

@@ -1,0 +1,14 @@
+//! What every crate's worker threads start through.
+//!
+//! [`thread::spawn`] names a thread, installs the seccomp filter of its
+//! [`ThreadKind`] before the thread runs any of its own code, runs it
+//! under `catch_unwind`, and turns a panic into one log line and a
+//! callback the caller chose (a device goes to `DEVICE_NEEDS_RESET`, a job
+//! fails). Which filter each kind gets is the caller's choice, made once in
+//! a [`Sandbox`]; this crate only knows how to install one.
+
+pub mod seccomp;
+pub mod thread;
+
+pub use seccomp::SeccompError;
+pub use thread::{spawn, Sandbox, ThreadKind};

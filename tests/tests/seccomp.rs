@@ -1,0 +1,153 @@
+//! Every thread of a running `vmm` is under a seccomp filter unless
+//! `--seccomp=off` says otherwise (`Seccomp: 2` in
+//! `/proc/PID/task/*/status`), with a guest doing I/O through its
+//! dataplane and a backup job's thread alive.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tests::qmp::Qmp;
+use tests::{image, vmm_binary, TempDisk};
+
+const DISK: u64 = 16 << 20;
+
+/// Each thread's name and its `Seccomp:` mode.
+fn thread_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file));
+        // A thread may end between the listing and the read.
+        let (Ok(comm), Ok(status)) = (read("comm"), read("status")) else {
+            continue;
+        };
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default();
+        modes.push((comm.trim().to_string(), mode));
+    }
+    modes
+}
+
+/// Waits until threads named `prefixes` all exist; their modes then.
+fn wait_for_threads(pid: u32, prefixes: &[&str]) -> Vec<(String, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let modes = thread_modes(pid);
+        if prefixes
+            .iter()
+            .all(|p| modes.iter().any(|(name, _)| name.starts_with(p)))
+        {
+            return modes;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads {prefixes:?} not all up: {modes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the binary with a guest doing I/O on `vda` and QMP on `socket`.
+fn start(disk: &TempDisk, socket: &Path, seccomp: &str) -> (Child, Qmp) {
+    let kernel = image("testguest");
+    let child = Command::new(vmm_binary())
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory", "64M", "--cpus", "2", "--disk"])
+        .arg(disk.option("id=vda,node-name=drive0"))
+        .arg("--qmp")
+        .arg(socket)
+        .args([
+            "--cmdline",
+            "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle",
+        ])
+        .arg(format!("--seccomp={seccomp}"))
+        // A pipe kept open, so the serial input thread stays up.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, Qmp::connect(socket))
+}
+
+/// The modes of every thread of a VMM run with `--seccomp=MODE`, taken
+/// while the guest does I/O and a (slow) backup job runs.
+fn modes_under(mode: &str) -> Vec<(String, String)> {
+    let disk = TempDisk::new(&format!("seccomp-{mode}"), DISK);
+    let source = TempDisk::patterned(&format!("seccomp-src-{mode}"), DISK);
+    let socket = std::env::temp_dir().join(format!(
+        "vmm-test-{}-seccomp-{mode}.qmp",
+        std::process::id()
+    ));
+    let (child, mut qmp) = start(&disk, &socket, mode);
+    // The guest's driver starts the dataplane; a backup of another file
+    // into a null node runs beside it, slowly, on its own thread.
+    wait_for_threads(child.id(), &["blk-vda"]);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "src", "filename": source.path}),
+    );
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "nul", "size": DISK}),
+    );
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "job0", "device": "src", "target": "nul", "sync": "full", "speed": 1 << 20}),
+    );
+    let mut threads = vec![
+        "vmm",
+        "vcpu0",
+        "vcpu1",
+        "qmp",
+        "serial-input",
+        "blk-vda",
+        "job-job0",
+    ];
+    if mode != "off" {
+        // The thread that starts the others, so that filters do not stack.
+        threads.push("spawner");
+    }
+    let modes = wait_for_threads(child.id(), &threads);
+    qmp.ok("job-cancel", json!({"id": "job0"}));
+    qmp.ok("quit", json!({}));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(!stderr.contains("seccomp"), "{stderr}");
+    modes
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn every_thread_is_filtered_by_default_and_in_log_mode() {
+    for mode in ["on", "log"] {
+        let modes = modes_under(mode);
+        let unfiltered: Vec<_> = modes.iter().filter(|(_, m)| m != "2").collect();
+        assert!(
+            unfiltered.is_empty(),
+            "--seccomp={mode}: {unfiltered:?} of {modes:?}"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn seccomp_off_leaves_every_thread_unfiltered() {
+    let modes = modes_under("off");
+    let filtered: Vec<_> = modes.iter().filter(|(_, m)| m != "0").collect();
+    assert!(filtered.is_empty(), "{filtered:?} of {modes:?}");
+}

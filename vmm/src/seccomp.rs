@@ -1,0 +1,344 @@
+//! The seccomp filter of each kind of VMM thread, and `--seccomp`.
+//!
+//! [`base`] installs a filter on each thread before it runs its own code;
+//! which calls each kind may make is decided here. The lists come from
+//! tracing the VMM (`strace -f -Y`, one line per call with the thread's
+//! name) while the test guest and a Linux guest did I/O and a QMP client
+//! ran stop/cont, blockdev-add/-del, blockdev-backup with job-pause,
+//! -resume, -dismiss and set-speed, the query commands, a bad command and
+//! quit; plus what error paths need that a good run does not show (a
+//! panic's log line, a thread's exit, the sync I/O engine, a host block
+//! device's size).
+//!
+//! Every kind gets [`RUNTIME`]: memory, locks, time, signals, logging and
+//! thread exit, what the Rust runtime and glibc may do anywhere. The
+//! spawner thread (see [`base::thread`]) gets the union of all kinds plus
+//! what a new thread does before it has installed its own filter.
+//!
+//! io_uring operations are not system calls: a ring's reads and writes
+//! never pass a filter, only io_uring_setup, _register and _enter do.
+//! Firecracker-style restriction of the ring's opcodes is done in the
+//! engine (`block/src/io/uring.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use base::{Sandbox, ThreadKind};
+use kvm_bindings::{kvm_regs, kvm_sregs, KVMIO};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+
+/// What `--seccomp` asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// A call outside a thread's list ends the VMM with one line naming
+    /// the thread and the call.
+    #[default]
+    On,
+    /// A call outside the list is allowed and logged by the kernel (audit
+    /// log, `dmesg`): for finding what a list lacks.
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// Why the filters could not be built or set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompSetupError {
+    /// seccompiler refused a list (a bug in this file).
+    #[error("cannot build the seccomp filter of the {kind:?} threads: {source}")]
+    Build {
+        /// Whose filter.
+        kind: ThreadKind,
+        /// What seccompiler said.
+        source: seccompiler::BackendError,
+    },
+    /// The spawner thread or the trap handler could not be set up.
+    #[error("cannot set up seccomp: {0}")]
+    Sandbox(#[from] base::thread::ThreadError),
+}
+
+/// The sandbox a VM's threads run in under `mode`.
+pub fn sandbox(mode: SeccompMode) -> Result<Arc<Sandbox>, SeccompSetupError> {
+    let mismatch = match mode {
+        SeccompMode::On => SeccompAction::Trap,
+        SeccompMode::Log => SeccompAction::Log,
+        SeccompMode::Off => return Ok(Sandbox::unconfined()),
+    };
+    let filters = ThreadKind::ALL
+        .iter()
+        .map(|&kind| Ok((kind, program(kind, mismatch.clone())?)))
+        .collect::<Result<Vec<_>, SeccompSetupError>>()?;
+    Ok(Sandbox::new(filters)?)
+}
+
+/// `kind`'s filter: its list allowed, anything else answered by `mismatch`.
+pub fn program(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, SeccompSetupError> {
+    let build = |source| SeccompSetupError::Build { kind, source };
+    let filter = SeccompFilter::new(
+        rules(kind)?,
+        mismatch,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    filter.try_into().map_err(build)
+}
+
+/// The number of system calls `kind` may make (for the README and tests).
+pub fn list_len(kind: ThreadKind) -> usize {
+    calls(kind).len()
+}
+
+/// What every thread may do: allocate and free memory, lock, sleep, read
+/// the clock, handle and block signals (the vCPU kick), log to stderr,
+/// close what it drops, end itself or the process.
+const RUNTIME: &[i64] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getrandom,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_write,
+    libc::SYS_close,
+    // std checks in debug builds that a descriptor it closes is open.
+    libc::SYS_fcntl,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Opening an I/O engine (a ring and its eventfd), which the vCPU (a
+/// driver activating a disk) and QMP (`cont`, `blockdev-backup`) do for
+/// the threads they start.
+const OPEN_ENGINE: &[i64] = &[
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
+    libc::SYS_eventfd2,
+];
+
+/// Doing I/O on an engine: the ring, or the sync engine's calls where
+/// io_uring is refused.
+const DO_IO: &[i64] = &[
+    libc::SYS_io_uring_enter,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_read,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// The calls of `kind` beyond [`RUNTIME`] (ioctl and tgkill are narrowed
+/// in [`rules`]).
+fn extra(kind: ThreadKind) -> Vec<i64> {
+    use ThreadKind::*;
+    match kind {
+        // Waits for the end or a signal (its signalfd), kicks and joins
+        // the others, unmaps and closes.
+        Main => vec![
+            libc::SYS_tgkill,
+            libc::SYS_read,
+            libc::SYS_poll,
+            libc::SYS_ppoll,
+        ],
+        // KVM_RUN; eventfd reads and writes for the devices' registers;
+        // activating a disk opens its engine, a reset stops the thread.
+        Vcpu => [
+            &[libc::SYS_ioctl, libc::SYS_tgkill, libc::SYS_read][..],
+            OPEN_ENGINE,
+        ]
+        .concat(),
+        // Reads notify eventfds, writes irqfds, sleeps in epoll; makes the
+        // throttle gate's timerfd and waker when it starts.
+        Dataplane => [
+            DO_IO,
+            &[
+                libc::SYS_timerfd_create,
+                libc::SYS_timerfd_settime,
+                libc::SYS_eventfd2,
+            ][..],
+        ]
+        .concat(),
+        // Its engines' I/O; events reach QMP through an eventfd write.
+        Job => DO_IO.to_vec(),
+        Qmp => [
+            &[
+                libc::SYS_accept4,
+                libc::SYS_read,
+                libc::SYS_recvfrom,
+                libc::SYS_recvmsg,
+                libc::SYS_sendto,
+                libc::SYS_sendmsg,
+                libc::SYS_writev,
+                libc::SYS_shutdown,
+                libc::SYS_epoll_create1,
+                libc::SYS_epoll_ctl,
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_pwait,
+                libc::SYS_unlink,
+                // blockdev-add: open a file and learn its size and kind.
+                libc::SYS_openat,
+                libc::SYS_statx,
+                libc::SYS_newfstatat,
+                libc::SYS_fstat,
+                libc::SYS_lseek,
+                // FIONBIO on clients; a block device's size.
+                libc::SYS_ioctl,
+                // stop: kick the vCPUs out of KVM_RUN.
+                libc::SYS_tgkill,
+            ][..],
+            OPEN_ENGINE,
+        ]
+        .concat(),
+        SerialInput => vec![libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read],
+        // Every other kind's calls, and what a new thread does before its
+        // own filter is in: name itself, set up its stack guard, its
+        // signal stack, robust futex list and rseq area, then install.
+        Spawner => {
+            let mut all: Vec<i64> = ThreadKind::ALL
+                .iter()
+                .filter(|&&k| k != Spawner)
+                .flat_map(|&k| extra(k))
+                .collect();
+            all.extend([
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_set_robust_list,
+                libc::SYS_rseq,
+                libc::SYS_prctl,
+                libc::SYS_seccomp,
+                libc::SYS_sched_getaffinity,
+            ]);
+            all
+        }
+    }
+}
+
+/// Every call `kind` may make, sorted, each once.
+fn calls(kind: ThreadKind) -> Vec<i64> {
+    let mut all = [RUNTIME.to_vec(), extra(kind)].concat();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+/// The ioctls `kind` may make, by request number.
+fn ioctls(kind: ThreadKind) -> Vec<u64> {
+    use ThreadKind::*;
+    let blk_get_size64 = 0x8008_1272; // _IOR(0x12, 114, size_t)
+    match kind {
+        // KVM_RUN; the registers for a failure's message.
+        Vcpu => vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()],
+        Qmp => vec![libc::FIONBIO, blk_get_size64],
+        Spawner => [ioctls(Vcpu), ioctls(Qmp)].concat(),
+        _ => Vec::new(),
+    }
+}
+
+fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompSetupError> {
+    let build = |source| SeccompSetupError::Build { kind, source };
+    let arg_is = |arg: u8, len: SeccompCmpArgLen, value: u64| {
+        SeccompCondition::new(arg, len, SeccompCmpOp::Eq, value)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(build)
+    };
+    let mut rules = BTreeMap::new();
+    for call in calls(kind) {
+        let narrowed = match call {
+            libc::SYS_ioctl => ioctls(kind)
+                .into_iter()
+                .map(|request| arg_is(1, SeccompCmpArgLen::Dword, request))
+                .collect::<Result<Vec<_>, _>>()?,
+            // Signals to our own threads only.
+            libc::SYS_tgkill => vec![arg_is(
+                0,
+                SeccompCmpArgLen::Dword,
+                u64::from(std::process::id()),
+            )?],
+            _ => Vec::new(),
+        };
+        rules.insert(call, narrowed);
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_builds_and_the_spawner_allows_what_every_kind_does() {
+        for kind in ThreadKind::ALL {
+            program(kind, SeccompAction::Trap).unwrap();
+            let spawner = calls(ThreadKind::Spawner);
+            for call in calls(kind) {
+                assert!(spawner.contains(&call), "{kind:?}: {call}");
+            }
+            let spawner_ioctls = ioctls(ThreadKind::Spawner);
+            for request in ioctls(kind) {
+                assert!(spawner_ioctls.contains(&request), "{kind:?}: {request:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_vcpu_threads_may_run_a_vcpu_and_only_io_threads_enter_a_ring() {
+        for kind in ThreadKind::ALL {
+            let vcpu_like = matches!(kind, ThreadKind::Vcpu | ThreadKind::Spawner);
+            assert_eq!(ioctls(kind).contains(&KVM_RUN()), vcpu_like, "{kind:?}");
+            let io = matches!(
+                kind,
+                ThreadKind::Dataplane | ThreadKind::Job | ThreadKind::Spawner
+            );
+            assert_eq!(
+                calls(kind).contains(&libc::SYS_io_uring_enter),
+                io,
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_kernel_accepts_every_filter() {
+        for kind in ThreadKind::ALL {
+            // Log, not trap: nothing this thread does may end the tests.
+            let program = program(kind, SeccompAction::Log).unwrap();
+            std::thread::spawn(move || base::seccomp::install("probe", &program))
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn the_kvm_ioctl_numbers_are_linuxs() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+    }
+}
