@@ -6,9 +6,14 @@
 //! callback the caller chose (a device goes to `DEVICE_NEEDS_RESET`, a job
 //! fails). Which filter each kind gets is the caller's choice, made once in
 //! a [`Sandbox`]; this crate only knows how to install one.
+//!
+//! [`sync::lock`] and its `Condvar` companions take a mutex's data even
+//! when a panicking holder poisoned it; every crate locks through them.
 
 pub mod seccomp;
+pub mod sync;
 pub mod thread;
 
 pub use seccomp::SeccompError;
+pub use sync::lock;
 pub use thread::{spawn, Sandbox, ThreadKind};

@@ -187,7 +187,7 @@ impl Sandbox {
         let job: Job = Box::new(move || {
             let _ = reply.send(Builder::new().name(name).spawn(main));
         });
-        let sent = spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+        let sent = crate::sync::lock(spawner).send(job);
         sent.map_err(|_| io::Error::other("the spawner thread has ended"))?;
         handle
             .recv()

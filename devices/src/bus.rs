@@ -1,7 +1,9 @@
 //! An address bus (port I/O or MMIO) that maps address ranges to devices.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use base::sync::lock;
 
 /// What a guest asked the VMM for by writing to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,13 +119,6 @@ impl Bus {
         let (offset, entry) = self.find(addr)?;
         Some(lock(&entry.device).write(offset, data))
     }
-}
-
-/// Locks a device, recovering from a poisoned lock: a device whose handler
-/// panicked on another vCPU keeps its last consistent state, and refusing all
-/// further access would turn one bad access into a hung guest.
-fn lock<'a>(device: &'a Mutex<dyn BusDevice + 'static>) -> MutexGuard<'a, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

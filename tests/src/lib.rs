@@ -98,6 +98,13 @@ pub fn fnv1a64_file(path: &Path) -> String {
     format!("{hash:016x}")
 }
 
+/// A path in the temp folder for this test process, `vmm-test-PID-NAME`:
+/// what the tests' sockets, copies and scratch files are called. Nothing
+/// is created there.
+pub fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()))
+}
+
 /// A disk image of `len` bytes in the temp folder, removed when dropped.
 pub struct TempDisk {
     /// Where it is.
@@ -110,8 +117,7 @@ impl TempDisk {
         // Tests run in parallel threads of one process: number each image.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("vmm-test-{}-{n}-{name}.img", std::process::id()));
+        let path = temp_path(&format!("{n}-{name}.img"));
         std::fs::File::create(&path)
             .and_then(|f| f.set_len(len))
             .expect("create disk image");
@@ -182,7 +188,7 @@ pub fn tiny_initramfs() -> PathBuf {
         add("dev/console", 0o020600, (5, 1), b"");
         add("init", 0o100755, (0, 0), b"#!/bin/sh\nexit 0\n");
         add("TRAILER!!!", 0, (0, 0), b"");
-        let path = std::env::temp_dir().join(format!("vmm-test-{}-tiny.cpio", std::process::id()));
+        let path = temp_path("tiny.cpio");
         std::fs::write(&path, cpio).expect("write the tiny initramfs");
         path
     })

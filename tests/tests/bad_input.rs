@@ -2,10 +2,10 @@
 //! each gets one line of error and a non-zero status from the `vmm` binary.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use tests::{image, run_vmm, vmm_binary};
+use tests::{image, run_vmm, temp_path, vmm_binary};
 
 /// Asserts a failed start: status 1, one stderr line `vmm: ...` containing `needle`.
 fn assert_start_error(out: &Output, needle: &str) {
@@ -18,10 +18,6 @@ fn assert_start_error(out: &Output, needle: &str) {
         "expected '{needle}' in: {stderr}"
     );
     assert!(out.stdout.is_empty(), "the guest must not have run");
-}
-
-fn temp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-bad-input-{}-{name}", std::process::id()))
 }
 
 #[test]

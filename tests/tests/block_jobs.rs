@@ -1,19 +1,15 @@
 //! The block graph, its leases and the backup job, driven over QMP with a
 //! real guest doing verified I/O on the disk the whole time.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, fnv1a64_file, image, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, image, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 const DISK: u64 = 16 << 20;
-
-fn socket(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-test-{}-{name}.qmp", std::process::id()))
-}
 
 /// A test guest writing and verifying random blocks on `vda` (node
 /// `drive0`) for a few seconds, then idling; QMP on `qmp`.
@@ -40,7 +36,7 @@ fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
 fn backup_refused_while_dataplane_holds_lease_then_copies_the_stopped_disk() {
     let disk = TempDisk::patterned("backup-src", DISK);
     let target = TempDisk::new("backup-dst", DISK);
-    let path = socket("backup");
+    let path = temp_path("backup.qmp");
     let vm = boot(&guest(&disk, &path));
     let mut qmp = Qmp::connect(&path);
     expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));

@@ -8,14 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, run_vmm, TempDisk};
+use tests::{boot, expect_line, image, run_vmm, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 const DISK: u64 = 16 << 20;
-
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()))
-}
 
 /// Runs one of QEMU's tools; a missing qemu-utils fails the test, saying so.
 fn qemu(tool: &str, args: &[&str]) -> Output {
@@ -41,7 +37,7 @@ struct QemuWriter {
 
 impl QemuWriter {
     fn start(image: &Path) -> Self {
-        let socket = temp("locks-qsd.nbd");
+        let socket = temp_path("locks-qsd.nbd");
         let _ = std::fs::remove_file(&socket);
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
@@ -114,14 +110,14 @@ fn in_use_by_another_process(path: &Path, shared: bool) -> String {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn one_writer_per_image_inside_the_vmm_and_across_processes() {
     let disk = TempDisk::patterned("locks-disk", DISK);
-    let link = temp("locks-disk.link");
+    let link = temp_path("locks-disk.link");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&disk.path, &link).unwrap();
     let qemu_disk = TempDisk::new("locks-qemu", DISK);
-    let copy = temp("locks-copy.img");
+    let copy = temp_path("locks-copy.img");
     let qemu_writer = QemuWriter::start(&qemu_disk.path);
 
-    let qmp_path = temp("locks.qmp");
+    let qmp_path = temp_path("locks.qmp");
     let mut config = VmConfig::new(image("testguest"));
     config.cmdline = "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle".into();
     config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];

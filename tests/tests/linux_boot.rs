@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use tests::{boot, expect_line, image, initramfs_for_host, LINUX_BOOT_TIMEOUT};
+use tests::{boot, expect_line, image, initramfs_for_host, temp_path, LINUX_BOOT_TIMEOUT};
 use vmm::{MemorySize, VmConfig, VmExit, VmHandle};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 vmm.test_marker=42";
@@ -74,7 +74,7 @@ fn pvh_vmlinux_boots_with_the_cpus_memory_and_command_line_given() {
 fn vmlinux_without_pvh_note_boots_through_the_64_bit_entry() {
     // The same kernel with its PVH note removed: the VMM must fall back to
     // Linux's 64-bit boot protocol (zero page, long mode).
-    let copy = std::env::temp_dir().join(format!("vmm-test-vmlinux-nopvh-{}", std::process::id()));
+    let copy = temp_path("vmlinux-nopvh");
     let status = Command::new("objcopy")
         .args(["--remove-section=.notes"])
         .arg(image("vmlinux"))

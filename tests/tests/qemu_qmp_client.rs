@@ -6,21 +6,17 @@
 //! installs it); without it the test fails and says how to install it.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{boot, expect_line, fnv1a64_file, image, repo_root, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, image, repo_root, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit, VmHandle};
 
 const DISK: u64 = 4 << 20;
 
 /// The script may wait up to 30 s for one event; this bounds the whole run.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn socket(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-test-{}-{name}.qmp", std::process::id()))
-}
 
 /// The test guest, idle, with `disk` as `vda` (node `drive0`) and QMP on `qmp`.
 fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
@@ -120,7 +116,7 @@ fn assert_passed(code: i32, output: &str) {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn qemu_qmp_client_drives_the_machine_and_gets_qemu_errors() {
     let disk = TempDisk::patterned("qmpclient", DISK);
-    let path = socket("qmpclient");
+    let path = temp_path("qmpclient.qmp");
     let vm = boot(&guest(&disk, &path));
     expect_line(&vm, "testguest: idle", Duration::from_secs(30));
 
@@ -146,7 +142,7 @@ fn qemu_qmp_client_runs_a_backup_job_and_hears_its_events() {
     let disk = TempDisk::patterned("qmpclient-disk", DISK);
     let source = TempDisk::patterned("qmpclient-src", DISK);
     let target = TempDisk::new("qmpclient-dst", DISK);
-    let path = socket("qmpclient-jobs");
+    let path = temp_path("qmpclient-jobs.qmp");
     let vm = boot(&guest(&disk, &path));
     expect_line(&vm, "testguest: idle", Duration::from_secs(30));
     let expected = fnv1a64_file(&source.path);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, TempDisk};
+use tests::{boot, expect_line, image, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 fn read_json(reader: &mut BufReader<UnixStream>) -> Value {
@@ -21,7 +21,7 @@ fn read_json(reader: &mut BufReader<UnixStream>) -> Value {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn malformed_commands_get_qmp_errors_and_the_vm_keeps_serving_everyone() {
     let disk = TempDisk::patterned("qmp-bad", 1 << 20);
-    let path = std::env::temp_dir().join(format!("vmm-test-{}-bad.qmp", std::process::id()));
+    let path = temp_path("bad.qmp");
     let mut config = VmConfig::new(image("testguest"));
     config.cmdline = "idle".into();
     config.disks = vec![disk.option("id=vda").parse().unwrap()];
@@ -399,7 +399,7 @@ fn thirteen_thousand_hostile_messages_from_sixteen_clients_while_a_backup_runs()
     const DISK: u64 = 32 << 20;
     let disk = TempDisk::patterned("stress-src", DISK);
     let target = TempDisk::new("stress-dst", DISK);
-    let path = std::env::temp_dir().join(format!("vmm-test-{}-stress.qmp", std::process::id()));
+    let path = temp_path("stress.qmp");
     let mut config = VmConfig::new(image("testguest"));
     config.cmdline = "idle".into();
     config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];

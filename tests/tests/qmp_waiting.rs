@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, TempDisk};
+use tests::{boot, expect_line, image, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 /// A client that reads line by line, keeping events apart from replies.
@@ -101,7 +101,7 @@ impl ReadLease {
 #[cfg_attr(not_root, ignore = "a lease on a file needs its owner or CAP_LEASE")]
 fn a_blockdev_add_blocked_in_open_stalls_no_other_client() {
     let image_file = TempDisk::new("leased", 1 << 20);
-    let path = std::env::temp_dir().join(format!("vmm-test-{}-waiting.qmp", std::process::id()));
+    let path = temp_path("waiting.qmp");
     let mut config = VmConfig::new(image("testguest"));
     config.cmdline = "idle".into();
     config.qmp = Some(path.clone());

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::qmp::{Qmp, QmpErr};
-use tests::{boot, expect_line, image, TempDisk};
+use tests::{boot, expect_line, image, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit, VmHandle};
 
 const QSD: &str = "qemu-storage-daemon";
@@ -28,10 +28,6 @@ const SIZE: u64 = 8 << 20;
 const SLOW: u64 = 1 << 20;
 const JOB_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-test-{}-{name}", std::process::id()))
-}
-
 /// A qemu-storage-daemon with its QMP monitor on a socket; killed when dropped.
 struct Qsd {
     child: Child,
@@ -40,7 +36,7 @@ struct Qsd {
 
 impl Qsd {
     fn start(name: &str) -> Self {
-        let socket = temp(&format!("{name}-qsd.qmp"));
+        let socket = temp_path(&format!("{name}-qsd.qmp"));
         let _ = std::fs::remove_file(&socket);
         let child = Command::new(QSD)
             .arg("--chardev")
@@ -603,7 +599,7 @@ impl Compare {
 
 /// Our VMM: the test guest idling, no disk, QMP on a socket.
 fn our_vm(name: &str) -> (VmHandle, PathBuf) {
-    let path = temp(&format!("{name}-ours.qmp"));
+    let path = temp_path(&format!("{name}-ours.qmp"));
     let mut config = VmConfig::new(image("testguest"));
     config.cmdline = "idle".into();
     config.qmp = Some(path.clone());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{image, vmm_binary, TempDisk};
+use tests::{image, temp_path, vmm_binary, TempDisk};
 
 const DISK: u64 = 16 << 20;
 
@@ -88,10 +88,7 @@ fn start(disk: &TempDisk, socket: &Path, seccomp: &str) -> (Child, Qmp) {
 fn modes_under(mode: &str) -> Vec<(String, String)> {
     let disk = TempDisk::new(&format!("seccomp-{mode}"), DISK);
     let source = TempDisk::patterned(&format!("seccomp-src-{mode}"), DISK);
-    let socket = std::env::temp_dir().join(format!(
-        "vmm-test-{}-seccomp-{mode}.qmp",
-        std::process::id()
-    ));
+    let socket = temp_path(&format!("seccomp-{mode}.qmp"));
     let (child, mut qmp) = start(&disk, &socket, mode);
     // The guest's driver starts the dataplane; a backup of another file
     // into a null node runs beside it, slowly, on its own thread.

@@ -6,11 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::qmp::Qmp;
-use tests::{image, vmm_binary};
+use tests::{image, temp_path, vmm_binary};
 
 fn ends_cleanly_on(name: &str) {
-    let path =
-        std::env::temp_dir().join(format!("vmm-test-{}-signal-{name}.qmp", std::process::id()));
+    let path = temp_path(&format!("signal-{name}.qmp"));
     let kernel = image("testguest");
     let mut child = Command::new(vmm_binary())
         .args(["--kernel".as_ref(), kernel.as_os_str()])

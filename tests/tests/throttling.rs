@@ -2,12 +2,11 @@
 //! benchmark to its limit, and `block_set_io_throttle` changes the limits
 //! of a running guest, with `query-block` showing them.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, TempDisk};
+use tests::{boot, expect_line, image, temp_path, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -61,15 +60,11 @@ fn a_write_byte_limit_holds_writes_and_leaves_reads_alone() {
     assert!(value(&reads, "iops") > 5_000.0, "{reads}");
 }
 
-fn qmp_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("vmm-test-{}-{name}.qmp", std::process::id()))
-}
-
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn block_set_io_throttle_changes_a_running_guests_limits() {
     let disk = TempDisk::new("throttle-qmp", 32 << 20);
-    let path = qmp_path("throttle");
+    let path = temp_path("throttle.qmp");
     let mut config = guest(
         "blk.bench=randread4k blk.qd=8 blk.seconds=4 exit=0",
         &disk,

@@ -5,6 +5,8 @@ use std::io::{self, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use base::sync::{self, lock};
+
 /// The serial console of a VM.
 pub enum Console {
     /// Guest output to this process's stdout, this process's stdin to the guest.
@@ -41,7 +43,7 @@ impl SerialLog {
     }
 
     fn state(&self) -> MutexGuard<'_, LogState> {
-        self.inner.0.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner.0)
     }
 
     /// Everything the guest wrote so far, as text.
@@ -82,12 +84,7 @@ impl SerialLog {
             }
             // Wake at least every 50 ms to ask `stop`.
             let wait = (deadline - now).min(Duration::from_millis(50));
-            state = self
-                .inner
-                .1
-                .wait_timeout(state, wait)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = sync::wait_timeout(&self.inner.1, state, wait).0;
         }
     }
 

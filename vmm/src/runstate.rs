@@ -10,10 +10,11 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use base::sync::{self, lock};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::ResumeError;
 
@@ -21,10 +22,6 @@ use crate::shared::{kick_signal, Shared};
 
 /// How long the vCPUs get to leave KVM_RUN when asked to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Why `stop` failed.
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +114,7 @@ impl RunState {
                 unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
             }
             let parked = lock(&parking.parked);
-            let _ = parking
-                .changed
-                .wait_timeout(parked, Duration::from_millis(1));
+            let _ = sync::wait_timeout(&parking.changed, parked, Duration::from_millis(1));
         }
         drop(vcpus);
         for t in lock(&self.transports).iter() {

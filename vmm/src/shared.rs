@@ -5,15 +5,13 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, Once, OnceLock};
+use std::sync::{Condvar, Mutex, Once, OnceLock};
 use std::time::Duration;
+
+use base::sync::{self, lock};
 
 use crate::error::{Error, Result};
 use crate::qmp::EventSink;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +83,7 @@ impl Shared {
 
     /// Records why the VM ended; the first reason wins.
     pub fn finish(&self, exit: VmExit) {
-        let mut slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = lock(&self.exit);
         if slot.is_none() {
             if let Some(events) = self.events.get() {
                 events.emit("SHUTDOWN", Some(exit.shutdown_event()));
@@ -98,25 +96,20 @@ impl Shared {
 
     /// Why the VM ended, if it has.
     pub fn exit(&self) -> Option<VmExit> {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.exit).clone()
     }
 
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
-        let slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        let (slot, _) = self
-            .ended
-            .wait_timeout_while(slot, timeout, |s| s.is_none())
-            .unwrap_or_else(|e| e.into_inner());
+        let slot = lock(&self.exit);
+        let (slot, _) = sync::wait_timeout_while(&self.ended, slot, timeout, |s| s.is_none());
         slot.clone()
     }
 
     /// Waits for the VM to end.
     pub fn wait(&self) -> VmExit {
-        let slot = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        self.ended
-            .wait_while(slot, |s| s.is_none())
-            .unwrap_or_else(|e| e.into_inner())
+        let slot = lock(&self.exit);
+        sync::wait_while(&self.ended, slot, |s| s.is_none())
             .clone()
             .expect("wait_while returns once an exit is recorded")
     }
@@ -144,7 +137,7 @@ impl Parking {
         *parked += 1;
         self.changed.notify_all();
         while self.requested.load(Ordering::Acquire) && !stopping.load(Ordering::Acquire) {
-            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+            parked = sync::wait(&self.changed, parked);
         }
         *parked -= 1;
         self.changed.notify_all();

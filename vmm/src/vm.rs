@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use base::sync::lock;
 use block::job::JobManager;
 use block::Graph;
 use devices::legacy::{self, ExitPort, Serial, I8042};
@@ -282,7 +283,7 @@ fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHa
                 };
                 let mut pending = &buf[..n];
                 while !pending.is_empty() && !shared.stopping.load(Ordering::Acquire) {
-                    let mut uart = serial.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut uart = lock(&serial);
                     let room = uart.input_room().min(pending.len());
                     if room > 0 {
                         if uart.enqueue_input(&pending[..room]).is_err() {

@@ -11,7 +11,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::node::{lock, next_id};
+use base::sync::lock;
+
+use super::node::next_id;
 use super::GraphShared;
 use crate::error::BlockError;
 use crate::file::FileId;

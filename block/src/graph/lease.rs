@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use super::node::{lock, next_id, Node, NodeRef};
+use base::sync::lock;
+
+use super::node::{next_id, Node, NodeRef};
 use super::Holder;
 use crate::error::BlockError;
 use crate::io::AsyncIo;

@@ -22,6 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use base::sync::lock;
+
 pub use holder::Holder;
 pub use lease::Lease;
 pub use node::{Node, NodeRef};
@@ -31,7 +33,6 @@ use crate::driver::{self, Driver};
 use crate::error::BlockError;
 use crate::file::FileId;
 use files::OpenFiles;
-use node::lock;
 
 /// The most nodes one chain may stack (a `raw` over a `raw` over ... over a
 /// `file`), as crosvm's `MAX_NESTING_DEPTH`: sizes, names and closing walk

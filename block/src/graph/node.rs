@@ -6,7 +6,9 @@
 //! keeps a node alive.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use base::sync::lock;
 
 use super::files::FileClaim;
 use super::{GraphShared, Holder};
@@ -17,12 +19,6 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 pub(crate) fn next_id() -> u64 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked:
-/// every critical section here is a single push, retain or assignment.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One layer of a disk.

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::runner::{lock, Job, JobState, Registry};
+use base::sync::lock;
+
+use super::runner::{Job, JobState, Registry};
 use super::state::accepts;
 use super::{EventSink, JobDriver, JobError, JobInfo, JobOptions, JobStatus, JobVerb};
 

@@ -9,9 +9,10 @@
 //! after the other.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
+use base::sync::{self, lock};
 use base::ThreadKind;
 use std::time::{Duration, Instant};
 
@@ -26,14 +27,6 @@ pub(super) type Registry = Mutex<Vec<Arc<Job>>>;
 
 /// The error QEMU keeps for a cancelled job: strerror(ECANCELED).
 const CANCELLED_ERROR: &str = "Operation canceled";
-
-/// Locks `mutex` even if a thread panicked while holding it: job state is
-/// changed in small steps that leave it consistent, and a job that can no
-/// longer be queried or cancelled would be worse than one whose driver
-/// panicked.
-pub(super) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// One job.
 pub(super) struct Job {
@@ -310,16 +303,8 @@ impl Job {
         timeout: Option<Duration>,
     ) -> MutexGuard<'a, JobState> {
         match timeout {
-            Some(timeout) => {
-                self.changed
-                    .wait_timeout(st, timeout)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0
-            }
-            None => self
-                .changed
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner),
+            Some(timeout) => sync::wait_timeout(&self.changed, st, timeout).0,
+            None => sync::wait(&self.changed, st),
         }
     }
 

@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use base::sync::lock;
 use serde_json::Value;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -164,7 +165,7 @@ impl Shared {
 
     fn take_events(&self) -> VecDeque<Vec<u8>> {
         // A thread that panicked while queueing left a valid queue behind.
-        let mut pending = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = lock(&self.events);
         pending.bytes = 0;
         pending.overflowed = false;
         std::mem::take(&mut pending.queue)
@@ -203,7 +204,7 @@ impl EventSink {
         }
         let message = Event::new(event, data).encode();
         {
-            let mut pending = self.shared.events.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = lock(&self.shared.events);
             if pending.bytes + message.len() > MAX_OUTPUT {
                 if !pending.overflowed {
                     pending.overflowed = true;
@@ -579,13 +580,7 @@ impl QmpServer {
     /// Hands the replies of commands that ran elsewhere to their clients,
     /// and runs what those clients sent meanwhile.
     fn deliver_replies(&mut self) {
-        let replies = std::mem::take(
-            &mut *self
-                .shared
-                .replies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let replies = std::mem::take(&mut *lock(&self.shared.replies));
         for (token, reply) in replies {
             let Some(client) = self.clients.get_mut(&token) else {
                 continue;
@@ -737,11 +732,7 @@ fn post_reply(shared: &Shared, token: u64, request: &Request, result: Result<Val
         return;
     }
     let reply = request.reply(result);
-    shared
-        .replies
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((token, reply));
+    lock(&shared.replies).push((token, reply));
     shared.wake();
 }
 

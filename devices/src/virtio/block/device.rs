@@ -178,7 +178,7 @@ impl Block {
         let limits = DiskLimits {
             capacity: self.node.driver().size() / SECTOR_SIZE,
             read_only: self.config.read_only,
-            max_segments: self.seg_max(),
+            max_segments: seg_max(self.config.queue_size),
             discard: activation.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
             write_zeroes: activation.acked_features & (1 << VIRTIO_BLK_F_WRITE_ZEROES) != 0,
         };
@@ -261,10 +261,13 @@ impl Block {
             }
         }
     }
+}
 
-    fn seg_max(&self) -> u32 {
-        u32::from(self.config.queue_size.saturating_sub(2).max(1))
-    }
+/// Most data buffers one request may have (`seg_max`), advertised in the
+/// config space and enforced on requests: a chain as long as the queue,
+/// less its header and status descriptors.
+fn seg_max(queue_size: u16) -> u32 {
+    u32::from(queue_size.saturating_sub(2).max(1))
 }
 
 /// The virtio_blk_config structure (virtio 1.2, 5.2.4), little endian.
@@ -272,10 +275,7 @@ fn config_space(config: &BlockConfig, size: u64, blk_size: u32) -> [u8; CONFIG_L
     let mut c = [0u8; CONFIG_LEN];
     let mut put = |at: usize, bytes: &[u8]| c[at..at + bytes.len()].copy_from_slice(bytes);
     put(0, &(size / SECTOR_SIZE).to_le_bytes()); // capacity
-    put(
-        12,
-        &u32::from(config.queue_size.saturating_sub(2).max(1)).to_le_bytes(),
-    ); // seg_max
+    put(12, &seg_max(config.queue_size).to_le_bytes()); // seg_max
     put(20, &blk_size.to_le_bytes()); // blk_size
     put(34, &config.queues.to_le_bytes()); // num_queues
     put(36, &(u32::MAX / 512).to_le_bytes()); // max_discard_sectors
@@ -625,6 +625,16 @@ mod tests {
         let mut blk_size = [0u8; 4];
         device.read_config(20, &mut blk_size);
         assert_eq!(u32::from_le_bytes(blk_size), 512);
+    }
+
+    #[test]
+    fn seg_max_leaves_room_for_header_and_status() {
+        assert_eq!(seg_max(256), 254);
+        assert_eq!(seg_max(2), 1, "at least one data buffer");
+        let mut cfg = config(0);
+        cfg.queue_size = 16;
+        let c = config_space(&cfg, 1 << 20, 512);
+        assert_eq!(c[12..16], 14u32.to_le_bytes(), "seg_max");
     }
 
     #[test]

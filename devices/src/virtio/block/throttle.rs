@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use base::sync::lock;
 use block::throttle::{Direction, Limits, LimitsError, Throttle};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -47,21 +48,16 @@ impl ThrottleControl {
 
     /// The limits in force.
     pub fn limits(&self) -> Limits {
-        *self.limits.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.limits)
     }
 
     /// Replaces the limits, after checking them by QEMU's rules; the
     /// buckets start empty, as in QEMU.
     pub fn set(&self, limits: Limits) -> Result<(), LimitsError> {
         limits.validate()?;
-        *self.limits.lock().unwrap_or_else(|e| e.into_inner()) = limits;
+        *lock(&self.limits) = limits;
         self.generation.fetch_add(1, Ordering::Release);
-        if let Some(waker) = self
-            .waker
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(waker) = lock(&self.waker).as_ref() {
             // A full eventfd counter already wakes the dataplane.
             let _ = waker.write(1);
         }
@@ -71,7 +67,7 @@ impl ThrottleControl {
     /// Has `waker` signalled on every change from now on (the running
     /// dataplane's); `None` when it stops.
     pub(crate) fn set_waker(&self, waker: Option<EventFd>) {
-        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = waker;
+        *lock(&self.waker) = waker;
     }
 
     fn generation(&self) -> u64 {
