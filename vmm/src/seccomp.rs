@@ -89,7 +89,49 @@ pub fn program(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, 
         TargetArch::x86_64,
     )
     .map_err(build)?;
-    filter.try_into().map_err(build)
+    let program: BpfProgram = filter.try_into().map_err(build)?;
+    if calls(kind).contains(&libc::SYS_openat) {
+        return Ok(program);
+    }
+    Ok([refuse_glibc_probes(), program].concat())
+}
+
+/// What glibc opens by itself, read-only and close-on-exec, from whatever
+/// thread happens to need it first: `/proc/sys/vm/overcommit_memory` the
+/// first time any thread's malloc arena gives memory back (`free` ->
+/// `heap_trim` -> `shrink_heap`), `/sys/devices/system/cpu/online` when
+/// it sizes its arenas. Neither is ours to avoid and both have a fallback
+/// when the open fails, so for the kinds that may not open files such an
+/// open fails with `EACCES` instead of ending the VMM (it did: a backup's
+/// thread freeing its buffers was killed at random). Any other open still
+/// meets the kind's filter. Put in front of the compiled filter; it can
+/// only refuse, never allow.
+fn refuse_glibc_probes() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    // Offsets in struct seccomp_data: nr, arch, then ip and args[6].
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG2_LOW: u32 = 16 + 2 * 8;
+    const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+    let insn = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    // Each test that fails jumps past the rest, to the compiled filter.
+    vec![
+        insn(LD_ABS, 0, 0, ARCH),
+        insn(JEQ, 0, 5, AUDIT_ARCH_X86_64),
+        insn(LD_ABS, 0, 0, NR),
+        insn(JEQ, 0, 3, libc::SYS_openat as u32),
+        insn(LD_ABS, 0, 0, ARG2_LOW),
+        insn(JEQ, 0, 1, (libc::O_RDONLY | libc::O_CLOEXEC) as u32),
+        insn(
+            RET,
+            0,
+            0,
+            libc::SECCOMP_RET_ERRNO | (libc::EACCES as u32 & libc::SECCOMP_RET_DATA),
+        ),
+    ]
 }
 
 /// The number of system calls `kind` may make (for the README and tests).
@@ -332,6 +374,46 @@ mod tests {
                 .join()
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        }
+    }
+
+    /// glibc's own opens (malloc's `/proc/sys/vm/overcommit_memory` probe)
+    /// fail with EACCES on threads that may not open files, rather than
+    /// meeting the filter's mismatch action (with `on`, the end of the
+    /// VMM); any other open still meets it, and QMP threads still open.
+    #[test]
+    fn glibcs_read_only_probes_are_refused_not_trapped() {
+        fn open(path: &std::ffi::CStr, flags: i32) -> Result<(), i32> {
+            // SAFETY: a valid NUL-terminated path; the descriptor, if any,
+            // is closed at once.
+            let fd = unsafe { libc::openat(libc::AT_FDCWD, path.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+            }
+            // SAFETY: fd was just opened here.
+            unsafe { libc::close(fd) };
+            Ok(())
+        }
+        let probe = c"/proc/sys/vm/overcommit_memory";
+        for kind in ThreadKind::ALL {
+            // A mismatch answered with EPERM tells the two refusals apart
+            // without ending the test process.
+            let program = program(kind, SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+            let (glibc, other) = std::thread::spawn(move || {
+                base::seccomp::install("probe", &program).unwrap();
+                (
+                    open(probe, libc::O_RDONLY | libc::O_CLOEXEC),
+                    open(probe, libc::O_RDONLY),
+                )
+            })
+            .join()
+            .unwrap();
+            if matches!(kind, ThreadKind::Qmp | ThreadKind::Spawner) {
+                assert_eq!((glibc, other), (Ok(()), Ok(())), "{kind:?}");
+            } else {
+                assert_eq!(glibc, Err(libc::EACCES), "{kind:?}");
+                assert_eq!(other, Err(libc::EPERM), "{kind:?}");
+            }
         }
     }
 
