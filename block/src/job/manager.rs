@@ -124,6 +124,7 @@ impl JobManager {
             }
             verb(job, st, JobVerb::Resume)?;
             st.user_paused = false;
+            job.unpark(st);
             job.notify();
             Ok(())
         })
@@ -222,6 +223,7 @@ impl JobManager {
                 return Err(JobError::NotDrained { id: id.to_owned() });
             }
             st.drains -= 1;
+            job.unpark(st);
             job.notify();
             Ok(())
         })

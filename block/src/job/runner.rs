@@ -61,6 +61,8 @@ pub(super) struct JobState {
     /// A finalize has begun and its driver part (commit or abort, clean)
     /// runs without the state lock; commands wait until it is done.
     finalizing: bool,
+    /// Held at a pause point: the status to go back to when let go.
+    parked: Option<JobStatus>,
     current: u64,
     total: u64,
     error: Option<String>,
@@ -102,6 +104,7 @@ impl Job {
             work_ended: false,
             busy: false,
             finalizing: false,
+            parked: None,
             current: 0,
             total: driver.total(),
             error: None,
@@ -286,14 +289,29 @@ impl Job {
         }
         let resume_to = st.status;
         let parked = if resume_to == Ready { Standby } else { Paused };
+        st.parked = Some(resume_to);
         self.transition(&mut st, parked);
-        while st.should_pause() && !st.cancelled {
+        while st.parked.is_some() && st.should_pause() && !st.cancelled {
             st = self.wait(st, None);
         }
-        self.transition(&mut st, resume_to);
-        // Time spent paused is not credit for a burst afterwards.
-        st.rate.restart(Instant::now());
+        self.unpark(&mut st);
         st
+    }
+
+    /// Moves a job held at its pause point back to the status it left, once
+    /// nothing holds it there. Done by the command that lets it go (resume,
+    /// drained end) as well as by the job's thread, so that a query right
+    /// after the command sees it running, as QEMU's clients do, however
+    /// late the thread gets to run.
+    pub(super) fn unpark(&self, st: &mut JobState) {
+        if st.should_pause() && !st.cancelled {
+            return;
+        }
+        if let Some(to) = st.parked.take() {
+            self.transition(st, to);
+            // Time spent paused is not credit for a burst afterwards.
+            st.rate.restart(Instant::now());
+        }
     }
 
     /// Waits for a notification, or at most `timeout`.

@@ -143,6 +143,29 @@ fn resume_does_not_end_a_drain() {
 }
 
 #[test]
+fn a_job_let_go_reads_running_as_soon_as_the_command_returns() {
+    // A client's query right after blockdev-backup (a drained start) or
+    // job-resume must see `running`, as QEMU's do, however late the job's
+    // thread gets to run. Repeated: a late thread is a matter of chance.
+    for n in 0..100 {
+        let h = Harness::new();
+        let (drained, _control) = remote(MIB);
+        h.create("d", drained, JobOptions::default());
+        h.start_like_qemu("d");
+        assert_eq!(h.jobs.info("d").unwrap().status, Running, "run {n}");
+        let (paused, _control) = remote(MIB);
+        h.create("p", paused, JobOptions::default());
+        h.jobs.pause("p").unwrap();
+        h.jobs.start("p").unwrap();
+        h.wait("p", Paused);
+        h.jobs.resume("p").unwrap();
+        assert_eq!(h.jobs.info("p").unwrap().status, Running, "run {n}");
+        h.jobs.cancel("d").unwrap();
+        h.jobs.cancel("p").unwrap();
+    }
+}
+
+#[test]
 fn total_may_change_while_running() {
     let h = Harness::new();
     let (driver, control) = remote(MIB);
