@@ -464,14 +464,21 @@ fn writable_bounds(mem: &GuestMemoryMmap, size: u16) -> (Vec<u64>, bool) {
             sum += count(d);
             let (addr, len, flags, next) = d;
             if flags & INDIRECT != 0 {
-                let entries = len / 16;
+                // A chain that comes back to a descriptor loops, and a
+                // looping chain is never answered: each one counts once.
+                // (Tables of more than u16::MAX entries are refused.)
+                let entries = (len / 16).min(u32::from(u16::MAX));
+                let mut seen = vec![false; entries as usize];
                 let mut i = 0;
-                for _ in 0..entries {
+                while let Some(visited) = seen.get_mut(usize::from(i)) {
+                    if std::mem::replace(visited, true) {
+                        break;
+                    }
                     let Some(e) = descriptor(mem, addr.wrapping_add(16 * u64::from(i))) else {
                         break;
                     };
                     sum += count(e);
-                    if e.2 & NEXT == 0 || u32::from(e.3) >= entries {
+                    if e.2 & NEXT == 0 {
                         break;
                     }
                     i = e.3;
