@@ -7,6 +7,8 @@
 //! that the VMM acts on.
 
 pub mod bus;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod legacy;
 pub mod virtio;
 

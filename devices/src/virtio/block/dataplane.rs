@@ -236,7 +236,7 @@ impl Dataplane {
 
     /// Drains and hands the queues back; on a drain that did not end,
     /// leaks what the operations still in flight may touch.
-    fn end(mut self) -> Stopped {
+    pub(crate) fn end(mut self) -> Stopped {
         self.throttle.set_waker(None);
         // Requests the limits held back were taken from the driver: serve
         // them now rather than hand back queues that lost them.
@@ -342,7 +342,7 @@ impl Dataplane {
     }
 
     /// Pops new requests and reaps completions; true if anything happened.
-    fn service(&mut self) -> bool {
+    pub(crate) fn service(&mut self) -> bool {
         let mut worked = self.release_throttled();
         for q in 0..self.queues.len() {
             if self.interrupt.is_broken() {

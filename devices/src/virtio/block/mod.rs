@@ -1,6 +1,6 @@
 //! virtio-blk: the device, its request parser and its io_uring dataplane.
 
-mod dataplane;
+pub(crate) mod dataplane;
 pub mod device;
 pub mod request;
 pub mod throttle;
