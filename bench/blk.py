@@ -59,10 +59,12 @@ SPECS = {
     "seqwrite128k": ("write", "128k", 131072, "128k seq write"),
 }
 
-TABLE1 = [("randread4k", 1), ("randread4k", 32), ("randread4k", 128),
-          ("randwrite4k", 1), ("randwrite4k", 32), ("randwrite4k", 128),
-          ("seqread128k", 32), ("seqwrite128k", 32)]
-TABLE1_QUICK = [("randread4k", 1), ("randread4k", 32), ("seqwrite128k", 32)]
+# (spec, qd per queue, queues)
+TABLE1 = [("randread4k", 1, 1), ("randread4k", 32, 1), ("randread4k", 128, 1),
+          ("randwrite4k", 1, 1), ("randwrite4k", 32, 1), ("randwrite4k", 128, 1),
+          ("seqread128k", 32, 1), ("seqwrite128k", 32, 1),
+          ("randread4k", 128, 2), ("randread4k", 128, 4)]
+TABLE1_QUICK = [("randread4k", 1, 1), ("randread4k", 32, 1), ("seqwrite128k", 32, 1)]
 
 # Table 2 guest modes: (key, guest command-line tokens, label)
 MODES = [("notify", "blk.notify=always", "notify=always"),
@@ -198,16 +200,18 @@ def wait_for_load(limit, max_wait_s=900, step_s=30):
 # ---------------------------------------------------------------- commands
 
 
-def guest_cmdline(spec, qd, seconds, extra=""):
-    return f"blk.bench={spec} blk.qd={qd} blk.seconds={seconds} exit=0 {extra}".strip()
+def guest_cmdline(spec, qd, seconds, extra="", queues=1):
+    q = f" blk.queues={queues}" if queues > 1 else ""
+    return f"blk.bench={spec} blk.qd={qd}{q} blk.seconds={seconds} exit=0 {extra}".strip()
 
 
-def ours_cmd(cmdline, image):
+def ours_cmd(cmdline, image, queues=1):
+    q = f",queues={queues}" if queues > 1 else ""
     return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS),
-            "--disk", f"path={image},direct=on,poll={POLL_US}", "--cmdline", cmdline]
+            "--disk", f"path={image},direct=on,poll={POLL_US}{q}", "--cmdline", cmdline]
 
 
-def qemu_cmd(cmdline, image, boot=None):
+def qemu_cmd(cmdline, image, boot=None, queues=1):
     """QEMU microvm with the test guest, or with `boot` = (kernel, initrd, memory MiB) for Linux."""
     kernel, initrd, memory = boot or (KERNEL, None, MEMORY_MIB)
     machine = "microvm,acpi=off" + (",auto-kernel-cmdline=off" if boot else "")
@@ -220,7 +224,7 @@ def qemu_cmd(cmdline, image, boot=None):
         "-global", "virtio-mmio.force-legacy=false",
         "-object", f"iothread,id=io0,poll-max-ns={QEMU_POLL_MAX_NS}",
         "-drive", f"file={image},format=raw,if=none,id=d0,cache=none,aio=io_uring",
-        "-device", "virtio-blk-device,drive=d0,iothread=io0",
+        "-device", "virtio-blk-device,drive=d0,iothread=io0" + (f",num-queues={queues}" if queues > 1 else ""),
         "-kernel", str(kernel), *(["-initrd", str(initrd)] if initrd else []), "-append", cmdline,
     ]
 
@@ -233,21 +237,22 @@ NO_THP = ("import ctypes, os, sys\n"
           "os.execv(sys.argv[1], sys.argv[1:])\n")
 
 
-def vmm_cmd(vmm, cmdline, image):
+def vmm_cmd(vmm, cmdline, image, queues=1):
     if vmm == "ours":
-        return ours_cmd(cmdline, image)
+        return ours_cmd(cmdline, image, queues)
     if vmm == "qemu":
-        return qemu_cmd(cmdline, image)
+        return qemu_cmd(cmdline, image, queues=queues)
     if vmm == "qemu-nothp":
-        return [sys.executable, "-c", NO_THP, *qemu_cmd(cmdline, image)]
+        return [sys.executable, "-c", NO_THP, *qemu_cmd(cmdline, image, queues=queues)]
     raise ValueError(vmm)
 
 
-def fio_cmd(spec, qd, seconds, image):
+def fio_cmd(spec, qd, seconds, image, queues=1):
+    """The host's own fio; one job per guest queue, each with the guest's per-queue depth."""
     rw, bs, _, _ = SPECS[spec]
     return ["fio", "--name=blk", "--ioengine=io_uring", "--direct=1", f"--iodepth={qd}", f"--rw={rw}",
             f"--bs={bs}", f"--filename={image}", "--time_based", f"--runtime={seconds}",
-            "--output-format=json"]
+            f"--numjobs={queues}", "--group_reporting", "--output-format=json"]
 
 
 # ---------------------------------------------------------------- /proc
@@ -377,16 +382,16 @@ def parse_bench(line):
     return {k.decode(): v.decode() for k, v in kv.items()}
 
 
-def run_guest(vmm, spec, qd, seconds, image, extra="", sample=True, strace=False):
+def run_guest(vmm, spec, qd, seconds, image, extra="", sample=True, strace=False, queues=1):
     """One VM running one benchmark. Returns the guest's figures, plus
     per-thread /proc deltas over a window inside the benchmark (sample)
     or the strace -c summaries of the interesting threads (strace)."""
-    cmdline = guest_cmdline(spec, qd, seconds, extra)
-    cmd = vmm_cmd(vmm, cmdline, image)
+    cmdline = guest_cmdline(spec, qd, seconds, extra, queues)
+    cmd = vmm_cmd(vmm, cmdline, image, queues)
     timeout = seconds + 30
     run = Run(cmd)
     tracers = {}
-    res = {"vmm": vmm, "spec": spec, "qd": qd, "extra": extra}
+    res = {"vmm": vmm, "spec": spec, "qd": qd, "queues": queues, "extra": extra}
     try:
         t_dev = run.wait_line(b"testguest: blk vda:", timeout)
         dev = next(l for _, l in run.lines if l.startswith(b"testguest: blk vda:"))
@@ -478,10 +483,10 @@ def fio_result(text, spec):
                "ops": d["total_ios"]}
 
 
-def run_fio(spec, qd, seconds, image):
+def run_fio(spec, qd, seconds, image, queues=1):
     oa, ca, ta = proc_ticks(), cpu_ticks(), now_ns()
-    p = subprocess.Popen(fio_cmd(spec, qd, seconds, image), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen(fio_cmd(spec, qd, seconds, image, queues), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = p.communicate(timeout=seconds + 60)
     except subprocess.TimeoutExpired:
@@ -572,8 +577,8 @@ def per_req(v, iops, window):
     return v / (iops * window) if iops and window else None
 
 
-def row_label(spec, qd):
-    return f"{SPECS[spec][3]} QD{qd}"
+def row_label(spec, qd, queues=1):
+    return f"{SPECS[spec][3]} QD{qd}" + (f" x{queues}q" if queues > 1 else "")
 
 
 OTHER_WARN = 0.3
@@ -591,20 +596,35 @@ def disturbed(points):
     return out
 
 
+def cpu_us_per_req(x):
+    """The dataplane thread's (QEMU: its iothread's) CPU µs per request over the sample window."""
+    dp = (x.get("threads") or {}).get("dataplane")
+    return per_req(dp["oncpu_s"] * 1e6, x.get("iops"), x.get("window_s")) if dp else None
+
+
+def spread(x):
+    runs = x.get("runs_iops") or []
+    return f"{min(runs):,.0f}-{max(runs):,.0f}" if len(runs) > 1 else "-"
+
+
 def table1(rows):
-    head = (f"{'':19} | {'ours':^32} | {'QEMU':^32} | {'host fio':^32} | {'ours/':>5} {'ours/':>5}\n"
-            f"{'':19} | {'IOPS':>9} {'MB/s':>7} {'lat µs':>9} {'oth':>4} | {'IOPS':>9} {'MB/s':>7} {'lat µs':>9} "
-            f"{'oth':>4} | {'IOPS':>9} {'MB/s':>7} {'lat µs':>9} {'oth':>4} | {'QEMU':>5} {'host':>5}")
+    head = (f"{'':24} | {'ours':^40} | {'QEMU':^40} | {'host fio':^26} | {'ours/':>5} {'ours/':>5}\n"
+            f"{'':24} | {'IOPS':>9} {'min-max':>15} {'lat µs':>7} {'cpu µs':>6} | {'IOPS':>9} {'min-max':>15} "
+            f"{'lat µs':>7} {'cpu µs':>6} | {'IOPS':>9} {'min-max':>15} | {'QEMU':>5} {'host':>5}")
     out = [head, "-" * len(head.splitlines()[1])]
     points = []
     for r in rows:
+        q = r.get("queues", 1)
+        label = row_label(r["spec"], r["qd"], q)
         cells = []
-        for k in ("ours", "qemu", "host"):
+        for k in ("ours", "qemu"):
             x = r[k]
-            cells.append(f"{num(x['iops'], 9)} {num(x['mbps'], 7, 1)} {num(x['lat_us'], 9, 1)} "
-                         f"{num(x.get('other_cpus'), 4, 1)}")
-            points.append((row_label(r["spec"], r["qd"]), k, x))
-        out.append(f"{row_label(r['spec'], r['qd']):19} | {' | '.join(cells)} | "
+            cells.append(f"{num(x['iops'], 9)} {spread(x):>15} {num(x['lat_us'], 7, 1)} {num(cpu_us_per_req(x), 6, 1)}")
+            points.append((label, k, x))
+        h = r["host"]
+        cells.append(f"{num(h['iops'], 9)} {spread(h):>15}")
+        points.append((label, "host", h))
+        out.append(f"{label:24} | {' | '.join(cells)} | "
                    f"{ratio(r['ours']['iops'], r['qemu']['iops']):>5} {ratio(r['ours']['iops'], r['host']['iops']):>5}")
     warn = disturbed(points)
     if warn:
@@ -692,6 +712,8 @@ def main():
     ap.add_argument("--fio-runs", type=int, default=None, metavar="N",
                     help="host fio runs per point, the best one counts (default 2; 1 with --quick)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
+    ap.add_argument("--reps", type=int, default=1, metavar="N",
+                    help="table 1: N alternating repetitions of every row; the median run counts, min-max shown")
     ap.add_argument("--wait-load", type=float, metavar="LOAD", default=None,
                     help="first wait (30 s steps, at most 15 min) until the 1-minute load average is below LOAD")
     args = ap.parse_args()
@@ -728,23 +750,30 @@ def main():
     for vmm in ("ours", "qemu"):
         run_guest(vmm, "randread4k", 32, 1, image, sample=False)
 
-    log(f"table 1: {len(t1_rows)} rows x (ours, QEMU, host fio), {seconds} s each")
+    log(f"table 1: {len(t1_rows)} rows x (ours, QEMU, host fio) x {args.reps} repetitions, {seconds} s each")
     t1 = []
-    for i, (spec, qd) in enumerate(t1_rows):
-        row = {"spec": spec, "qd": qd}
-        order = ["ours", "qemu", "host"]
-        order = order[i % 3:] + order[:i % 3]  # rotate, so no VMM always runs first
-        for who in order:
-            if who == "host":
-                # The ceiling: the best of --fio-runs runs (a fio that sleeps in io_uring_enter
-                # is the most exposed to CPU stolen by the hypervisor under this machine).
-                runs = [run_fio(spec, qd, seconds, image) for _ in range(args.fio_runs)]
-                row["host"] = max(runs, key=lambda x: x["iops"])
-                row["host"]["runs_iops"] = [round(x["iops"]) for x in runs]
-            else:
-                row[who] = run_guest(who, spec, qd, seconds, image)
-        log(f"  {row_label(spec, qd)}: ours {row['ours']['iops']:.0f}, QEMU {row['qemu']['iops']:.0f}, "
-            f"host {row['host']['iops']:.0f} IOPS")
+    for i, (spec, qd, queues) in enumerate(t1_rows):
+        row = {"spec": spec, "qd": qd, "queues": queues}
+        runs = {"ours": [], "qemu": [], "host": []}
+        for rep in range(args.reps):
+            order = ["ours", "qemu", "host"]
+            k = (i + rep) % 3
+            order = order[k:] + order[:k]  # rotate, so no VMM always runs first
+            for who in order:
+                if who == "host":
+                    # The ceiling: the best of --fio-runs runs (a fio that sleeps in io_uring_enter
+                    # is the most exposed to CPU stolen by the hypervisor under this machine).
+                    fio = [run_fio(spec, qd, seconds, image, queues) for _ in range(args.fio_runs)]
+                    runs["host"].append(max(fio, key=lambda x: x["iops"]))
+                else:
+                    runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
+        for who, xs in runs.items():
+            # The median run (the lower middle one for an even count) stands for the row.
+            ranked = sorted(xs, key=lambda x: x["iops"])
+            row[who] = dict(ranked[(len(ranked) - 1) // 2])
+            row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+        log(f"  {row_label(spec, qd, queues)}: ours {row['ours']['iops']:.0f}, QEMU {row['qemu']['iops']:.0f}, "
+            f"host {row['host']['iops']:.0f} IOPS (medians of {args.reps})")
         t1.append(row)
 
     t2 = []
@@ -781,7 +810,9 @@ def main():
     t4 = []
     if not pvm:
         log(f"table 4: {len(t1_rows)} rows x (ours, QEMU) with fio in a Linux guest, {seconds} s each")
-        for spec, qd in t1_rows:
+        for spec, qd, queues in t1_rows:
+            if queues > 1:
+                continue  # the Linux guest's fio here drives one queue
             row = {"spec": spec, "qd": qd}
             for who in ("ours", "qemu") if len(t4) % 2 == 0 else ("qemu", "ours"):
                 row[who] = run_linux_fio(who, spec, qd, seconds, image)
@@ -816,8 +847,9 @@ def main():
           f"iothread poll-max-ns={QEMU_POLL_MAX_NS}, cache=none, aio=io_uring; host: {fio_version} io_uring direct=1, "
           f"best of {args.fio_runs} run{'s' if args.fio_runs > 1 else ''}")
     print()
-    print("Table 1: dataplane (guest notifies only when the device asks, interrupts suppressed); "
-          "oth: CPUs busy in other tasks than the VMM's (fio's) threads, interrupts not counted")
+    print(f"Table 1: dataplane (guest notifies only when the device asks, interrupts suppressed); "
+          f"IOPS: median of {args.reps} alternating repetitions, min-max over them; cpu µs: CPU time of the "
+          f"dataplane thread (QEMU: its iothread) per request, median run; QD is per queue")
     print(table1(t1))
     print()
     print("Table 2: the guest's usual path (same VMM settings; the guest still polls and never takes the interrupts)")
