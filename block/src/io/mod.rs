@@ -7,6 +7,8 @@ mod sync;
 mod uring;
 
 use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -124,6 +126,37 @@ pub trait AsyncIo: Send {
 
     /// The next finished operation, if any; never blocks.
     fn next_completion(&mut self) -> Option<Completion>;
+
+    /// Hands queued operations to the kernel, then sleeps until at least
+    /// `min_complete` completions are ready or `timeout` has passed. This
+    /// default waits on [`AsyncIo::notifier`], which an engine signals
+    /// when completions are ready (a wake-up may come early; the caller
+    /// drains what is there).
+    fn submit_and_wait(&mut self, min_complete: u32, timeout: Duration) -> Result<(), IoError> {
+        self.submit()?;
+        if min_complete == 0 {
+            return Ok(());
+        }
+        wait_readable(self.notifier(), timeout)
+    }
+}
+
+/// Sleeps until `notifier` is signalled or `timeout` has passed.
+pub(crate) fn wait_readable(notifier: &EventFd, timeout: Duration) -> Result<(), IoError> {
+    let mut pfd = libc::pollfd {
+        fd: notifier.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(IoError::Submit(e));
+        }
+    }
+    Ok(())
 }
 
 /// `fallocate` modes for the two range operations.
