@@ -302,6 +302,59 @@ mod tests {
         assert_eq!(data, vec![7u8; 512], "a write leaves its buffer alone");
     }
 
+    /// A wait returns once the completion is there, and after the timeout
+    /// when nothing is coming.
+    fn waits_for_completions(engine: &mut dyn AsyncIo) {
+        let mut buf = vec![0u8; 4096];
+        let read = [iov(&mut buf)];
+        // SAFETY: the buffer outlives the wait.
+        unsafe { engine.read_vectored(0, &read, 7).unwrap() };
+        engine
+            .submit_and_wait(1, std::time::Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            engine.next_completion(),
+            Some(Completion {
+                user_data: 7,
+                result: 4096
+            }),
+            "the completion is ready when the wait returns"
+        );
+        let started = std::time::Instant::now();
+        engine
+            .submit_and_wait(1, std::time::Duration::from_millis(30))
+            .unwrap();
+        assert!(engine.next_completion().is_none());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "the wait ends at its timeout"
+        );
+    }
+
+    #[test]
+    fn uring_engine_waits_inside_the_kernel() {
+        let (path, file) = temp("uring-wait");
+        let mut engine = UringIo::new(file.as_raw_fd(), 4).unwrap();
+        waits_for_completions(&mut engine);
+        let started = std::time::Instant::now();
+        engine
+            .submit_and_wait(1, std::time::Duration::from_millis(30))
+            .unwrap();
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(25),
+            "an empty ring sleeps for the timeout"
+        );
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn sync_engine_wait_returns_at_once() {
+        let (path, file) = temp("sync-wait");
+        let mut engine = SyncIo::new(file.as_raw_fd()).unwrap();
+        waits_for_completions(&mut engine);
+        std::fs::remove_file(path).unwrap();
+    }
+
     #[test]
     fn errors_come_back_as_negative_errno() {
         let (path, file) = temp("ro");
