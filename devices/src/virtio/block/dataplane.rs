@@ -380,7 +380,7 @@ impl Dataplane {
                 continue;
             }
             empty = empty.wrapping_add(1);
-            if empty % CLOCK_EVERY == 0 {
+            if empty.is_multiple_of(CLOCK_EVERY) {
                 let now = Instant::now();
                 match idle {
                     None => idle = Some((now, now + window)),
