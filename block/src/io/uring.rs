@@ -5,6 +5,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
@@ -154,6 +155,34 @@ impl AsyncIo for UringIo {
                 Ok(())
             }
             Err(e) => Err(IoError::Submit(e)),
+        }
+    }
+
+    fn submit_and_wait(&mut self, min_complete: u32, timeout: Duration) -> Result<(), IoError> {
+        if min_complete == 0 {
+            return self.submit();
+        }
+        if !self.ring.params().is_feature_ext_arg() {
+            // Before Linux 5.11 an enter cannot time out: wait on the
+            // eventfd the ring signals instead.
+            self.submit()?;
+            return super::wait_readable(&self.notifier, timeout);
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self
+            .ring
+            .submitter()
+            .submit_with_args(min_complete as usize, &args)
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                // The timeout passed, a signal came, or the completion
+                // queue is full (the caller drains it): all mean "look
+                // again".
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
+                _ => Err(IoError::Submit(e)),
+            },
         }
     }
 

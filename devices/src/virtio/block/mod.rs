@@ -2,6 +2,7 @@
 
 pub(crate) mod dataplane;
 pub mod device;
+mod poll;
 pub mod request;
 pub mod throttle;
 
