@@ -108,7 +108,10 @@ pub fn qmp(data: &[u8]) {
     let graph = Arc::new(Graph::new());
     let jobs = Arc::new(JobManager::new());
     let quit = Arc::new(AtomicBool::new(false));
-    let run = Arc::new(RunState::new(Arc::new(Shared::new()), Vec::new()));
+    let run = Arc::new(RunState::new(
+        Arc::new(Shared::new().expect("an eventfd")),
+        Vec::new(),
+    ));
     let said_quit = quit.clone();
     let monitor = Monitor::new(
         run,

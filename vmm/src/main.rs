@@ -46,9 +46,11 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_START_FAILED);
     }
     // The main loop: the VM ends by itself, or a signal ends it as QEMU
-    // does (SHUTDOWN with reason host-signal, then the normal stop).
+    // does (SHUTDOWN with reason host-signal, then the normal stop). The
+    // VM's end wakes the poll through its eventfd, so the process ends as
+    // soon as the guest asks; the timeout is only a backstop.
     while vm.wait_timeout(Duration::ZERO).is_none() {
-        match signals.wait(Duration::from_millis(100)) {
+        match signals.wait(vm.ended_fd(), Duration::from_secs(1)) {
             Ok(Some(signo)) => {
                 log::info!("signal {signo} received: ending the VM");
                 vm.end_on_signal();
@@ -101,17 +103,19 @@ impl EndSignals {
         })
     }
 
-    /// The next signal received within `timeout`, if any.
-    fn wait(&self, timeout: Duration) -> std::io::Result<Option<u32>> {
+    /// The next signal received within `timeout`, if any; returns early,
+    /// with none, when `also` (a descriptor the caller keeps open) polls
+    /// readable.
+    fn wait(&self, also: std::os::fd::RawFd, timeout: Duration) -> std::io::Result<Option<u32>> {
         use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+        let mut pfds = [self.fd.as_raw_fd(), also].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
+        });
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: two valid pollfds, for the duration of the call.
+        let ready = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
         if ready < 0 {
             let e = std::io::Error::last_os_error();
             return if e.kind() == std::io::ErrorKind::Interrupted {
@@ -120,7 +124,7 @@ impl EndSignals {
                 Err(e)
             };
         }
-        if ready == 0 {
+        if pfds[0].revents & libc::POLLIN == 0 {
             return Ok(None);
         }
         // SAFETY: signalfd_siginfo is plain data.

@@ -221,7 +221,7 @@ mod tests {
     fn a_vcpu_that_does_not_stop_keeps_guest_memory_mapped() {
         // Shutdown kicks the threads with the vCPU kick signal.
         crate::shared::install_kick_handler().unwrap();
-        let mut run = RunState::new(Arc::new(Shared::new()), Vec::new());
+        let mut run = RunState::new(Arc::new(Shared::new().expect("an eventfd")), Vec::new());
         run.stop_timeout = Duration::from_millis(50);
         let (release, stuck) = std::sync::mpsc::channel::<()>();
         run.add_vcpu(std::thread::spawn(move || {

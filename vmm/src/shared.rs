@@ -4,6 +4,7 @@
 //! `vm.rs` and `runstate.rs`, so both import it and neither the other.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, Once, OnceLock};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use base::sync::{self, lock};
 
 use crate::error::{Error, Result};
 use crate::qmp::EventSink;
+use vmm_sys_util::eventfd::EventFd;
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,18 +69,27 @@ pub(crate) struct Shared {
     pub parking: Parking,
     /// QMP's event sink, once a QMP server runs: told when the VM ends.
     pub events: OnceLock<EventSink>,
+    /// Made readable when the VM ends, so that a thread that also waits
+    /// for other descriptors (the main thread's signalfd) wakes at once.
+    ended_fd: EventFd,
 }
 
 impl Shared {
     /// A VM that runs and has not ended.
-    pub(crate) fn new() -> Self {
-        Self {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Self {
             exit: Mutex::new(None),
             ended: Condvar::new(),
             stopping: AtomicBool::new(false),
             parking: Parking::default(),
             events: OnceLock::new(),
-        }
+            ended_fd: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
+    }
+
+    /// A descriptor that polls readable once the VM has ended.
+    pub fn ended_fd(&self) -> RawFd {
+        self.ended_fd.as_raw_fd()
     }
 
     /// Records why the VM ended; the first reason wins.
@@ -92,6 +103,9 @@ impl Shared {
         }
         self.stopping.store(true, Ordering::Release);
         self.ended.notify_all();
+        // Only fails when the counter would overflow, which a readable
+        // eventfd that nobody reads never reaches: it stays readable.
+        let _ = self.ended_fd.write(1);
     }
 
     /// Why the VM ended, if it has.
@@ -179,5 +193,33 @@ pub(crate) fn install_kick_handler() -> Result<()> {
             name: "vcpu".into(),
             source: io::Error::from_raw_os_error(errno),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn readable(fd: RawFd) -> bool {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    /// The main thread sleeps in poll(2) on this descriptor and its
+    /// signalfd: the VM's end must wake it, not a timeout.
+    #[test]
+    fn the_ended_fd_polls_readable_once_the_vm_ends_and_stays_so() {
+        let shared = Shared::new().unwrap();
+        assert!(!readable(shared.ended_fd()));
+        shared.finish(VmExit::Status(0));
+        assert!(readable(shared.ended_fd()));
+        shared.finish(VmExit::Killed);
+        assert!(readable(shared.ended_fd()));
+        assert_eq!(shared.exit(), Some(VmExit::Status(0)));
     }
 }

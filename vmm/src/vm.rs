@@ -128,6 +128,13 @@ impl VmHandle {
         self.shared.finish(VmExit::Signalled);
     }
 
+    /// A descriptor that polls readable once the VM has ended: for a
+    /// caller that waits for it together with other descriptors. Valid as
+    /// long as the handle.
+    pub fn ended_fd(&self) -> std::os::fd::RawFd {
+        self.shared.ended_fd()
+    }
+
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
         self.shared.wait_timeout(timeout)
@@ -365,7 +372,10 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         config.cpus,
     )?;
 
-    let shared = Arc::new(Shared::new());
+    let shared = Arc::new(Shared::new().map_err(|e| Error::Device {
+        name: "end-of-VM eventfd".into(),
+        reason: e.to_string(),
+    })?);
     let device_err = |name: &str| {
         let name = name.to_string();
         move |e: &dyn std::fmt::Display| Error::Device {
