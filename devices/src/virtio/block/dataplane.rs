@@ -32,6 +32,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
+use super::stats::{self, BlockStats, Recorder};
 use super::throttle::{Gate, ThrottleControl};
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
 
@@ -90,6 +91,8 @@ struct InFlight {
     /// Expected result of a read or write; `None` for range operations.
     expect: Option<u64>,
     failed: bool,
+    /// What `query-blockstats` counts when it ends.
+    account: Option<stats::Started>,
 }
 
 pub(crate) struct Dataplane {
@@ -123,6 +126,8 @@ pub(crate) struct Dataplane {
     released: Vec<(usize, u16, Request)>,
     /// Signalled by the throttle control when the limits change.
     throttle_waker: Option<EventFd>,
+    /// The device's I/O accounting.
+    stats: Recorder,
 }
 
 const STOP_TOKEN: u64 = u64::MAX;
@@ -168,7 +173,14 @@ impl Dataplane {
             gate: None,
             released: Vec::new(),
             throttle_waker: None,
+            stats: Recorder::new(Arc::new(BlockStats::new(false))),
         }
+    }
+
+    /// Accounts I/O into `stats`.
+    pub fn with_stats(mut self, stats: Arc<BlockStats>) -> Self {
+        self.stats = Recorder::new(stats);
+        self
     }
 
     /// Applies `throttle`'s limits, as they are now and as they change.
@@ -510,6 +522,7 @@ impl Dataplane {
                 Err(Refused {
                     error,
                     status: None,
+                    ..
                 }) => {
                     self.driver_error(q, &format_args!("request refused: {error}"));
                     break;
@@ -517,8 +530,12 @@ impl Dataplane {
                 Err(Refused {
                     error,
                     status: Some(addr),
+                    request_type,
                 }) => {
                     log::debug!("{}: request refused: {error}", self.name);
+                    if let Some(kind) = request_type.and_then(stats::of_type) {
+                        self.stats.invalid(kind);
+                    }
                     self.write_status(addr, error.status());
                     self.add_used(q, head, 1);
                 }
@@ -586,6 +603,8 @@ impl Dataplane {
             pending: 1,
             expect: None,
             failed: false,
+            account: stats::of_request(&req)
+                .map(|(kind, offset, bytes)| self.stats.start(kind, offset, bytes)),
         };
         match &req.kind {
             RequestKind::GetId => {
@@ -613,6 +632,9 @@ impl Dataplane {
             }
             RequestKind::In | RequestKind::Out => {
                 let Some(iovecs) = self.iovecs(&req.data) else {
+                    if let Some(started) = entry.account {
+                        self.stats.done(started, false);
+                    }
                     self.write_status(req.status, status::IOERR);
                     self.add_used(q, head, 1);
                     return;
@@ -700,6 +722,9 @@ impl Dataplane {
         }
         let entry = self.slots[slot].take().expect("checked above");
         self.free.push(slot);
+        if let Some(started) = entry.account {
+            self.stats.done(started, !entry.failed);
+        }
         let value = if entry.failed {
             status::IOERR
         } else {

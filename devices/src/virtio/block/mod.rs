@@ -3,7 +3,9 @@
 pub(crate) mod dataplane;
 pub mod device;
 pub mod request;
+pub mod stats;
 pub mod throttle;
 
 pub use device::{dataplane_holder, device_holder, Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use stats::BlockStats;
 pub use throttle::ThrottleControl;
