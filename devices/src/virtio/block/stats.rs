@@ -65,10 +65,10 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    /// An empty histogram; `None` unless `boundaries` is non-empty and
-    /// strictly increasing.
+    /// An empty histogram; `None` unless `boundaries` are positive and
+    /// strictly increasing (as QEMU requires; none at all is one bin).
     pub fn new(boundaries: Vec<u64>) -> Option<Self> {
-        if boundaries.is_empty() || boundaries.windows(2).any(|w| w[0] >= w[1]) {
+        if boundaries.first() == Some(&0) || boundaries.windows(2).any(|w| w[0] >= w[1]) {
             return None;
         }
         let bins = (0..=boundaries.len()).map(|_| AtomicU64::new(0)).collect();
@@ -370,7 +370,8 @@ mod tests {
 
     #[test]
     fn histograms_bin_latencies_and_settings_reach_the_writer() {
-        assert!(Histogram::new(vec![]).is_none());
+        assert_eq!(Histogram::new(vec![]).unwrap().read().1, vec![0]);
+        assert!(Histogram::new(vec![0, 5]).is_none());
         assert!(Histogram::new(vec![10, 10]).is_none());
         let h = Histogram::new(vec![10, 100]).unwrap();
         for l in [0, 9, 10, 99, 100, 5000] {
