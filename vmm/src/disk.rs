@@ -35,6 +35,8 @@ pub struct DiskConfig {
     pub aio: Aio,
     /// I/O limits (`throttling.*`, QEMU's names); none by default.
     pub throttle: Limits,
+    /// Time each request for `query-blockstats` (`stats=on`, the default).
+    pub timed_stats: bool,
 }
 
 /// Why a `--disk` value did not parse.
@@ -44,7 +46,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -138,6 +140,7 @@ impl FromStr for DiskConfig {
             locking: Locking::Auto,
             aio: Aio::Auto,
             throttle: Limits::default(),
+            timed_stats: true,
         };
         let mut seen: Vec<&str> = Vec::new();
         for token in s.split(',') {
@@ -178,6 +181,7 @@ impl FromStr for DiskConfig {
                 }
                 "readonly" => disk.read_only = on_off(key, value)?,
                 "direct" => disk.direct = on_off(key, value)?,
+                "stats" => disk.timed_stats = on_off(key, value)?,
                 "locking" => disk.locking = value.parse().map_err(|why: String| bad(&why))?,
                 "aio" => disk.aio = value.parse().map_err(|why: String| bad(&why))?,
                 "queues" => disk.queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,
@@ -280,6 +284,9 @@ mod tests {
         );
         let plain: DiskConfig = "path=x".parse().unwrap();
         assert!(!plain.throttle.enabled());
+        assert!(plain.timed_stats);
+        let untimed: DiskConfig = "path=x,stats=off".parse().unwrap();
+        assert!(!untimed.timed_stats);
         let err = "path=x,throttling.iops-total=5,throttling.iops-read=1"
             .parse::<DiskConfig>()
             .unwrap_err();

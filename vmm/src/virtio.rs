@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use block::{FileOptions, Graph};
-use devices::virtio::block::{device_holder, Block, BlockConfig, ThrottleControl};
+use devices::virtio::block::{device_holder, Block, BlockConfig, BlockStats, ThrottleControl};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::Interrupt;
 use devices::Bus;
@@ -27,6 +27,7 @@ pub struct OpenDisk {
     config: BlockConfig,
     node: block::NodeRef,
     throttle: Arc<ThrottleControl>,
+    stats: Arc<BlockStats>,
 }
 
 /// Each disk's I/O limits by device id, for `block_set_io_throttle` and
@@ -39,6 +40,36 @@ impl DiskThrottles {
     pub fn get(&self, id: &str) -> Option<&Arc<ThrottleControl>> {
         self.0.iter().find(|(d, _)| d == id).map(|(_, c)| c)
     }
+}
+
+/// Each disk's I/O accounting by device id, with its top node's name, for
+/// `query-blockstats` and `block-latency-histogram-set`.
+#[derive(Clone, Default)]
+pub struct DiskStats(Vec<(String, String, Arc<BlockStats>)>);
+
+impl DiskStats {
+    /// The accounting of the disk whose device is `id`.
+    pub fn get(&self, id: &str) -> Option<&Arc<BlockStats>> {
+        self.0.iter().find(|(d, _, _)| d == id).map(|(_, _, s)| s)
+    }
+
+    /// Every disk: device id, top node-name, accounting.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &Arc<BlockStats>)> {
+        self.0.iter().map(|(d, n, s)| (d.as_str(), n.as_str(), s))
+    }
+}
+
+/// The accounting of `disks`, before they are attached.
+pub fn stats(disks: &[OpenDisk]) -> DiskStats {
+    DiskStats(
+        disks
+            .iter()
+            .map(|d| {
+                let node = d.node.name().to_string();
+                (d.config.id.clone(), node, d.stats.clone())
+            })
+            .collect(),
+    )
 }
 
 /// The throttle controls of `disks`, before they are attached.
@@ -98,6 +129,7 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
         let throttle = Arc::new(ThrottleControl::new(d.throttle));
         open.push(OpenDisk {
             throttle,
+            stats: Arc::new(BlockStats::new(d.timed_stats)),
             config: BlockConfig {
                 id,
                 read_only: d.read_only,
@@ -145,7 +177,8 @@ pub fn attach_disks(
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
         vm.register_irqfd(&irq, irq_line)
             .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
-        let device = Block::with_throttle(disk.config, disk.node, disk.throttle);
+        let device =
+            Block::with_throttle(disk.config, disk.node, disk.throttle).with_stats(disk.stats);
         let transport =
             MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
                 .map_err(|e| fail(e.to_string()))?;

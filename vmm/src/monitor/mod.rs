@@ -4,10 +4,12 @@
 //! - `machine.rs`: version, run state (`stop`, `cont`), `quit`.
 //! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
 //! - `jobs.rs`: `blockdev-backup`, the `job-*` verbs, the job queries.
+//! - `stats.rs`: `query-blockstats`, `block-latency-histogram-set`.
 
 mod block;
 mod jobs;
 mod machine;
+mod stats;
 mod throttle;
 
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::qmp::{Args, Commands, EventSink, QmpError};
 use crate::runstate::RunState;
-use crate::virtio::DiskThrottles;
+use crate::virtio::{DiskStats, DiskThrottles};
 
 /// Every command we implement, as `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -41,6 +43,8 @@ const COMMANDS: &[&str] = &[
     "job-dismiss",
     "block-job-set-speed",
     "block_set_io_throttle",
+    "query-blockstats",
+    "block-latency-histogram-set",
 ];
 
 /// The VM as QMP commands see it.
@@ -50,6 +54,8 @@ pub struct Monitor {
     jobs: Arc<JobManager>,
     /// Each disk's I/O limits.
     throttles: DiskThrottles,
+    /// Each disk's I/O accounting.
+    stats: DiskStats,
     events: EventSink,
     /// The same sink, for jobs' events.
     job_events: ::block::job::EventSink,
@@ -73,10 +79,19 @@ impl Monitor {
             graph,
             jobs,
             throttles,
+            stats: DiskStats::default(),
             job_events: jobs::event_sink(events.clone()),
             events,
             quit,
         }
+    }
+}
+
+impl Monitor {
+    /// Reports and sets the disks' I/O accounting through `stats`.
+    pub fn with_stats(mut self, stats: DiskStats) -> Self {
+        self.stats = stats;
+        self
     }
 }
 
@@ -116,6 +131,8 @@ impl Commands for Monitor {
             }
             "block-job-set-speed" => jobs::block_job_set_speed(self, args),
             "block_set_io_throttle" => throttle::block_set_io_throttle(self, args),
+            "query-blockstats" => stats::query_blockstats(self, args),
+            "block-latency-histogram-set" => stats::block_latency_histogram_set(self, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),

@@ -40,6 +40,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::poll::PollWindow;
 use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
+use super::stats::{self, BlockStats, Recorder};
 use super::throttle::{Gate, ThrottleControl};
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
 
@@ -98,6 +99,8 @@ struct InFlight {
     /// Expected result of a read or write; `None` for range operations.
     expect: Option<u64>,
     failed: bool,
+    /// What `query-blockstats` counts when it ends.
+    account: Option<stats::Started>,
 }
 
 pub(crate) struct Dataplane {
@@ -131,6 +134,8 @@ pub(crate) struct Dataplane {
     released: Vec<(usize, u16, Request)>,
     /// Signalled by the throttle control when the limits change.
     throttle_waker: Option<EventFd>,
+    /// The device's I/O accounting.
+    stats: Recorder,
 }
 
 /// Empty poll rounds between two clock readings: a round costs a few
@@ -192,7 +197,14 @@ impl Dataplane {
             gate: None,
             released: Vec::new(),
             throttle_waker: None,
+            stats: Recorder::new(Arc::new(BlockStats::new(false))),
         }
+    }
+
+    /// Accounts I/O into `stats`.
+    pub fn with_stats(mut self, stats: Arc<BlockStats>) -> Self {
+        self.stats = Recorder::new(stats);
+        self
     }
 
     /// Applies `throttle`'s limits, as they are now and as they change.
@@ -582,6 +594,7 @@ impl Dataplane {
                 Err(Refused {
                     error,
                     status: None,
+                    ..
                 }) => {
                     self.driver_error(q, &format_args!("request refused: {error}"));
                     break;
@@ -589,8 +602,12 @@ impl Dataplane {
                 Err(Refused {
                     error,
                     status: Some(addr),
+                    request_type,
                 }) => {
                     log::debug!("{}: request refused: {error}", self.name);
+                    if let Some(kind) = request_type.and_then(stats::of_type) {
+                        self.stats.invalid(kind);
+                    }
                     self.write_status(addr, error.status());
                     self.add_used(q, head, 1);
                 }
@@ -658,6 +675,8 @@ impl Dataplane {
             pending: 1,
             expect: None,
             failed: false,
+            account: stats::of_request(&req)
+                .map(|(kind, offset, bytes)| self.stats.start(kind, offset, bytes)),
         };
         match &req.kind {
             RequestKind::GetId => {
@@ -685,6 +704,9 @@ impl Dataplane {
             }
             RequestKind::In | RequestKind::Out => {
                 let Some(iovecs) = self.iovecs(&req.data) else {
+                    if let Some(started) = entry.account {
+                        self.stats.done(started, false);
+                    }
                     self.write_status(req.status, status::IOERR);
                     self.add_used(q, head, 1);
                     return;
@@ -772,6 +794,9 @@ impl Dataplane {
         }
         let entry = self.slots[slot].take().expect("checked above");
         self.free.push(slot);
+        if let Some(started) = entry.account {
+            self.stats.done(started, !entry.failed);
+        }
         let value = if entry.failed {
             status::IOERR
         } else {

@@ -20,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::dataplane::{Dataplane, StopSignal, Stopped};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::stats::BlockStats;
 use super::throttle::ThrottleControl;
 use crate::virtio::{
     ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
@@ -74,6 +75,8 @@ pub struct Block {
     node: NodeRef,
     /// Its I/O limits, which its dataplane applies.
     throttle: Arc<ThrottleControl>,
+    /// Its I/O accounting, which its dataplanes write.
+    stats: Arc<BlockStats>,
     lease: Option<Lease>,
     config_space: [u8; CONFIG_LEN],
     features: u64,
@@ -140,6 +143,7 @@ impl Block {
             config,
             node,
             throttle,
+            stats: Arc::new(BlockStats::new(true)),
             lease: None,
             config_space,
             features,
@@ -147,6 +151,12 @@ impl Block {
             worker: None,
             stuck: false,
         }
+    }
+
+    /// Accounts its I/O into `stats` (shared with the monitor).
+    pub fn with_stats(mut self, stats: Arc<BlockStats>) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// Takes the node's lease for the dataplane, unless already held.
@@ -199,6 +209,7 @@ impl Block {
         let name = self.config.id.clone();
         let poll = self.config.poll;
         let throttle = self.throttle.clone();
+        let stats = self.stats.clone();
         // A panic loses the queues with the thread, and the I/O it had in
         // flight may still land: the device needs a reset and keeps its
         // lease, as after a drain that did not end.
@@ -209,6 +220,7 @@ impl Block {
             move || {
                 Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
                     .with_throttle(throttle)
+                    .with_stats(stats)
                     .run()
             },
             move || {

@@ -25,12 +25,12 @@ const SEGMENT_LEN: u32 = 16;
 const WRITE_ZEROES_UNMAP: u32 = 1;
 
 // Request types (virtio 1.2, 5.2.6).
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
+pub(crate) const T_IN: u32 = 0;
+pub(crate) const T_OUT: u32 = 1;
+pub(crate) const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
+pub(crate) const T_DISCARD: u32 = 11;
+pub(crate) const T_WRITE_ZEROES: u32 = 13;
 
 /// Status byte values.
 pub mod status {
@@ -165,6 +165,8 @@ pub struct Refused {
     pub error: RequestError,
     /// Where the status byte goes, if the chain had a usable one.
     pub status: Option<GuestAddress>,
+    /// The request type from the header, if it was read.
+    pub request_type: Option<u32>,
 }
 
 /// Checks that `len` bytes at `addr` lie in one region of guest RAM (so
@@ -240,7 +242,11 @@ where
     // descriptor that still says "next" means the chain was cut short.
     let descs: Vec<Descriptor> = chain.by_ref().collect();
     let mem = chain.memory();
-    let refuse = |error, status| Refused { error, status };
+    let refuse = |error, status| Refused {
+        error,
+        status,
+        request_type: None,
+    };
     match descs.last() {
         Some(last) if !last.has_next() => {}
         _ => return Err(refuse(RequestError::MalformedChain, None)),
@@ -312,6 +318,12 @@ where
     }
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let with_status = |error| Refused {
+        error,
+        status: Some(status),
+        request_type: Some(req_type),
+    };
+    let fail = |error| Err(with_status(error));
 
     let wants_writable = match req_type {
         T_IN | T_GET_ID => true,

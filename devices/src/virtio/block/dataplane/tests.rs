@@ -409,6 +409,58 @@ fn huge_sectors_in_any_request_type_are_answered_not_a_panic() {
 }
 
 #[test]
+fn requests_are_accounted_by_kind_and_refusals_as_invalid() {
+    let m = mem();
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    seg.extend_from_slice(&8u32.to_le_bytes());
+    seg.extend_from_slice(&0u32.to_le_bytes());
+    m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    let stats = Arc::new(BlockStats::new(true));
+    // (type, sector, data length, data flags)
+    for (kind, sector, len, flags) in [
+        (T_IN, 1 << 60, 512, W),
+        (T_DISCARD, 0, 16, 0),
+        (T_WRITE_ZEROES, 0, 16, 0),
+        (T_IN, 8, 1024, W),
+        (T_OUT, 2040, 4096, 0),
+        (T_FLUSH, 0, 0, 0),
+        (T_GET_ID, 0, 512, W),
+    ] {
+        let mut driver = Driver::new(&m);
+        header(&m, HDR, kind, sector);
+        let data = if kind == T_IN || kind == T_OUT {
+            DATA + 4096
+        } else {
+            DATA
+        };
+        driver.chain(0, &[(HDR, 16, 0), (data, len, flags), (STATUS, 1, W)]);
+        driver.post(0);
+        let (dp, _, _) = dataplane(&m, &driver, null());
+        let mut dp = dp.with_stats(stats.clone());
+        dp.service();
+        assert!(dp.drain(), "type {kind}");
+        assert_eq!(driver.used_idx(&m), 1, "type {kind}");
+    }
+    let get = |k| stats.kind(k);
+    use super::stats::Kind;
+    assert_eq!(get(Kind::Read).invalid, 1);
+    assert_eq!(get(Kind::Unmap).invalid, 1);
+    assert_eq!(get(Kind::Write).invalid, 1);
+    assert_eq!(
+        (get(Kind::Read).operations, get(Kind::Read).bytes),
+        (1, 1024)
+    );
+    assert_eq!(
+        (get(Kind::Write).operations, get(Kind::Write).bytes),
+        (1, 4096)
+    );
+    assert_eq!(get(Kind::Flush).operations, 1);
+    // The write ends at the last byte of the 1 MiB disk.
+    assert_eq!(stats.wr_highest_offset(), 1 << 20);
+}
+
+#[test]
 fn a_merged_data_and_status_descriptor_is_served_in_full() {
     let m = mem();
     let mut driver = Driver::new(&m);
