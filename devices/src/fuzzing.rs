@@ -24,7 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::virtio::block::dataplane::{Dataplane, StopSignal};
-use crate::virtio::block::request::{DiskLimits, ID_BYTES, SECTOR_SIZE};
+use crate::virtio::block::request::{DiskLimits, ID_BYTES, SECTOR_SIZE, T_IN, T_OUT};
+use crate::virtio::block::stats::BlockStats;
 use crate::virtio::block::{device_holder, Block, BlockConfig};
 use crate::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use crate::virtio::{Activation, ActiveQueue, Interrupt, F_VERSION_1};
@@ -424,6 +425,157 @@ pub fn virtio_blk_request(data: &[u8]) {
         }
     }
     ram.close();
+}
+
+// Where `Bursts` lays out its queue and requests.
+const B_DESC: u64 = 0x1_0000;
+const B_AVAIL: u64 = 0x1_4000;
+const B_USED: u64 = 0x1_5000;
+const B_HEADERS: u64 = 0x1_8000;
+const B_STATUS: u64 = 0x1_9000;
+const B_DATA: u64 = 0x2_0000;
+const B_QUEUE: u16 = 1024;
+
+/// The dataplane served on the calling thread over one split queue and an
+/// in-memory disk, fed bursts of reads and writes: for tests of what the
+/// request path costs (`devices/tests/no_alloc.rs`). Everything is set up
+/// in [`Bursts::new`], so a burst itself runs only the device's code.
+#[doc(hidden)]
+pub struct Bursts {
+    ram: GuardedRam,
+    dataplane: Dataplane,
+    interrupt: Arc<Interrupt>,
+    avail_idx: u16,
+}
+
+impl Bursts {
+    /// The most requests one burst may post.
+    pub const MAX: u16 = 128;
+
+    /// A dataplane over a fresh queue whose descriptors already describe
+    /// [`Bursts::MAX`] requests of one sector each: even ones read, odd
+    /// ones write; `timed` times them in the device's I/O accounting.
+    pub fn new(timed: bool) -> Self {
+        const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+        const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+        let ram = GuardedRam::new();
+        let mem = ram.mem.clone();
+        let put_desc = |index: u16, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&raw, GuestAddress(B_DESC + 16 * u64::from(index)))
+                .expect("in RAM");
+        };
+        for i in 0..Self::MAX {
+            let (head, n) = (3 * i, u64::from(i));
+            let read = i % 2 == 0;
+            let mut header = [0u8; 16];
+            let kind = if read { T_IN } else { T_OUT };
+            header[0..4].copy_from_slice(&kind.to_le_bytes());
+            header[8..16].copy_from_slice(&n.to_le_bytes());
+            mem.write_slice(&header, GuestAddress(B_HEADERS + 16 * n))
+                .expect("in RAM");
+            put_desc(head, B_HEADERS + 16 * n, 16, NEXT, head + 1);
+            let data_flags = if read { NEXT | WRITE } else { NEXT };
+            put_desc(head + 1, B_DATA + 512 * n, 512, data_flags, head + 2);
+            put_desc(head + 2, B_STATUS + n, 1, WRITE, 0);
+        }
+        let mut queue = Queue::new(B_QUEUE).expect("a valid size");
+        queue
+            .try_set_desc_table_address(GuestAddress(B_DESC))
+            .expect("aligned");
+        queue
+            .try_set_avail_ring_address(GuestAddress(B_AVAIL))
+            .expect("aligned");
+        queue
+            .try_set_used_ring_address(GuestAddress(B_USED))
+            .expect("aligned");
+        queue.set_ready(true);
+        assert!(queue.is_valid(&mem));
+        let interrupt = Arc::new(Interrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ));
+        let engine = RamDisk {
+            disk: vec![0; DISK_BYTES],
+            ram: ram.host_ranges(),
+            done: VecDeque::new(),
+            held: Arc::new(AtomicBool::new(false)),
+            notifier: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        };
+        let limits = DiskLimits {
+            capacity: DISK_BYTES as u64 / SECTOR_SIZE,
+            read_only: false,
+            max_segments: 8,
+            discard: true,
+            write_zeroes: true,
+        };
+        let activation = Activation {
+            mem: mem.clone(),
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue,
+                notify: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            }],
+            interrupt: interrupt.clone(),
+            acked_features: F_VERSION_1,
+        };
+        let dataplane = Dataplane::new(
+            "bursts".into(),
+            activation,
+            Box::new(engine),
+            limits,
+            [0; ID_BYTES as usize],
+            Duration::ZERO,
+            Arc::new(StopSignal::new().expect("eventfd")),
+        )
+        .with_stats(Arc::new(BlockStats::new(timed)));
+        Self {
+            ram,
+            dataplane,
+            interrupt,
+            avail_idx: 0,
+        }
+    }
+
+    /// Posts the first `n` requests (at most [`Bursts::MAX`]) and serves
+    /// them; how many the used ring gained and how many of those got OK.
+    pub fn burst(&mut self, n: u16) -> (u16, u16) {
+        assert!(n <= Self::MAX, "at most {} requests a burst", Self::MAX);
+        let mem = &self.ram.mem;
+        let used_before: u16 = mem.read_obj(GuestAddress(B_USED + 2)).expect("in RAM");
+        for i in 0..n {
+            mem.write_obj(0xffu8, GuestAddress(B_STATUS + u64::from(i)))
+                .expect("in RAM");
+            let slot = self.avail_idx.wrapping_add(i) % B_QUEUE;
+            mem.write_obj(3 * i, GuestAddress(B_AVAIL + 4 + 2 * u64::from(slot)))
+                .expect("in RAM");
+        }
+        self.avail_idx = self.avail_idx.wrapping_add(n);
+        mem.write_obj(self.avail_idx, GuestAddress(B_AVAIL + 2))
+            .expect("in RAM");
+        while self.dataplane.service() {}
+        assert!(!self.interrupt.is_broken(), "the device needs a reset");
+        let used: u16 = mem.read_obj(GuestAddress(B_USED + 2)).expect("in RAM");
+        let mut ok = 0;
+        for i in 0..n {
+            let status: u8 = mem
+                .read_obj(GuestAddress(B_STATUS + u64::from(i)))
+                .expect("in RAM");
+            ok += u16::from(status == 0);
+        }
+        (used.wrapping_sub(used_before), ok)
+    }
+
+    /// Stops the dataplane, checks it drained, and unmaps guest RAM.
+    pub fn finish(self) {
+        let stopped = self.dataplane.end();
+        assert!(stopped.drained, "the dataplane did not drain its engine");
+        drop(stopped);
+        self.ram.close();
+    }
 }
 
 /// One descriptor as the driver wrote it: (addr, len, flags, next).

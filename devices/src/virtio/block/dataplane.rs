@@ -2,7 +2,9 @@
 //! and an I/O engine. Requests go from the avail ring straight to the
 //! engine with iovecs pointing into guest memory (no copies); completions
 //! go to the used ring, and the guest is interrupted only when it asked
-//! to be (EVENT_IDX / NO_INTERRUPT).
+//! to be (EVENT_IDX / NO_INTERRUPT). Once warm, the path allocates
+//! nothing: descriptor, buffer and segment lists and iovec arrays are
+//! kept and reused (`devices/tests/no_alloc.rs` counts).
 //!
 //! With `poll` set, after any work the thread keeps looking at the avail
 //! rings and the completion queue for a while, without notifications
@@ -117,6 +119,11 @@ pub(crate) struct Dataplane {
     free: Vec<usize>,
     /// Requests popped from a queue, kept to reuse its allocation.
     parsed: Vec<(u16, Result<Request, Refused>)>,
+    /// The parser's lists, and those of requests started, for the next
+    /// requests: once warm, the request path allocates nothing.
+    scratch: request::Scratch,
+    /// Iovec arrays of finished requests, emptied, for the next ones.
+    spare_iovecs: Vec<Vec<libc::iovec>>,
     /// Queues whose used ring changed since the last interrupt decision.
     to_signal: Vec<bool>,
     /// Per queue, per head: taken from the avail ring and not yet used.
@@ -188,6 +195,8 @@ impl Dataplane {
             slots: Vec::new(),
             free: Vec::new(),
             parsed: Vec::new(),
+            scratch: request::Scratch::default(),
+            spare_iovecs: Vec::new(),
             to_signal: vec![false; queues],
             heads,
             taken: vec![0; queues],
@@ -553,7 +562,8 @@ impl Dataplane {
             Ok(iter) => {
                 for chain in iter {
                     let head = chain.head_index();
-                    parsed.push((head, request::parse(chain, &self.limits)));
+                    let req = request::parse_with(chain, &self.limits, &mut self.scratch);
+                    parsed.push((head, req));
                 }
             }
             Err(e) => {
@@ -639,16 +649,19 @@ impl Dataplane {
         self.to_signal[q] = true;
     }
 
-    fn iovecs(&self, data: &[Buffer]) -> Option<Vec<libc::iovec>> {
-        data.iter()
-            .map(|b| {
-                let host = self.mem.get_host_address(b.addr).ok()?;
-                Some(libc::iovec {
-                    iov_base: host.cast(),
-                    iov_len: b.len as usize,
-                })
-            })
-            .collect()
+    /// Fills `iovecs` (which comes empty) with the host addresses of
+    /// `data`; false if one has none.
+    fn iovecs(&self, data: &[Buffer], iovecs: &mut Vec<libc::iovec>) -> bool {
+        for b in data {
+            let Ok(host) = self.mem.get_host_address(b.addr) else {
+                return false;
+            };
+            iovecs.push(libc::iovec {
+                iov_base: host.cast(),
+                iov_len: b.len as usize,
+            });
+        }
+        true
     }
 
     fn slot(&mut self, entry: InFlight) -> usize {
@@ -664,7 +677,13 @@ impl Dataplane {
         }
     }
 
+    /// Starts `req`, then keeps its lists for the next requests.
     fn start(&mut self, q: usize, head: u16, req: Request) {
+        self.start_request(q, head, &req);
+        self.scratch.recycle(req);
+    }
+
+    fn start_request(&mut self, q: usize, head: u16, req: &Request) {
         let offset = req.offset;
         let mut entry = InFlight {
             queue: q,
@@ -675,7 +694,7 @@ impl Dataplane {
             pending: 1,
             expect: None,
             failed: false,
-            account: stats::of_request(&req)
+            account: stats::of_request(req)
                 .map(|(kind, offset, bytes)| self.stats.start(kind, offset, bytes)),
         };
         match &req.kind {
@@ -703,14 +722,17 @@ impl Dataplane {
                 return;
             }
             RequestKind::In | RequestKind::Out => {
-                let Some(iovecs) = self.iovecs(&req.data) else {
+                let mut iovecs = self.spare_iovecs.pop().unwrap_or_default();
+                if !self.iovecs(&req.data, &mut iovecs) {
+                    iovecs.clear();
+                    self.spare_iovecs.push(iovecs);
                     if let Some(started) = entry.account {
                         self.stats.done(started, false);
                     }
                     self.write_status(req.status, status::IOERR);
                     self.add_used(q, head, 1);
                     return;
-                };
+                }
                 entry.iovecs = iovecs;
                 entry.expect = Some(req.data_len);
                 if req.kind == RequestKind::In {
@@ -792,8 +814,11 @@ impl Dataplane {
         if self.slots[slot].as_ref().is_none_or(|e| e.pending > 0) {
             return;
         }
-        let entry = self.slots[slot].take().expect("checked above");
+        let mut entry = self.slots[slot].take().expect("checked above");
         self.free.push(slot);
+        let mut iovecs = std::mem::take(&mut entry.iovecs);
+        iovecs.clear();
+        self.spare_iovecs.push(iovecs);
         if let Some(started) = entry.account {
             self.stats.done(started, !entry.failed);
         }

@@ -225,7 +225,47 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses the chain into a request, checking it against `limits`.
+/// Lists a parser builds requests in, kept between requests so that, once
+/// warm, parsing allocates nothing: the chain's descriptors, and the
+/// buffer and segment lists of requests given back with
+/// [`Scratch::recycle`].
+#[derive(Debug, Default)]
+pub struct Scratch {
+    descs: Vec<Descriptor>,
+    writable: Vec<Descriptor>,
+    data: Vec<Vec<Buffer>>,
+    segments: Vec<Vec<Segment>>,
+}
+
+impl Scratch {
+    /// Takes back a request's lists for the next ones.
+    pub fn recycle(&mut self, req: Request) {
+        let Request { kind, data, .. } = req;
+        self.keep(data, kind);
+    }
+
+    fn keep(&mut self, mut data: Vec<Buffer>, kind: RequestKind) {
+        data.clear();
+        self.data.push(data);
+        if let RequestKind::Discard(mut segs) | RequestKind::WriteZeroes(mut segs) = kind {
+            segs.clear();
+            self.segments.push(segs);
+        }
+    }
+}
+
+/// Parses the chain into a request, checking it against `limits`; see
+/// [`parse_with`].
+pub fn parse<M>(chain: DescriptorChain<M>, limits: &DiskLimits) -> Result<Request, Refused>
+where
+    M: Deref,
+    M::Target: GuestMemoryBackend,
+{
+    parse_with(chain, limits, &mut Scratch::default())
+}
+
+/// Parses the chain into a request, checking it against `limits`, with
+/// lists taken from `scratch`.
 ///
 /// The layout is free (virtio 1.x "message framing"): the first 16
 /// device-readable bytes are the header, the last device-writable byte is
@@ -233,14 +273,65 @@ impl<'a> Cursor<'a> {
 /// DISCARD and WRITE_ZEROES, writable for IN and GET_ID. Header, data and
 /// status may share descriptors and the header may span several; data
 /// buffers then cover parts of descriptors.
-pub fn parse<M>(mut chain: DescriptorChain<M>, limits: &DiskLimits) -> Result<Request, Refused>
+pub fn parse_with<M>(
+    chain: DescriptorChain<M>,
+    limits: &DiskLimits,
+    scratch: &mut Scratch,
+) -> Result<Request, Refused>
+where
+    M: Deref,
+    M::Target: GuestMemoryBackend,
+{
+    let mut data = scratch.data.pop().unwrap_or_default();
+    let mut segments = scratch.segments.pop().unwrap_or_default();
+    let Scratch {
+        descs, writable, ..
+    } = scratch;
+    match parse_into(chain, limits, descs, writable, &mut data, &mut segments) {
+        Ok((mut kind, offset, data_len, status)) => {
+            if let RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) = &mut kind {
+                *segs = segments;
+            } else {
+                scratch.segments.push(segments);
+            }
+            Ok(Request {
+                kind,
+                offset,
+                data,
+                data_len,
+                status,
+            })
+        }
+        Err(refused) => {
+            scratch.keep(data, RequestKind::Discard(segments));
+            Err(refused)
+        }
+    }
+}
+
+/// What [`parse_into`] found: the kind (its segments, if any, are in the
+/// caller's list), offset, data length and status address.
+type Parsed = (RequestKind, u64, u64, GuestAddress);
+
+/// The parser proper: fills `data` and `segments` (which come empty),
+/// using `descs` and `w_descs` as room to work in.
+fn parse_into<M>(
+    mut chain: DescriptorChain<M>,
+    limits: &DiskLimits,
+    descs: &mut Vec<Descriptor>,
+    w_descs: &mut Vec<Descriptor>,
+    data: &mut Vec<Buffer>,
+    segments: &mut Vec<Segment>,
+) -> Result<Parsed, Refused>
 where
     M: Deref,
     M::Target: GuestMemoryBackend,
 {
     // Collect first: the chain iterator stops silently on loops, so a last
     // descriptor that still says "next" means the chain was cut short.
-    let descs: Vec<Descriptor> = chain.by_ref().collect();
+    descs.clear();
+    descs.extend(chain.by_ref());
+    let descs = &descs[..];
     let mem = chain.memory();
     let refuse = |error, status| Refused {
         error,
@@ -283,7 +374,8 @@ where
         return fail(RequestError::WrongDirection);
     }
     // The writable bytes before the status.
-    let mut w_descs = writable[..=last_w].to_vec();
+    w_descs.clear();
+    w_descs.extend_from_slice(&writable[..=last_w]);
     let shortened = w_descs.last_mut().expect("holds the status descriptor");
     *shortened = Descriptor::new(
         shortened.addr().0,
@@ -330,13 +422,12 @@ where
         T_OUT | T_DISCARD | T_WRITE_ZEROES | T_FLUSH => false,
         other => return fail(RequestError::Unsupported(other)),
     };
-    let mut w = Cursor::new(&w_descs);
+    let mut w = Cursor::new(w_descs);
     // Data flows one way only: bytes the other way are a driver error.
     if (wants_writable && !r.is_empty()) || (!wants_writable && !w.is_empty()) {
         return fail(RequestError::WrongDirection);
     }
     let source = if wants_writable { &mut w } else { &mut r };
-    let mut data = Vec::new();
     let mut data_len: u64 = 0;
     while let Some((addr, n)) = source.take(u64::from(u32::MAX)) {
         if data.len() as u32 >= limits.max_segments {
@@ -385,22 +476,17 @@ where
             if !offered {
                 return fail(RequestError::Unsupported(req_type));
             }
-            let segments = read_segments(mem, &data, data_len, limits).map_err(with_status)?;
+            read_segments(mem, data, data_len, limits, segments).map_err(with_status)?;
+            // The segments themselves stay in the caller's list.
             if req_type == T_DISCARD {
-                RequestKind::Discard(segments)
+                RequestKind::Discard(Vec::new())
             } else {
-                RequestKind::WriteZeroes(segments)
+                RequestKind::WriteZeroes(Vec::new())
             }
         }
         other => return fail(RequestError::Unsupported(other)),
     };
-    Ok(Request {
-        kind,
-        offset,
-        data,
-        data_len,
-        status,
-    })
+    Ok((kind, offset, data_len, status))
 }
 
 /// Checks that `len` bytes from `sector` lie inside the disk; the byte
@@ -425,7 +511,8 @@ fn read_segments<M: GuestMemoryBackend + ?Sized>(
     data: &[Buffer],
     data_len: u64,
     limits: &DiskLimits,
-) -> Result<Vec<Segment>, RequestError> {
+    segments: &mut Vec<Segment>,
+) -> Result<(), RequestError> {
     if data_len == 0 || !data_len.is_multiple_of(u64::from(SEGMENT_LEN)) {
         return Err(RequestError::BadLength(data_len));
     }
@@ -433,31 +520,31 @@ fn read_segments<M: GuestMemoryBackend + ?Sized>(
         return Err(RequestError::TooLarge);
     }
     // Segments may straddle buffers: gather the bytes first.
-    let mut bytes = Vec::with_capacity(data_len as usize);
+    let mut bytes = [0u8; (MAX_DISCARD_SEGMENTS * SEGMENT_LEN) as usize];
+    let bytes = &mut bytes[..data_len as usize];
+    let mut start = 0;
     for buf in data {
-        let start = bytes.len();
-        bytes.resize(start + buf.len as usize, 0);
-        mem.read_slice(&mut bytes[start..], buf.addr)
+        let end = start + buf.len as usize;
+        mem.read_slice(&mut bytes[start..end], buf.addr)
             .map_err(|_| RequestError::OutsideMemory {
                 addr: buf.addr.0,
                 len: buf.len,
             })?;
+        start = end;
     }
-    bytes
-        .chunks_exact(SEGMENT_LEN as usize)
-        .map(|raw| {
-            let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap());
-            let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap());
-            let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap());
-            // A u32 count of sectors times 512 always fits a u64.
-            let len = u64::from(sectors) * SECTOR_SIZE;
-            Ok(Segment {
-                offset: check_range(limits, sector, len)?,
-                len,
-                unmap: flags & WRITE_ZEROES_UNMAP != 0,
-            })
-        })
-        .collect()
+    for raw in bytes.chunks_exact(SEGMENT_LEN as usize) {
+        let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap());
+        let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap());
+        // A u32 count of sectors times 512 always fits a u64.
+        let len = u64::from(sectors) * SECTOR_SIZE;
+        segments.push(Segment {
+            offset: check_range(limits, sector, len)?,
+            len,
+            unmap: flags & WRITE_ZEROES_UNMAP != 0,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -801,6 +888,67 @@ mod tests {
         header(&m, T_IN, 0);
         let res = parse_chain(&m, &[desc(HDR, 16 + 512, 0), desc(DATA, 513, W)], &limits());
         assert_eq!(error_of(res).0, RequestError::WrongDirection);
+    }
+
+    #[test]
+    fn reused_lists_give_the_answers_fresh_ones_do() {
+        let m = mem();
+        let mut segs = Vec::new();
+        for (sector, n, flags) in [(0u64, 8u32, 0u32), (16, 4, 1), (32, 1, 0)] {
+            segs.extend_from_slice(&sector.to_le_bytes());
+            segs.extend_from_slice(&n.to_le_bytes());
+            segs.extend_from_slice(&flags.to_le_bytes());
+        }
+        m.write_slice(&segs, GuestAddress(DATA)).unwrap();
+        // Lists left longer by earlier requests, refused ones included,
+        // must not leak into later ones.
+        let cases: [(u32, u64, &[RawDescriptor]); 6] = [
+            (
+                T_IN,
+                0,
+                &[
+                    desc(HDR, 16, 0),
+                    desc(DATA, 1024, W),
+                    desc(DATA + 1024, 512, W),
+                    desc(STATUS, 1, W),
+                ],
+            ),
+            (
+                T_DISCARD,
+                0,
+                &[desc(HDR, 16, 0), desc(DATA, 48, 0), desc(STATUS, 1, W)],
+            ),
+            (
+                T_OUT,
+                70,
+                &[desc(HDR, 16, 0), desc(DATA, 512, 0), desc(STATUS, 1, W)],
+            ),
+            (
+                T_WRITE_ZEROES,
+                0,
+                &[desc(HDR, 16, 0), desc(DATA, 16, 0), desc(STATUS, 1, W)],
+            ),
+            (
+                T_DISCARD,
+                0,
+                &[desc(HDR, 16, 0), desc(DATA, 20, 0), desc(STATUS, 1, W)],
+            ),
+            (T_OUT, 1, &[desc(HDR, 16 + 512, 0), desc(STATUS, 1, W)]),
+        ];
+        let mut scratch = Scratch::default();
+        for round in 0..2 {
+            for (req_type, sector, descs) in cases {
+                header(&m, req_type, sector);
+                let fresh = parse_chain(&m, descs, &limits());
+                let queue = MockSplitQueue::new(&m, 16);
+                let chain = queue.build_desc_chain(descs).unwrap();
+                let reused = parse_with(chain, &limits(), &mut scratch);
+                assert_eq!(reused, fresh, "type {req_type}, round {round}");
+                if let Ok(req) = reused {
+                    scratch.recycle(req);
+                }
+            }
+        }
     }
 
     #[test]
