@@ -7,6 +7,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(no_kvm)");
     println!("cargo::rustc-check-cfg=cfg(pvm_host)");
     println!("cargo::rustc-check-cfg=cfg(not_root)");
+    println!("cargo::rustc-check-cfg=cfg(no_loop)");
     // Missing paths make cargo rerun this script every build: the answers
     // are about the machine, not the source.
     println!("cargo::rerun-if-changed=/dev/kvm");
@@ -30,5 +31,9 @@ fn main() {
         .unwrap_or(false);
     if !root {
         println!("cargo::rustc-cfg=not_root");
+    }
+    // Loop devices (a 4K-sector disk for direct=on) need root and the loop driver.
+    if !root || !Path::new("/dev/loop-control").exists() {
+        println!("cargo::rustc-cfg=no_loop");
     }
 }

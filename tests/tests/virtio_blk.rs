@@ -200,12 +200,14 @@ impl Drop for LoopDevice {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+#[cfg_attr(
+    no_loop,
+    ignore = "needs root and the loop driver (/dev/loop-control) for a 4K-sector loop device"
+)]
 fn direct_on_a_4k_sector_disk_gives_the_guest_4k_blocks_and_serves_it() {
     let disk = TempDisk::new("4k", 4 << 20);
-    let Some(dev) = LoopDevice::with_4k_sectors(&disk.path) else {
-        eprintln!("skipped: losetup cannot make a 4K-sector loop device here (needs root)");
-        return;
-    };
+    let dev = LoopDevice::with_4k_sectors(&disk.path)
+        .expect("losetup --sector-size 4096 failed although root and /dev/loop-control are here");
     let config = guest(
         "blk=verify,random,discard,writezeroes,checksum",
         &[format!("path={},direct=on", dev.0)],
