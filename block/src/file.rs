@@ -140,11 +140,6 @@ impl DiskFile {
         self.id
     }
 
-    /// Whether it holds image locks other processes see.
-    pub fn locked(&self) -> bool {
-        self.locked
-    }
-
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

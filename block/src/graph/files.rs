@@ -53,7 +53,7 @@ fn conflict(entries: &[Entry], id: FileId, writes: bool) -> Option<(String, bool
 }
 
 impl GraphShared {
-    /// Fails if opening image `id` for `node` (writing or not) conflicts
+    /// Fails if opening image `id` at `path` (writing or not) conflicts
     /// with a node that has it open.
     pub(crate) fn check_file(
         self: &Arc<Self>,

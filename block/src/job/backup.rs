@@ -531,6 +531,11 @@ mod tests {
         let source = graph.get("src", job(id)).unwrap();
         let target = graph.get("dst", job(id)).unwrap();
         let backup = Backup::new(id, &source, &target).unwrap();
+        launch(jobs, id, backup, speed)
+    }
+
+    /// Creates and starts job `id` running `backup`, kept once concluded.
+    fn launch(jobs: &JobManager, id: &str, backup: Backup, speed: i64) -> Seen {
         let (events, seen) = recorder();
         let options = JobOptions {
             auto_finalize: true,
@@ -784,15 +789,7 @@ mod tests {
         })
         .unwrap();
         backup.io_timeout = Duration::from_millis(1500);
-        let (events, seen) = recorder();
-        let options = JobOptions {
-            auto_finalize: true,
-            auto_dismiss: false,
-            speed,
-        };
-        jobs.create(id, Box::new(backup), options, events).unwrap();
-        jobs.start(id).unwrap();
-        seen
+        launch(jobs, id, backup, speed)
     }
 
     fn assert_still_held(graph: &Graph, id: &str) {

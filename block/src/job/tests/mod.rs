@@ -21,6 +21,14 @@ const MIB: u64 = 1 << 20;
 /// Long enough for any wait in these tests on a loaded machine.
 const PATIENCE: Duration = Duration::from_secs(20);
 
+/// Default options, but the job stays once concluded (no auto-dismiss).
+fn kept() -> JobOptions {
+    JobOptions {
+        auto_dismiss: false,
+        ..JobOptions::default()
+    }
+}
+
 /// The driver callbacks a fake driver saw, in order.
 type Calls = Arc<Mutex<Vec<&'static str>>>;
 

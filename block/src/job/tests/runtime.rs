@@ -182,11 +182,7 @@ fn total_may_change_while_running() {
 fn a_failed_step_concludes_with_its_error() {
     let h = Harness::new();
     let (driver, control) = remote(MIB);
-    let options = JobOptions {
-        auto_dismiss: false,
-        ..JobOptions::default()
-    };
-    h.create("j", driver, options);
+    h.create("j", driver, kept());
     h.jobs.start("j").unwrap();
     control.send(Order::Progress(512));
     control.send(Order::Fail(JobFailure::new("Target is full")));
@@ -214,11 +210,7 @@ fn a_failed_step_concludes_with_its_error() {
 fn a_panicking_driver_fails_its_job() {
     let h = Harness::new();
     let (driver, control) = remote(MIB);
-    let options = JobOptions {
-        auto_dismiss: false,
-        ..JobOptions::default()
-    };
-    h.create("j", driver, options);
+    h.create("j", driver, kept());
     h.jobs.start("j").unwrap();
     control.send(Order::Panic);
     h.wait("j", Concluded);
@@ -234,11 +226,7 @@ fn a_panicking_driver_fails_its_job() {
 fn a_panic_outside_a_step_fails_the_job() {
     let h = Harness::new();
     let (driver, control) = remote(MIB);
-    let options = JobOptions {
-        auto_dismiss: false,
-        ..JobOptions::default()
-    };
-    h.create("j", driver, options);
+    h.create("j", driver, kept());
     h.jobs.start("j").unwrap();
     control.send(Order::PanicAfterStep);
     h.wait("j", Concluded);
@@ -267,11 +255,7 @@ fn waiting_times_out_naming_the_status() {
 #[test]
 fn dismiss_removes_a_job_from_query() {
     let h = Harness::new();
-    let options = JobOptions {
-        auto_dismiss: false,
-        ..JobOptions::default()
-    };
-    h.create("j", Copier::new(MIB, 64 * KIB), options);
+    h.create("j", Copier::new(MIB, 64 * KIB), kept());
     h.jobs.start("j").unwrap();
     h.wait("j", Concluded);
     assert_eq!(h.jobs.query().len(), 1);

@@ -184,11 +184,7 @@ fn unknown_ids_are_not_found() {
 fn cancel_before_start() {
     let h = Harness::new();
     let (driver, control) = remote(MIB);
-    let options = JobOptions {
-        auto_dismiss: false,
-        ..JobOptions::default()
-    };
-    h.create("j", driver, options);
+    h.create("j", driver, kept());
     h.jobs.cancel("j").unwrap();
     let statuses: Vec<_> = h
         .events
