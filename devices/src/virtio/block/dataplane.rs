@@ -249,27 +249,31 @@ impl Dataplane {
                 continue;
             }
             // When the thread ran out of work, to weigh the wait against
-            // the window.
-            let mut idle_since = None;
+            // the window; without `poll` there is no window to weigh, and
+            // the clock is not read.
+            let mut since = None;
             if !window.window().is_zero() {
                 match self.poll_for_work(window.window()) {
-                    Polled::Idle(since) => idle_since = Some(since),
+                    Polled::Idle(idle) => since = Some(idle),
                     Polled::Busy => continue,
                 }
             }
-            let since = idle_since.unwrap_or_else(Instant::now);
+            if window.adapts() {
+                since = since.or_else(|| Some(Instant::now()));
+            }
             if self.saturated() {
                 // The guest cannot post anything: no notification to arm.
                 self.wait_for_completions();
+            } else {
+                // Re-arm notifications; if work slipped in meanwhile, go on.
+                let slipped = self.arm_notifications();
+                if !slipped && !self.wait(&epoll, &mut events) {
+                    break;
+                }
+            }
+            if let Some(since) = since {
                 window.waited(since.elapsed());
-                continue;
             }
-            // Re-arm notifications; if work slipped in meanwhile, go on.
-            let slipped = self.arm_notifications();
-            if !slipped && !self.wait(&epoll, &mut events) {
-                break;
-            }
-            window.waited(since.elapsed());
         }
         self.end()
     }
