@@ -161,6 +161,34 @@ impl RamDisk {
         offset as usize
     }
 
+    /// Copies between the disk at `offset` and `iovecs`, into guest
+    /// memory when `to_guest`, after checking both sides.
+    fn copy(
+        &mut self,
+        offset: u64,
+        iovecs: &[libc::iovec],
+        user_data: u64,
+        to_guest: bool,
+    ) -> Result<(), IoError> {
+        let total = self.check_iovecs(iovecs);
+        let mut at = self.check_range(offset, total as u64);
+        for v in iovecs {
+            let guest = v.iov_base.cast::<u8>();
+            let disk = self.disk[at..].as_mut_ptr();
+            let (from, to) = if to_guest {
+                (disk.cast_const(), guest)
+            } else {
+                (guest.cast_const(), disk)
+            };
+            // SAFETY: the iovec was checked above to lie inside guest RAM's
+            // mappings; the disk holds `v.iov_len` bytes from `at` (range
+            // checked); a disk on the heap never overlaps guest RAM.
+            unsafe { std::ptr::copy_nonoverlapping(from, to, v.iov_len) };
+            at += v.iov_len;
+        }
+        self.complete(user_data, total)
+    }
+
     fn complete(&mut self, user_data: u64, result: usize) -> Result<(), IoError> {
         let result = i32::try_from(result).expect("a request is at most 16 MiB");
         self.done.push_back(Completion { user_data, result });
@@ -179,21 +207,7 @@ impl AsyncIo for RamDisk {
         iovecs: &[libc::iovec],
         user_data: u64,
     ) -> Result<(), IoError> {
-        let total = self.check_iovecs(iovecs);
-        let mut at = self.check_range(offset, total as u64);
-        for v in iovecs {
-            // SAFETY: checked above to lie inside guest RAM's mappings; the
-            // disk holds `v.iov_len` bytes from `at` (range checked).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.disk[at..].as_ptr(),
-                    v.iov_base.cast::<u8>(),
-                    v.iov_len,
-                )
-            };
-            at += v.iov_len;
-        }
-        self.complete(user_data, total)
+        self.copy(offset, iovecs, user_data, true)
     }
 
     unsafe fn write_vectored(
@@ -202,20 +216,7 @@ impl AsyncIo for RamDisk {
         iovecs: &[libc::iovec],
         user_data: u64,
     ) -> Result<(), IoError> {
-        let total = self.check_iovecs(iovecs);
-        let mut at = self.check_range(offset, total as u64);
-        for v in iovecs {
-            // SAFETY: as in `read_vectored`, the other way.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base.cast::<u8>(),
-                    self.disk[at..].as_mut_ptr(),
-                    v.iov_len,
-                )
-            };
-            at += v.iov_len;
-        }
-        self.complete(user_data, total)
+        self.copy(offset, iovecs, user_data, false)
     }
 
     fn flush(&mut self, user_data: u64) -> Result<(), IoError> {

@@ -139,8 +139,6 @@ pub(crate) struct Dataplane {
     gate: Option<Gate<(usize, u16, Request)>>,
     /// Requests the gate let go, kept to reuse the allocation.
     released: Vec<(usize, u16, Request)>,
-    /// Signalled by the throttle control when the limits change.
-    throttle_waker: Option<EventFd>,
     /// The device's I/O accounting.
     stats: Recorder,
 }
@@ -205,7 +203,6 @@ impl Dataplane {
             throttle: Arc::new(ThrottleControl::new(Default::default())),
             gate: None,
             released: Vec::new(),
-            throttle_waker: None,
             stats: Recorder::new(Arc::new(BlockStats::new(false))),
         }
     }
@@ -249,27 +246,31 @@ impl Dataplane {
                 continue;
             }
             // When the thread ran out of work, to weigh the wait against
-            // the window.
-            let mut idle_since = None;
+            // the window; without `poll` there is no window to weigh, and
+            // the clock is not read.
+            let mut since = None;
             if !window.window().is_zero() {
                 match self.poll_for_work(window.window()) {
-                    Polled::Idle(since) => idle_since = Some(since),
+                    Polled::Idle(idle) => since = Some(idle),
                     Polled::Busy => continue,
                 }
             }
-            let since = idle_since.unwrap_or_else(Instant::now);
+            if window.adapts() {
+                since = since.or_else(|| Some(Instant::now()));
+            }
             if self.saturated() {
                 // The guest cannot post anything: no notification to arm.
                 self.wait_for_completions();
+            } else {
+                // Re-arm notifications; if work slipped in meanwhile, go on.
+                let slipped = self.arm_notifications();
+                if !slipped && !self.wait(&epoll, &mut events) {
+                    break;
+                }
+            }
+            if let Some(since) = since {
                 window.waited(since.elapsed());
-                continue;
             }
-            // Re-arm notifications; if work slipped in meanwhile, go on.
-            let slipped = self.arm_notifications();
-            if !slipped && !self.wait(&epoll, &mut events) {
-                break;
-            }
-            window.waited(since.elapsed());
         }
         self.end()
     }
@@ -329,7 +330,6 @@ impl Dataplane {
     fn epoll(&mut self) -> std::io::Result<Epoll> {
         use std::os::fd::AsRawFd;
         let gate = Gate::new(&self.throttle, Instant::now())?;
-        let waker = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         let add = |fd: i32, token: u64| {
             epoll.ctl(
@@ -344,9 +344,8 @@ impl Dataplane {
         add(self.engine.notifier().as_raw_fd(), ENGINE_TOKEN)?;
         add(self.stop.wake.as_raw_fd(), STOP_TOKEN)?;
         add(gate.timer().as_raw_fd(), TIMER_TOKEN)?;
-        add(waker.as_raw_fd(), THROTTLE_TOKEN)?;
-        self.throttle.set_waker(Some(waker.try_clone()?));
-        self.throttle_waker = Some(waker);
+        add(gate.waker().as_raw_fd(), THROTTLE_TOKEN)?;
+        self.throttle.set_waker(Some(gate.waker().try_clone()?));
         self.gate = Some(gate);
         Ok(epoll)
     }
@@ -464,9 +463,6 @@ impl Dataplane {
         }
         let now = Instant::now();
         if changed {
-            if let Some(waker) = &self.throttle_waker {
-                let _ = waker.read();
-            }
             gate.refresh(&self.throttle, now);
         }
         let mut ready = std::mem::take(&mut self.released);

@@ -42,6 +42,12 @@ impl PollWindow {
         Duration::from_nanos(self.now_ns)
     }
 
+    /// Whether waits can change the window (false without `poll`): the
+    /// caller need not time them otherwise.
+    pub fn adapts(&self) -> bool {
+        self.max_ns > 0
+    }
+
     /// Takes into account a wait for work that lasted `waited` from the
     /// moment the thread ran out of it (polling included).
     pub fn waited(&mut self, waited: Duration) {
@@ -69,6 +75,7 @@ mod tests {
     #[test]
     fn starts_small_and_grows_when_work_comes_just_after_it() {
         let mut w = PollWindow::new(1000 * US);
+        assert!(w.adapts());
         assert_eq!(w.window(), 4 * US);
         w.waited(6 * US);
         assert_eq!(w.window(), 8 * US);
@@ -124,6 +131,7 @@ mod tests {
     fn no_maximum_means_no_polling() {
         let mut w = PollWindow::new(Duration::ZERO);
         assert_eq!(w.window(), Duration::ZERO);
+        assert!(!w.adapts());
         w.waited(US);
         w.waited(Duration::ZERO);
         assert_eq!(w.window(), Duration::ZERO);

@@ -88,14 +88,15 @@ pub(crate) struct Held<T> {
     pub item: T,
 }
 
-/// The dataplane's side: the buckets, the lines of waiting requests, and a
-/// timer for the first of them.
+/// The dataplane's side: the buckets, the lines of waiting requests, a
+/// timer for the first of them, and the eventfd a change of limits wakes.
 pub(crate) struct Gate<T> {
     throttle: Throttle,
     seen: u64,
     waiting: [VecDeque<Held<T>>; 2],
     timer: TimerFd,
     armed: bool,
+    waker: EventFd,
 }
 
 fn line(dir: Direction) -> usize {
@@ -116,6 +117,7 @@ impl<T> Gate<T> {
             waiting: [VecDeque::new(), VecDeque::new()],
             timer: TimerFd::new()?,
             armed: false,
+            waker: EventFd::new(libc::EFD_NONBLOCK)?,
         })
     }
 
@@ -124,10 +126,19 @@ impl<T> Gate<T> {
         &self.timer
     }
 
+    /// What the dataplane waits on for a change of limits: give
+    /// [`ThrottleControl::set_waker`] a clone.
+    pub fn waker(&self) -> &EventFd {
+        &self.waker
+    }
+
     /// Takes up `control`'s limits if they changed since last looked at.
     pub fn refresh(&mut self, control: &ThrottleControl, now: Instant) {
         let generation = control.generation();
         if generation != self.seen {
+            // Cleared before the limits are read: a later change wakes
+            // again, and one in between is seen at the next look.
+            let _ = self.waker.read();
             self.seen = generation;
             self.throttle = Throttle::new(control.limits(), now);
         }

@@ -149,6 +149,17 @@ fn header(mem: &GuestMemoryMmap, at: u64, req_type: u32, sector: u64) {
     mem.write_slice(&h, GuestAddress(at)).unwrap();
 }
 
+/// Writes DISCARD / WRITE_ZEROES segments (sector, sectors, flags) at `at`.
+fn segments(mem: &GuestMemoryMmap, at: u64, segs: &[(u64, u32, u32)]) {
+    let mut raw = Vec::new();
+    for (sector, sectors, flags) in segs {
+        raw.extend_from_slice(&sector.to_le_bytes());
+        raw.extend_from_slice(&sectors.to_le_bytes());
+        raw.extend_from_slice(&flags.to_le_bytes());
+    }
+    mem.write_slice(&raw, GuestAddress(at)).unwrap();
+}
+
 /// A driver's view of one queue: its descriptor table and rings.
 struct Driver<'a> {
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
@@ -372,11 +383,7 @@ fn requests_in_flight_are_capped_at_the_queue_size() {
 #[test]
 fn huge_sectors_in_any_request_type_are_answered_not_a_panic() {
     let m = mem();
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&(1u64 << 60).to_le_bytes());
-    seg.extend_from_slice(&8u32.to_le_bytes());
-    seg.extend_from_slice(&0u32.to_le_bytes());
-    m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    segments(&m, DATA, &[(1 << 60, 8, 0)]);
     for (kind, data_flags, want) in [
         (T_FLUSH, 0, status::OK),
         (T_GET_ID, W, status::OK),
@@ -411,11 +418,7 @@ fn huge_sectors_in_any_request_type_are_answered_not_a_panic() {
 #[test]
 fn requests_are_accounted_by_kind_and_refusals_as_invalid() {
     let m = mem();
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&(1u64 << 60).to_le_bytes());
-    seg.extend_from_slice(&8u32.to_le_bytes());
-    seg.extend_from_slice(&0u32.to_le_bytes());
-    m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    segments(&m, DATA, &[(1 << 60, 8, 0)]);
     let stats = Arc::new(BlockStats::new(true));
     // (type, sector, data length, data flags)
     for (kind, sector, len, flags) in [
@@ -584,13 +587,7 @@ proptest! {
     ) {
         let m = mem();
         header(&m, HDR, req_type, sector);
-        let mut seg = Vec::new();
-        for (s, n, f) in &segments {
-            seg.extend_from_slice(&s.to_le_bytes());
-            seg.extend_from_slice(&n.to_le_bytes());
-            seg.extend_from_slice(&f.to_le_bytes());
-        }
-        m.write_slice(&seg, GuestAddress(DATA)).unwrap();
+        self::segments(&m, DATA, &segments);
         let mut driver = Driver::new(&m);
         let mut chain = vec![(HDR, 16, 0)];
         chain.extend(descs);
