@@ -566,10 +566,7 @@ impl QmpServer {
                         Err(reply) => reply,
                     }
                 }
-                Some(Next::Run(request)) => {
-                    let result = self.commands.execute(&request.name, request.args.clone());
-                    request.reply(result)
-                }
+                Some(Next::Run(request)) => request.run(self.commands.as_ref()),
             };
             client.queue(&reply)?;
             client.flush()?;
