@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::qmp::{Args, Commands, EventSink, QmpError};
 use crate::runstate::RunState;
-use crate::virtio::Disks;
+use crate::virtio::{DiskControls, Disks};
 
 /// Every command we implement, as `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -81,6 +81,16 @@ impl Monitor {
             events,
             quit,
         }
+    }
+}
+
+impl Monitor {
+    /// The controls of the disk whose device is `id`, or QEMU's
+    /// `DeviceNotFound`.
+    fn disk(&self, id: &str) -> Result<&DiskControls, QmpError> {
+        self.disks
+            .get(id)
+            .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))
     }
 }
 

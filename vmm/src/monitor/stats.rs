@@ -198,11 +198,7 @@ pub(super) fn block_latency_histogram_set(m: &Monitor, mut args: Args) -> Result
     let write = boundaries(&mut args, "boundaries-write")?;
     let flush = boundaries(&mut args, "boundaries-flush")?;
     args.finish()?;
-    let stats = &m
-        .disks
-        .get(&id)
-        .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))?
-        .stats;
+    let stats = &m.disk(&id)?.stats;
     let nothing = all.is_none() && read.is_none() && write.is_none() && flush.is_none();
     let mut h = if nothing || all.is_some() {
         Histograms::default()

@@ -65,10 +65,7 @@ pub(super) fn block_set_io_throttle(m: &Monitor, mut args: Args) -> Result<Value
     }
     args.finish()?;
     let disk = match (device, id) {
-        (Some(device), None) => m
-            .disks
-            .get(&device)
-            .ok_or_else(|| QmpError::device_not_found(format!("Device '{device}' not found")))?,
+        (Some(device), None) => m.disk(&device)?,
         (None, Some(id)) => m
             .disks
             .get(&id)
