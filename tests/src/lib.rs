@@ -64,6 +64,19 @@ pub fn run_vmm(args: &[&str]) -> Output {
         .expect("run the vmm binary")
 }
 
+/// The test guest running `cmdline`, with one disk per `--disk` option in
+/// `disks` and, when `qmp` is given, a QMP socket there.
+pub fn testguest(cmdline: &str, disks: &[String], qmp: Option<&Path>) -> VmConfig {
+    let mut config = VmConfig::new(image("testguest"));
+    config.cmdline = cmdline.into();
+    config.disks = disks
+        .iter()
+        .map(|d| d.parse().unwrap_or_else(|e| panic!("--disk {d}: {e}")))
+        .collect();
+    config.qmp = qmp.map(Path::to_path_buf);
+    config
+}
+
 /// Starts `config` with its serial output captured (and echoed to stderr
 /// when `VMM_TEST_ECHO` is set, to watch a guest boot).
 pub fn boot(config: &VmConfig) -> VmHandle {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, fnv1a64_file, image, temp_path, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, temp_path, testguest, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 const DISK: u64 = 16 << 20;
@@ -14,12 +14,12 @@ const DISK: u64 = 16 << 20;
 /// A test guest writing and verifying random blocks on `vda` (node
 /// `drive0`) for a few seconds, then idling; QMP on `qmp`.
 fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
-    let mut config = VmConfig::new(image("testguest"));
     // Requests may wait out the pauses below: give them time.
-    config.cmdline = "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle".into();
-    config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];
-    config.qmp = Some(qmp.to_path_buf());
-    config
+    testguest(
+        "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle",
+        &[disk.option("id=vda,node-name=drive0")],
+        Some(qmp),
+    )
 }
 
 fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

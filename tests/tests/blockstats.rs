@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, temp_path, TempDisk};
-use vmm::{VmConfig, VmExit, VmHandle};
+use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use vmm::{VmExit, VmHandle};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const AREA: u64 = 1 << 20;
@@ -30,12 +30,11 @@ fn keys(v: &Value) -> BTreeSet<String> {
 fn run(name: &str, options: &str) -> (Value, Value, Qmp, VmHandle) {
     let disk = TempDisk::new(name, 32 << 20);
     let path = temp_path(&format!("{name}.qmp"));
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline =
-        format!("blk=verify blk.bench=randwrite4k blk.ops={WRITES} blk.bytes={AREA} idle");
-    config.disks = vec![disk.option(options).parse().unwrap()];
-    config.qmp = Some(path.clone());
-    let vm = boot(&config);
+    let vm = boot(&testguest(
+        &format!("blk=verify blk.bench=randwrite4k blk.ops={WRITES} blk.bytes={AREA} idle"),
+        &[disk.option(options)],
+        Some(&path),
+    ));
     let mut qmp = Qmp::connect(&path);
     // Jobs (`blk=`) run before benchmarks: this line ends both.
     let line = expect_line(&vm, "testguest: blk bench randwrite4k vda:", TIMEOUT);

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, run_vmm, temp_path, TempDisk};
-use vmm::{VmConfig, VmExit};
+use tests::{boot, expect_line, image, run_vmm, temp_path, testguest, TempDisk};
+use vmm::VmExit;
 
 const DISK: u64 = 16 << 20;
 
@@ -118,11 +118,11 @@ fn one_writer_per_image_inside_the_vmm_and_across_processes() {
     let qemu_writer = QemuWriter::start(&qemu_disk.path);
 
     let qmp_path = temp_path("locks.qmp");
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle".into();
-    config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];
-    config.qmp = Some(qmp_path.clone());
-    let vm = boot(&config);
+    let vm = boot(&testguest(
+        "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle",
+        &[disk.option("id=vda,node-name=drive0")],
+        Some(&qmp_path),
+    ));
     let mut qmp = Qmp::connect(&qmp_path);
     expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{boot, expect_line, fnv1a64_file, image, repo_root, temp_path, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, repo_root, temp_path, testguest, TempDisk};
 use vmm::{VmConfig, VmExit, VmHandle};
 
 const DISK: u64 = 4 << 20;
@@ -20,11 +20,7 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The test guest, idle, with `disk` as `vda` (node `drive0`) and QMP on `qmp`.
 fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = "idle".into();
-    config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];
-    config.qmp = Some(qmp.to_path_buf());
-    config
+    testguest("idle", &[disk.option("id=vda,node-name=drive0")], Some(qmp))
 }
 
 /// Runs the script with `args`; its exit status and output, or a failed

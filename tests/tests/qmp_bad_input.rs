@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, temp_path, TempDisk};
-use vmm::{VmConfig, VmExit};
+use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use vmm::VmExit;
 
 fn read_json(reader: &mut BufReader<UnixStream>) -> Value {
     let mut line = String::new();
@@ -22,11 +22,7 @@ fn read_json(reader: &mut BufReader<UnixStream>) -> Value {
 fn malformed_commands_get_qmp_errors_and_the_vm_keeps_serving_everyone() {
     let disk = TempDisk::patterned("qmp-bad", 1 << 20);
     let path = temp_path("bad.qmp");
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = "idle".into();
-    config.disks = vec![disk.option("id=vda").parse().unwrap()];
-    config.qmp = Some(path.clone());
-    let vm = boot(&config);
+    let vm = boot(&testguest("idle", &[disk.option("id=vda")], Some(&path)));
     let mut qmp = Qmp::connect(&path);
     expect_line(&vm, "testguest: idle", Duration::from_secs(30));
 
@@ -400,11 +396,11 @@ fn thirteen_thousand_hostile_messages_from_sixteen_clients_while_a_backup_runs()
     let disk = TempDisk::patterned("stress-src", DISK);
     let target = TempDisk::new("stress-dst", DISK);
     let path = temp_path("stress.qmp");
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = "idle".into();
-    config.disks = vec![disk.option("id=vda,node-name=drive0").parse().unwrap()];
-    config.qmp = Some(path.clone());
-    let vm = boot(&config);
+    let vm = boot(&testguest(
+        "idle",
+        &[disk.option("id=vda,node-name=drive0")],
+        Some(&path),
+    ));
     let mut qmp = Qmp::connect(&path);
     expect_line(&vm, "testguest: idle", Duration::from_secs(30));
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, temp_path, TempDisk};
-use vmm::{VmConfig, VmExit};
+use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use vmm::VmExit;
 
 /// A client that reads line by line, keeping events apart from replies.
 struct Raw {
@@ -102,10 +102,7 @@ impl ReadLease {
 fn a_blockdev_add_blocked_in_open_stalls_no_other_client() {
     let image_file = TempDisk::new("leased", 1 << 20);
     let path = temp_path("waiting.qmp");
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = "idle".into();
-    config.qmp = Some(path.clone());
-    let vm = boot(&config);
+    let vm = boot(&testguest("idle", &[], Some(&path)));
     let mut a = Raw::connect(&path);
     let mut b = Qmp::connect(&path);
     expect_line(&vm, "testguest: idle", Duration::from_secs(30));

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, temp_path, TempDisk};
-use vmm::{VmConfig, VmExit};
+use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use vmm::VmExit;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -19,21 +19,14 @@ fn value(line: &str, key: &str) -> f64 {
         .unwrap()
 }
 
-fn guest(cmdline: &str, disk: &TempDisk, options: &str) -> VmConfig {
-    let mut config = VmConfig::new(image("testguest"));
-    config.cmdline = cmdline.into();
-    config.disks = vec![disk.option(options).parse().unwrap()];
-    config
-}
-
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn the_benchmark_under_an_iops_limit_of_500_reports_500() {
     let disk = TempDisk::new("throttle-iops", 32 << 20);
-    let vm = boot(&guest(
+    let vm = boot(&testguest(
         "blk.bench=randread4k blk.qd=8 blk.seconds=4 exit=0",
-        &disk,
-        "throttling.iops-total=500",
+        &[disk.option("throttling.iops-total=500")],
+        None,
     ));
     let line = expect_line(&vm, "testguest: blk bench randread4k vda:", TIMEOUT);
     assert_eq!(vm.wait(), VmExit::Status(0));
@@ -46,10 +39,10 @@ fn the_benchmark_under_an_iops_limit_of_500_reports_500() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn a_write_byte_limit_holds_writes_and_leaves_reads_alone() {
     let disk = TempDisk::new("throttle-bps", 32 << 20);
-    let vm = boot(&guest(
+    let vm = boot(&testguest(
         "blk.bench=randwrite4k,randread4k blk.qd=8 blk.seconds=3 exit=0",
-        &disk,
-        "throttling.bps-write=1048576,poll=100",
+        &[disk.option("throttling.bps-write=1048576,poll=100")],
+        None,
     ));
     let writes = expect_line(&vm, "testguest: blk bench randwrite4k vda:", TIMEOUT);
     let reads = expect_line(&vm, "testguest: blk bench randread4k vda:", TIMEOUT);
@@ -65,13 +58,11 @@ fn a_write_byte_limit_holds_writes_and_leaves_reads_alone() {
 fn block_set_io_throttle_changes_a_running_guests_limits() {
     let disk = TempDisk::new("throttle-qmp", 32 << 20);
     let path = temp_path("throttle.qmp");
-    let mut config = guest(
+    let vm = boot(&testguest(
         "blk.bench=randread4k blk.qd=8 blk.seconds=4 exit=0",
-        &disk,
-        "id=vda,throttling.iops-total=50",
-    );
-    config.qmp = Some(path.clone());
-    let vm = boot(&config);
+        &[disk.option("id=vda,throttling.iops-total=50")],
+        Some(&path),
+    ));
     let mut qmp = Qmp::connect(&path);
 
     let inserted = |qmp: &mut Qmp| qmp.ok("query-block", json!({}))[0]["inserted"].clone();

@@ -14,7 +14,7 @@ use crate::monitor::Monitor;
 use crate::qmp::{Commands, EventSink, Next, QmpError, Session};
 use crate::runstate::RunState;
 use crate::shared::Shared;
-use crate::virtio::DiskThrottles;
+use crate::virtio::Disks;
 
 /// Bytes per scratch image.
 const IMAGE_BYTES: u64 = 1 << 20;
@@ -117,7 +117,7 @@ pub fn qmp(data: &[u8]) {
         run,
         graph.clone(),
         jobs.clone(),
-        DiskThrottles::default(),
+        Disks::default(),
         EventSink::discarding(),
         Box::new(move || said_quit.store(true, Ordering::Relaxed)),
     );

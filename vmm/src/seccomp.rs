@@ -178,21 +178,26 @@ const OPEN_ENGINE: &[i64] = &[
     libc::SYS_eventfd2,
 ];
 
+/// Waiting for a descriptor (an eventfd, the signalfd, stdin) and
+/// reading it.
+const POLL_READ: &[i64] = &[libc::SYS_read, libc::SYS_poll, libc::SYS_ppoll];
+
+/// Sleeping in an epoll set.
+const EPOLL: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+];
+
 /// Doing I/O on an engine: the ring, or the sync engine's calls where
-/// io_uring is refused.
+/// io_uring is refused; with [`POLL_READ`] and [`EPOLL`] to wait for it.
 const DO_IO: &[i64] = &[
     libc::SYS_io_uring_enter,
     libc::SYS_preadv,
     libc::SYS_pwritev,
     libc::SYS_fdatasync,
     libc::SYS_fallocate,
-    libc::SYS_read,
-    libc::SYS_epoll_create1,
-    libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
 ];
 
 /// The calls of `kind` beyond [`RUNTIME`] (ioctl and tgkill are narrowed
@@ -202,12 +207,7 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
     match kind {
         // Waits for the end or a signal (its signalfd), kicks and joins
         // the others, unmaps and closes.
-        Main => vec![
-            libc::SYS_tgkill,
-            libc::SYS_read,
-            libc::SYS_poll,
-            libc::SYS_ppoll,
-        ],
+        Main => [&[libc::SYS_tgkill][..], POLL_READ].concat(),
         // KVM_RUN; eventfd reads and writes for the devices' registers;
         // activating a disk opens its engine, a reset stops the thread.
         Vcpu => [
@@ -219,6 +219,8 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
         // throttle gate's timerfd and waker when it starts.
         Dataplane => [
             DO_IO,
+            POLL_READ,
+            EPOLL,
             &[
                 libc::SYS_timerfd_create,
                 libc::SYS_timerfd_settime,
@@ -227,7 +229,7 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
         ]
         .concat(),
         // Its engines' I/O; events reach QMP through an eventfd write.
-        Job => DO_IO.to_vec(),
+        Job => [DO_IO, POLL_READ, EPOLL].concat(),
         Qmp => [
             &[
                 libc::SYS_accept4,
@@ -238,10 +240,6 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_sendmsg,
                 libc::SYS_writev,
                 libc::SYS_shutdown,
-                libc::SYS_epoll_create1,
-                libc::SYS_epoll_ctl,
-                libc::SYS_epoll_wait,
-                libc::SYS_epoll_pwait,
                 libc::SYS_unlink,
                 // blockdev-add: open a file and learn its size and kind.
                 libc::SYS_openat,
@@ -254,10 +252,11 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 // stop: kick the vCPUs out of KVM_RUN.
                 libc::SYS_tgkill,
             ][..],
+            EPOLL,
             OPEN_ENGINE,
         ]
         .concat(),
-        SerialInput => vec![libc::SYS_poll, libc::SYS_ppoll, libc::SYS_read],
+        SerialInput => POLL_READ.to_vec(),
         // Every other kind's calls, and what a new thread does before its
         // own filter is in: name itself, set up its stack guard, its
         // signal stack, robust futex list and rseq area, then install.

@@ -30,54 +30,46 @@ pub struct OpenDisk {
     stats: Arc<BlockStats>,
 }
 
-/// Each disk's I/O limits by device id, for `block_set_io_throttle` and
-/// `query-block`.
-#[derive(Clone, Default)]
-pub struct DiskThrottles(Vec<(String, Arc<ThrottleControl>)>);
+/// One disk's run-time controls, for the monitor's commands.
+pub struct DiskControls {
+    /// The device id.
+    pub id: String,
+    /// The top node's name.
+    pub node: String,
+    /// The I/O limits, for `block_set_io_throttle` and `query-block`.
+    pub throttle: Arc<ThrottleControl>,
+    /// The I/O accounting, for `query-blockstats` and
+    /// `block-latency-histogram-set`.
+    pub stats: Arc<BlockStats>,
+}
 
-impl DiskThrottles {
-    /// The limits of the disk whose device is `id`.
-    pub fn get(&self, id: &str) -> Option<&Arc<ThrottleControl>> {
-        self.0.iter().find(|(d, _)| d == id).map(|(_, c)| c)
+/// Every disk's controls, by device id.
+#[derive(Clone, Default)]
+pub struct Disks(Arc<[DiskControls]>);
+
+impl Disks {
+    /// The controls of the disk whose device is `id`.
+    pub fn get(&self, id: &str) -> Option<&DiskControls> {
+        self.0.iter().find(|d| d.id == id)
+    }
+
+    /// Every disk's controls.
+    pub fn iter(&self) -> impl Iterator<Item = &DiskControls> {
+        self.0.iter()
     }
 }
 
-/// Each disk's I/O accounting by device id, with its top node's name, for
-/// `query-blockstats` and `block-latency-histogram-set`.
-#[derive(Clone, Default)]
-pub struct DiskStats(Vec<(String, String, Arc<BlockStats>)>);
-
-impl DiskStats {
-    /// The accounting of the disk whose device is `id`.
-    pub fn get(&self, id: &str) -> Option<&Arc<BlockStats>> {
-        self.0.iter().find(|(d, _, _)| d == id).map(|(_, _, s)| s)
-    }
-
-    /// Every disk: device id, top node-name, accounting.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &Arc<BlockStats>)> {
-        self.0.iter().map(|(d, n, s)| (d.as_str(), n.as_str(), s))
-    }
-}
-
-/// The accounting of `disks`, before they are attached.
-pub fn stats(disks: &[OpenDisk]) -> DiskStats {
-    DiskStats(
+/// The controls of `disks`, before they are attached.
+pub fn controls(disks: &[OpenDisk]) -> Disks {
+    Disks(
         disks
             .iter()
-            .map(|d| {
-                let node = d.node.name().to_string();
-                (d.config.id.clone(), node, d.stats.clone())
+            .map(|d| DiskControls {
+                id: d.config.id.clone(),
+                node: d.node.name().to_string(),
+                throttle: d.throttle.clone(),
+                stats: d.stats.clone(),
             })
-            .collect(),
-    )
-}
-
-/// The throttle controls of `disks`, before they are attached.
-pub fn throttles(disks: &[OpenDisk]) -> DiskThrottles {
-    DiskThrottles(
-        disks
-            .iter()
-            .map(|d| (d.config.id.clone(), d.throttle.clone()))
             .collect(),
     )
 }

@@ -420,8 +420,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     })
     .map_err(|e| device_err("legacy")(&e))?;
     let mut mmio = Bus::new();
-    let throttles = virtio::throttles(&disks);
-    let disk_stats = virtio::stats(&disks);
+    let disk_controls = virtio::controls(&disks);
     let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks)?;
     let run = Arc::new(RunState::new(shared.clone(), transports));
     // Devices take their nodes' leases now, before the guest can probe them.
@@ -469,11 +468,10 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
                     run.clone(),
                     graph.clone(),
                     jobs.clone(),
-                    throttles.clone(),
+                    disk_controls.clone(),
                     events,
                     Box::new(move || quit.finish(VmExit::Quit)),
                 )
-                .with_stats(disk_stats.clone())
             })
             .map_err(Error::Qmp)?;
             let _ = shared.events.set(server.events());

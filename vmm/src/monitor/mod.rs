@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 
 use crate::qmp::{Args, Commands, EventSink, QmpError};
 use crate::runstate::RunState;
-use crate::virtio::{DiskStats, DiskThrottles};
+use crate::virtio::{DiskControls, Disks};
 
 /// Every command we implement, as `query-commands` lists them.
 const COMMANDS: &[&str] = &[
@@ -52,10 +52,8 @@ pub struct Monitor {
     run: Arc<RunState>,
     graph: Arc<Graph>,
     jobs: Arc<JobManager>,
-    /// Each disk's I/O limits.
-    throttles: DiskThrottles,
-    /// Each disk's I/O accounting.
-    stats: DiskStats,
+    /// Each disk's I/O limits and accounting.
+    disks: Disks,
     events: EventSink,
     /// The same sink, for jobs' events.
     job_events: ::block::job::EventSink,
@@ -64,13 +62,13 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Commands acting on `run`, `graph`, `jobs` and the disks' limits,
-    /// emitting through `events`; `quit` ends the VM.
+    /// Commands acting on `run`, `graph`, `jobs` and the `disks`' limits and
+    /// accounting, emitting through `events`; `quit` ends the VM.
     pub fn new(
         run: Arc<RunState>,
         graph: Arc<Graph>,
         jobs: Arc<JobManager>,
-        throttles: DiskThrottles,
+        disks: Disks,
         events: EventSink,
         quit: Box<dyn Fn() + Send + Sync>,
     ) -> Self {
@@ -78,8 +76,7 @@ impl Monitor {
             run,
             graph,
             jobs,
-            throttles,
-            stats: DiskStats::default(),
+            disks,
             job_events: jobs::event_sink(events.clone()),
             events,
             quit,
@@ -88,10 +85,12 @@ impl Monitor {
 }
 
 impl Monitor {
-    /// Reports and sets the disks' I/O accounting through `stats`.
-    pub fn with_stats(mut self, stats: DiskStats) -> Self {
-        self.stats = stats;
-        self
+    /// The controls of the disk whose device is `id`, or QEMU's
+    /// `DeviceNotFound`.
+    fn disk(&self, id: &str) -> Result<&DiskControls, QmpError> {
+        self.disks
+            .get(id)
+            .ok_or_else(|| QmpError::device_not_found(format!("Device '{id}' not found")))
     }
 }
 

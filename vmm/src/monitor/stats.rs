@@ -10,7 +10,8 @@ use devices::virtio::block::stats::{BlockStats, Histogram, Histograms, Kind};
 use serde_json::{json, Map, Value};
 
 use super::Monitor;
-use crate::qmp::{invalid_type, Args, ErrorClass, QmpError};
+use crate::qmp::{invalid_type, Args, QmpError};
+use crate::virtio::DiskControls;
 
 /// QEMU's `BlockDeviceStats` for `stats`, or a node's (all zero but
 /// `wr_highest_offset`) when `stats` is `None`.
@@ -110,10 +111,10 @@ impl Nodes {
     /// offsets as they are, so a device's writes land at the same offsets
     /// on every node under it.
     fn wr_highest_offset(&self, m: &Monitor, node: &str) -> u64 {
-        m.stats
+        m.disks
             .iter()
-            .filter(|(_, top, _)| self.reaches(top, node, 0))
-            .map(|(_, _, s)| s.wr_highest_offset())
+            .filter(|d| self.reaches(&d.node, node, 0))
+            .map(|d| d.stats.wr_highest_offset())
             .max()
             .unwrap_or(0)
     }
@@ -156,18 +157,18 @@ pub(super) fn query_blockstats(m: &Monitor, mut args: Args) -> Result<Value, Qmp
                 .collect(),
         ));
     }
-    let mut devices: Vec<(&str, &str, &Arc<BlockStats>)> = m.stats.iter().collect();
-    devices.sort_by_key(|(id, _, _)| *id);
+    let mut devices: Vec<&DiskControls> = m.disks.iter().collect();
+    devices.sort_by_key(|d| &d.id);
     Ok(Value::Array(
         devices
             .into_iter()
-            .map(|(id, top, stats)| {
-                let mut entry = nodes.entry(m, top, 0);
-                entry.insert("device".into(), json!(id));
-                entry.insert("qdev".into(), json!(id));
+            .map(|d| {
+                let mut entry = nodes.entry(m, &d.node, 0);
+                entry.insert("device".into(), json!(d.id));
+                entry.insert("qdev".into(), json!(d.id));
                 entry.insert(
                     "stats".into(),
-                    device_stats(Some(stats), stats.wr_highest_offset()),
+                    device_stats(Some(&d.stats), d.stats.wr_highest_offset()),
                 );
                 Value::Object(entry)
             })
@@ -197,12 +198,7 @@ pub(super) fn block_latency_histogram_set(m: &Monitor, mut args: Args) -> Result
     let write = boundaries(&mut args, "boundaries-write")?;
     let flush = boundaries(&mut args, "boundaries-flush")?;
     args.finish()?;
-    let stats = m.stats.get(&id).ok_or_else(|| {
-        QmpError::new(
-            ErrorClass::DeviceNotFound,
-            format!("Device '{id}' not found"),
-        )
-    })?;
+    let stats = &m.disk(&id)?.stats;
     let nothing = all.is_none() && read.is_none() && write.is_none() && flush.is_none();
     let mut h = if nothing || all.is_some() {
         Histograms::default()

@@ -5,7 +5,7 @@ use block::throttle::{Limit, Limits, LimitsError};
 use serde_json::{json, Map, Value};
 
 use super::Monitor;
-use crate::qmp::{Args, ErrorClass, QmpError};
+use crate::qmp::{Args, QmpError};
 
 /// The six base limits: QEMU's argument names, all required.
 const BASE: [&str; 6] = ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"];
@@ -64,20 +64,15 @@ pub(super) fn block_set_io_throttle(m: &Monitor, mut args: Args) -> Result<Value
         )));
     }
     args.finish()?;
-    let control = match (device, id) {
-        (Some(device), None) => m.throttles.get(&device).ok_or_else(|| {
-            QmpError::new(
-                ErrorClass::DeviceNotFound,
-                format!("Device '{device}' not found"),
-            )
-        })?,
+    let disk = match (device, id) {
+        (Some(device), None) => m.disk(&device)?,
         (None, Some(id)) => m
-            .throttles
+            .disks
             .get(&id)
             .ok_or_else(|| QmpError::generic(format!("Device '{id}' not found")))?,
         _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
     };
-    control
+    disk.throttle
         .set(new)
         .map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({}))
@@ -105,8 +100,8 @@ pub(super) fn fields(device: &str, limits: &Limits) -> Map<String, Value> {
 
 /// `fields` of the disk `device`, or QEMU's zeros for a node with no device.
 pub(super) fn device_fields(m: &Monitor, device: Option<&str>) -> Map<String, Value> {
-    match device.and_then(|d| Some((d, m.throttles.get(d)?))) {
-        Some((d, control)) => fields(d, &control.limits()),
+    match device.and_then(|d| m.disks.get(d)) {
+        Some(disk) => fields(&disk.id, &disk.throttle.limits()),
         None => fields("", &Limits::default()),
     }
 }

@@ -51,6 +51,14 @@ pub struct Request {
 }
 
 impl Request {
+    /// Runs this request through `commands`, handing over its arguments;
+    /// the reply.
+    pub fn run(mut self, commands: &dyn Commands) -> Vec<u8> {
+        let args = std::mem::take(&mut self.args);
+        let result = commands.execute(&self.name, args);
+        self.reply(result)
+    }
+
     /// The reply to this request for `result`, carrying its `id`.
     pub fn reply(&self, result: Result<Value, QmpError>) -> Vec<u8> {
         match result {
@@ -133,10 +141,7 @@ impl Session {
     pub fn next_reply(&mut self, commands: &dyn Commands) -> Option<Vec<u8>> {
         Some(match self.next(commands)? {
             Next::Reply(reply) => reply,
-            Next::Run(request) => {
-                let result = commands.execute(&request.name, request.args.clone());
-                request.reply(result)
-            }
+            Next::Run(request) => request.run(commands),
         })
     }
 

@@ -566,10 +566,7 @@ impl QmpServer {
                         Err(reply) => reply,
                     }
                 }
-                Some(Next::Run(request)) => {
-                    let result = self.commands.execute(&request.name, request.args.clone());
-                    request.reply(result)
-                }
+                Some(Next::Run(request)) => request.run(self.commands.as_ref()),
             };
             client.queue(&reply)?;
             client.flush()?;
@@ -746,13 +743,9 @@ fn spawn_command(
     shared: &Arc<Shared>,
 ) -> Result<(), Vec<u8>> {
     let (commands, shared) = (commands.clone(), shared.clone());
-    let refused = request.reply(Err(QmpError::generic(format!(
-        "The command {} cannot run: no thread could be started for it",
-        request.name
-    ))));
-    let name = request.name.clone();
     let request = Arc::new(request);
     let (failed_request, failed_shared) = (request.clone(), shared.clone());
+    let refused_request = request.clone();
     // The QMP thread's filter: these are the commands it ran itself
     // before they moved off it.
     let spawned = base::spawn(
@@ -764,14 +757,19 @@ fn spawn_command(
         },
         move || {
             let result = Err(QmpError::generic(format!(
-                "The command {name} failed: its thread panicked"
+                "The command {} failed: its thread panicked",
+                failed_request.name
             )));
             post_reply(&failed_shared, token, &failed_request, result);
         },
     );
     spawned.map(drop).map_err(|e| {
         log::warn!("QMP: cannot start a thread for a command: {e}");
-        refused
+        // Only built on this rare path, not for every command.
+        refused_request.reply(Err(QmpError::generic(format!(
+            "The command {} cannot run: no thread could be started for it",
+            refused_request.name
+        ))))
     })
 }
 
