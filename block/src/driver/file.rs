@@ -8,8 +8,9 @@ use std::sync::Arc;
 use super::Driver;
 use crate::error::BlockError;
 use crate::file::{DiskFile, DiskOptions, FileId};
-use crate::io::{Aio, AsyncIo, SyncIo, UringIo};
+use crate::io::{Aio, AsyncIo, IoError, SyncIo, UringIo};
 use crate::lock::Locking;
+use vmm_sys_util::eventfd::EventFd;
 
 /// How a `file` node opens its host file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,22 +92,36 @@ impl<C> Driver<C> for File {
         self.disk.io_alignment()
     }
 
-    fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
+    fn disk_file(&self) -> Option<Arc<DiskFile>> {
+        Some(self.disk.clone())
+    }
+
+    fn open_io(
+        &self,
+        node: &str,
+        depth: u32,
+        notifier: &EventFd,
+    ) -> Result<Box<dyn AsyncIo>, BlockError> {
         let io_err = |source| BlockError::Io {
             node: node.into(),
             source,
         };
+        let dup = |engine| {
+            notifier
+                .try_clone()
+                .map_err(|source| io_err(IoError::Setup { engine, source }))
+        };
         let sync = || -> Result<Box<dyn AsyncIo>, BlockError> {
             Ok(Box::new(
-                SyncIo::with_owner(self.disk.clone()).map_err(io_err)?,
+                SyncIo::with_owner(self.disk.clone(), dup("sync")?).map_err(io_err)?,
             ))
         };
         match self.aio {
             Aio::Sync => sync(),
             Aio::IoUring => Ok(Box::new(
-                UringIo::with_owner(self.disk.clone(), depth).map_err(io_err)?,
+                UringIo::with_owner(self.disk.clone(), depth, dup("io_uring")?).map_err(io_err)?,
             )),
-            Aio::Auto => match UringIo::with_owner(self.disk.clone(), depth) {
+            Aio::Auto => match UringIo::with_owner(self.disk.clone(), depth, dup("io_uring")?) {
                 Ok(ring) => Ok(Box::new(ring)),
                 Err(e) if e.is_unavailable() => {
                     if !self.fell_back.swap(true, Ordering::Relaxed) {

@@ -10,7 +10,10 @@ pub use null::{Null, DEFAULT_SIZE as NULL_DEFAULT_SIZE};
 pub use raw::Raw;
 
 use crate::error::BlockError;
+use crate::file::DiskFile;
 use crate::io::AsyncIo;
+use std::sync::Arc;
+use vmm_sys_util::eventfd::EventFd;
 
 /// A child node as its parent's driver sees it: the graph's `NodeRef`.
 /// Drivers name their children only through this trait, so they need
@@ -45,7 +48,21 @@ pub trait Driver<C>: Send + Sync {
         512
     }
 
-    /// An I/O engine on this node for up to `depth` operations in flight.
+    /// The open host file this node is, for a format driver above it that
+    /// reads and writes its metadata directly; `None` for anything but a
+    /// `file` node.
+    fn disk_file(&self) -> Option<Arc<DiskFile>> {
+        None
+    }
+
+    /// An I/O engine on this node for up to `depth` operations in flight,
+    /// signalling (a duplicate of) `notifier` when completions are ready;
+    /// the engines of one node tree share it, so one wait covers them all.
     /// `node` is this node's name, for errors.
-    fn open_io(&self, node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError>;
+    fn open_io(
+        &self,
+        node: &str,
+        depth: u32,
+        notifier: &EventFd,
+    ) -> Result<Box<dyn AsyncIo>, BlockError>;
 }

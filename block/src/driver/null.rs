@@ -3,7 +3,8 @@
 
 use super::Driver;
 use crate::error::BlockError;
-use crate::io::{AsyncIo, NullIo};
+use crate::io::{AsyncIo, IoError, NullIo};
+use vmm_sys_util::eventfd::EventFd;
 
 /// QEMU's default size for a null node: 1 GiB.
 pub const DEFAULT_SIZE: u64 = 1 << 30;
@@ -39,11 +40,23 @@ impl<C> Driver<C> for Null {
         "null-co://".into()
     }
 
-    fn open_io(&self, node: &str, _depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
-        let io = NullIo::new().map_err(|source| BlockError::Io {
+    fn open_io(
+        &self,
+        node: &str,
+        _depth: u32,
+        notifier: &EventFd,
+    ) -> Result<Box<dyn AsyncIo>, BlockError> {
+        let io_err = |source| BlockError::Io {
             node: node.into(),
             source,
+        };
+        let notifier = notifier.try_clone().map_err(|source| {
+            io_err(IoError::Setup {
+                engine: "null",
+                source,
+            })
         })?;
+        let io = NullIo::with_notifier(notifier).map_err(io_err)?;
         Ok(Box::new(io))
     }
 }

@@ -3,6 +3,7 @@
 use super::{Child, Driver};
 use crate::error::BlockError;
 use crate::io::AsyncIo;
+use vmm_sys_util::eventfd::EventFd;
 
 /// A raw format node over one child.
 pub struct Raw<C> {
@@ -37,8 +38,15 @@ impl<C: Child> Driver<C> for Raw<C> {
         self.file.driver().io_alignment()
     }
 
-    fn open_io(&self, _node: &str, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
+    fn open_io(
+        &self,
+        _node: &str,
+        depth: u32,
+        notifier: &EventFd,
+    ) -> Result<Box<dyn AsyncIo>, BlockError> {
         // Raw adds nothing to the path: the child's engine serves it.
-        self.file.driver().open_io(self.file.name(), depth)
+        self.file
+            .driver()
+            .open_io(self.file.name(), depth, notifier)
     }
 }

@@ -61,7 +61,12 @@ impl Lease {
     /// An I/O engine on the node with room for `depth` operations in
     /// flight. Only a lease holder gets one: busy state guards I/O.
     pub fn open_io(&self, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
-        self.node.driver().open_io(self.node.name(), depth)
+        let name = self.node.name();
+        let notifier = crate::io::new_notifier("engine").map_err(|source| BlockError::Io {
+            node: name.into(),
+            source,
+        })?;
+        self.node.driver().open_io(name, depth, &notifier)
     }
 }
 

@@ -141,6 +141,11 @@ pub trait AsyncIo: Send {
     }
 }
 
+/// A non-blocking eventfd for an engine to signal completions on.
+pub fn new_notifier(engine: &'static str) -> Result<EventFd, IoError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| IoError::Setup { engine, source })
+}
+
 /// Sleeps until `notifier` is signalled or `timeout` has passed.
 pub(crate) fn wait_readable(notifier: &EventFd, timeout: Duration) -> Result<(), IoError> {
     let mut pfd = libc::pollfd {

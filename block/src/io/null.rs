@@ -18,10 +18,11 @@ pub struct NullIo {
 impl NullIo {
     /// A new engine.
     pub fn new() -> Result<Self, IoError> {
-        let notifier = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| IoError::Setup {
-            engine: "null",
-            source,
-        })?;
+        Self::with_notifier(super::new_notifier("null")?)
+    }
+
+    /// An engine that signals `notifier`.
+    pub fn with_notifier(notifier: EventFd) -> Result<Self, IoError> {
         Ok(Self {
             done: VecDeque::new(),
             notifier,

@@ -34,10 +34,12 @@ fn result(rc: isize) -> i32 {
 impl SyncIo {
     /// An engine over `fd`, which the caller keeps open.
     pub fn new(fd: RawFd) -> Result<Self, IoError> {
-        let notifier = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| IoError::Setup {
-            engine: "sync",
-            source,
-        })?;
+        Self::with_notifier(fd, super::new_notifier("sync")?)
+    }
+
+    /// An engine over `fd` that signals `notifier` (shared with other
+    /// engines of one node tree, so one wait covers them all).
+    pub fn with_notifier(fd: RawFd, notifier: EventFd) -> Result<Self, IoError> {
         Ok(Self {
             fd,
             done: VecDeque::new(),
@@ -47,8 +49,11 @@ impl SyncIo {
     }
 
     /// An engine over a file it keeps open as long as it lives.
-    pub fn with_owner<F: AsRawFd + Send + Sync + 'static>(file: Arc<F>) -> Result<Self, IoError> {
-        let mut engine = Self::new(file.as_raw_fd())?;
+    pub fn with_owner<F: AsRawFd + Send + Sync + 'static>(
+        file: Arc<F>,
+        notifier: EventFd,
+    ) -> Result<Self, IoError> {
+        let mut engine = Self::with_notifier(file.as_raw_fd(), notifier)?;
         engine._owner = Some(file);
         Ok(engine)
     }

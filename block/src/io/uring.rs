@@ -29,8 +29,9 @@ impl UringIo {
     pub fn with_owner<F: AsRawFd + Send + Sync + 'static>(
         file: Arc<F>,
         entries: u32,
+        notifier: EventFd,
     ) -> Result<Self, IoError> {
-        let mut ring = Self::new(file.as_raw_fd(), entries)?;
+        let mut ring = Self::with_notifier(file.as_raw_fd(), entries, notifier)?;
         ring._owner = Some(file);
         Ok(ring)
     }
@@ -38,6 +39,12 @@ impl UringIo {
     /// A ring of `entries` submissions (rounded up to a power of two) over
     /// `fd`, which the caller keeps open while the ring lives.
     pub fn new(fd: RawFd, entries: u32) -> Result<Self, IoError> {
+        Self::with_notifier(fd, entries, super::new_notifier(ENGINE)?)
+    }
+
+    /// As [`UringIo::new`], signalling `notifier` when completions are
+    /// ready (shared with other engines of one node tree).
+    pub fn with_notifier(fd: RawFd, entries: u32, notifier: EventFd) -> Result<Self, IoError> {
         let setup = |source: io::Error| IoError::Setup {
             engine: ENGINE,
             source,
@@ -46,7 +53,6 @@ impl UringIo {
             .setup_r_disabled()
             .build(entries.max(1).next_power_of_two())
             .map_err(setup)?;
-        let notifier = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
         let submitter = ring.submitter();
         // Registration first: once restricted, the ring refuses register ops too.
         submitter.register_files(&[fd]).map_err(setup)?;
