@@ -80,6 +80,38 @@ pub enum BlockError {
     /// The backing chain is longer than the graph stacks.
     #[error("Node '{node}': its backing chain has more than {max} images; at most {max} nodes may be stacked", max = crate::graph::MAX_DEPTH)]
     BackingTooDeep { node: String },
+    /// `blockdev-snapshot` with an overlay that is the node it would cover.
+    #[error("Making '{overlay}' a backing child of itself would create a cycle")]
+    OverlayCycle { overlay: String },
+    /// The overlay is attached elsewhere (QEMU's words, then who).
+    #[error("The overlay is already in use{}", held_by(.holders))]
+    OverlayInUse {
+        overlay: String,
+        holders: Vec<String>,
+    },
+    /// The overlay's format has no backing files.
+    #[error("The overlay does not support backing images")]
+    OverlayNoBacking { overlay: String },
+    /// The overlay was added with a backing node.
+    #[error("The overlay already has a backing image")]
+    OverlayHasBacking { overlay: String },
+    /// The guest would see another size (devices cannot change theirs).
+    #[error(
+        "The overlay '{overlay}' is {size} bytes, but node '{node}' it would cover is {node_size}"
+    )]
+    OverlaySize {
+        overlay: String,
+        size: u64,
+        node: String,
+        node_size: u64,
+    },
+    /// The node to snapshot is another node's child (QEMU's words).
+    #[error("Node '{node}' is busy: node is used as {child} of '{parent}'")]
+    ChildOfParent {
+        node: String,
+        parent: String,
+        child: String,
+    },
     /// A node's options are wrong.
     #[error("Node '{node}': {reason}")]
     Options { node: String, reason: String },

@@ -96,6 +96,11 @@ impl<C> Driver<C> for File {
         Some(self.disk.clone())
     }
 
+    fn give_up_write(&self, _node: &str) -> Result<(), BlockError> {
+        self.disk.release_write();
+        Ok(())
+    }
+
     fn file_options(&self) -> Option<FileOptions> {
         let options = self.disk.options();
         Some(FileOptions {

@@ -97,6 +97,13 @@ pub trait Driver<C>: Send + Sync {
         None
     }
 
+    /// Stops writing for good, as the backing node of a new overlay: a
+    /// format writes back what it cached, a `file` node gives up its write
+    /// lock. `node` is this node's name, for errors.
+    fn give_up_write(&self, _node: &str) -> Result<(), BlockError> {
+        Ok(())
+    }
+
     /// How a `file` node opened its host file, so that a backing file
     /// opened from an image's header opens the same way; `None` for
     /// anything but a `file` node.

@@ -472,3 +472,170 @@ fn inline_nesting_through_backing_counts_towards_the_cap() {
 fn names(graph: &Graph) -> Vec<String> {
     graph.nodes().into_iter().map(|n| n.name).collect()
 }
+
+fn raw_node(name: &str, file: &Path, read_only: bool) -> NodeOptions {
+    NodeOptions {
+        node_name: Some(name.into()),
+        read_only,
+        driver: DriverOptions::Raw {
+            file: ChildOptions::Inline(Box::new(NodeOptions {
+                node_name: None,
+                read_only,
+                driver: DriverOptions::File(FileOptions::new(file.to_path_buf())),
+            })),
+        },
+    }
+}
+
+/// Whether `qemu-img convert` (a reader that lets nobody write) may open
+/// `path` beside us.
+fn qemu_img_can_read(path: &Path) -> bool {
+    let copy = path.with_extension("copy");
+    Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(path)
+        .arg(copy)
+        .output()
+        .expect("qemu-img")
+        .status
+        .success()
+}
+
+#[test]
+fn an_overlay_goes_on_top_and_the_old_top_gives_up_writing() {
+    let dir = Folder::new("append");
+    let base = dir.raw("base.raw");
+    let over = dir.qcow2("over.qcow2", Some(("base.raw", Some("raw"))));
+    let graph = Graph::new();
+    graph.add(raw_node("base", &base, false)).unwrap();
+    graph
+        .add(qcow2("over", &over, false, BackingOptions::None))
+        .unwrap();
+    assert!(
+        !qemu_img_can_read(&base),
+        "we write it: others may not read"
+    );
+
+    // While a dataplane holds the top, refused at once, naming it.
+    let dev = graph.get("base", device("vda")).unwrap();
+    let lease = dev.take_lease(dataplane("vda")).unwrap();
+    let err = graph
+        .append_overlay("base", "over", Holder::Monitor)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.to_string(),
+        "Node 'base' is busy: block device is in use by virtio-blk dataplane of device 'vda'"
+    );
+    drop(lease);
+
+    let appended = graph
+        .append_overlay("base", "over", Holder::Monitor)
+        .unwrap();
+    // The top's lease is held until the caller has moved its devices.
+    let err = dev.take_lease(dataplane("vda")).unwrap_err().to_string();
+    assert!(err.contains("in use by the monitor"), "{err}");
+    drop(appended);
+    let nodes = graph.nodes();
+    let o = node(&nodes, "over");
+    assert_eq!(child(o, "backing"), "base");
+    assert!(!o.read_only);
+    assert_eq!(o.backing_file_depth, 1);
+    let b = node(&nodes, "base");
+    assert!(b.read_only);
+    assert!(node(&nodes, &child(b, "file")).read_only);
+    // The image has one writer no more: readers may share it, in this
+    // graph and in other processes.
+    graph.add(raw_node("reader", &base, true)).unwrap();
+    assert!(qemu_img_can_read(&base));
+    // And the device, moved over, may lease the overlay (and so the chain).
+    drop(dev);
+    let dev = graph.get("over", device("vda")).unwrap();
+    dev.take_lease(dataplane("vda")).unwrap();
+}
+
+#[test]
+fn overlays_that_cannot_go_on_top_are_refused_in_qemus_words() {
+    let dir = Folder::new("append-bad");
+    let base = dir.raw("base.raw");
+    let over = dir.qcow2("over.qcow2", Some(("base.raw", Some("raw"))));
+    let other = dir.raw("other.raw");
+    let big = dir.path("big.qcow2");
+    dir.qemu_img(&["-f", "qcow2", "big.qcow2", "2M"]);
+    whole_sectors(&big);
+    let graph = Graph::new();
+    graph.add(raw_node("base", &base, false)).unwrap();
+    graph.add(raw_node("other", &other, false)).unwrap();
+    graph
+        .add(qcow2("big", &big, false, BackingOptions::None))
+        .unwrap();
+    let err = |top: &str, overlay: &str| {
+        graph
+            .append_overlay(top, overlay, Holder::Monitor)
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        err("base", "other"),
+        "The overlay does not support backing images"
+    );
+    assert_eq!(
+        err("base", "nope"),
+        "Cannot find device='nope' nor node-name='nope'"
+    );
+    assert_eq!(
+        err("base", "big"),
+        "The overlay 'big' is 2097152 bytes, but node 'base' it would cover is 1048576"
+    );
+    assert_eq!(
+        err("big", "big"),
+        "Making 'big' a backing child of itself would create a cycle"
+    );
+    // An overlay with a backing node already, or that a device uses.
+    let null = NodeOptions {
+        node_name: None,
+        read_only: true,
+        driver: DriverOptions::Null { size: 1 << 20 },
+    };
+    let backing = BackingOptions::Child(ChildOptions::Inline(Box::new(null)));
+    graph.add(qcow2("chained", &over, true, backing)).unwrap();
+    assert_eq!(
+        err("other", "chained"),
+        "The overlay already has a backing image"
+    );
+    graph.remove("chained").unwrap();
+    graph
+        .add(qcow2("over", &over, false, BackingOptions::None))
+        .unwrap();
+    let used = graph.get("over", device("vdb")).unwrap();
+    assert_eq!(
+        err("base", "over"),
+        "The overlay is already in use, held by virtio-blk device 'vdb'"
+    );
+    drop(used);
+    // A node under a parent cannot be covered: the parent would not see it.
+    let base_file = child(node(&graph.nodes(), "base"), "file");
+    assert_eq!(
+        err(&base_file, "over"),
+        format!("Node '{base_file}' is busy: node is used as 'file' child of 'base'")
+    );
+    // Nothing changed on the way.
+    let nodes = graph.nodes();
+    assert!(!node(&nodes, "base").read_only);
+    assert_eq!(node(&nodes, "over").children.len(), 1);
+}
+
+fn dataplane(id: &str) -> Holder {
+    Holder::Dataplane {
+        kind: "virtio-blk",
+        id: id.into(),
+    }
+}
+
+fn device(id: &str) -> Holder {
+    Holder::Device {
+        kind: "virtio-blk",
+        id: id.into(),
+    }
+}

@@ -17,6 +17,7 @@ mod files;
 mod holder;
 mod lease;
 mod node;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use base::sync::lock;
 pub use holder::Holder;
 pub use lease::Lease;
 pub use node::{Node, NodeRef};
+pub use snapshot::Appended;
 
 pub use crate::driver::FileOptions;
 use crate::driver::{self, Child, Driver, ImageDetails, Qcow2};
@@ -427,6 +429,19 @@ impl Graph {
                 Box::new(Qcow2::open(&name, file, backing, read_only)?)
             }
         };
+        self.register(name, read_only, driver, claim, holder)
+    }
+
+    /// Makes an open driver a node called `name` and registers it; the
+    /// one reference returned belongs to `holder`.
+    fn register(
+        &self,
+        name: String,
+        read_only: bool,
+        driver: Box<dyn Driver<NodeRef>>,
+        claim: Option<files::FileClaim>,
+        holder: Holder,
+    ) -> Result<NodeRef, BlockError> {
         let depth = 1 + driver
             .children()
             .iter()
