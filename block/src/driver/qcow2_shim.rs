@@ -177,3 +177,76 @@ impl<C: Child> Driver<C> for Qcow2<C> {
         })
     }
 }
+
+/// TEMPORARY SHIM of helper A's `qcow2::create` (same API), through
+/// `qemu-img create` on the file's descriptor.
+pub mod create {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+
+    /// What image to create.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct CreateOptions {
+        /// Virtual size in bytes.
+        pub size: u64,
+        /// Bytes per cluster.
+        pub cluster_size: u32,
+        /// Bits per refcount.
+        pub refcount_bits: u32,
+        /// Version 3.
+        pub compat_v3: bool,
+        /// Lazy refcounts.
+        pub lazy_refcounts: bool,
+        /// Backing file name as recorded, and its format.
+        pub backing: Option<(String, String)>,
+    }
+
+    impl CreateOptions {
+        /// qemu-img's defaults.
+        pub fn new(size: u64) -> Self {
+            CreateOptions {
+                size,
+                cluster_size: 65536,
+                refcount_bits: 16,
+                compat_v3: true,
+                lazy_refcounts: false,
+                backing: None,
+            }
+        }
+    }
+
+    /// Why an image could not be created.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CreateError {
+        /// Writing the image failed.
+        #[error("qcow2 create: cannot write the image: {0}")]
+        Io(#[from] std::io::Error),
+    }
+
+    /// Writes a fresh qcow2 image into `file`.
+    pub fn create(file: &File, o: &CreateOptions) -> Result<(), CreateError> {
+        let path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+        let opts = format!(
+            "cluster_size={},refcount_bits={},compat={},lazy_refcounts={}",
+            o.cluster_size,
+            o.refcount_bits,
+            if o.compat_v3 { "1.1" } else { "0.10" },
+            if o.lazy_refcounts { "on" } else { "off" }
+        );
+        let mut cmd = std::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2", "-u", "-o", &opts]);
+        if let Some((b, f)) = &o.backing {
+            cmd.args(["-b", b, "-F", f]);
+        }
+        let out = cmd.arg(&path).arg(o.size.to_string()).output()?;
+        if !out.status.success() {
+            return Err(
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).to_string()).into(),
+            );
+        }
+        // Whole sectors, as the file driver still wants them.
+        let len = file.metadata()?.len();
+        file.set_len(len.next_multiple_of(512))?;
+        Ok(())
+    }
+}
