@@ -112,6 +112,13 @@ pub enum BlockError {
         parent: String,
         child: String,
     },
+    /// `snapshot=on`: the throwaway overlay could not be made.
+    #[error("Node '{node}': cannot create the temporary overlay '{path}': {reason}")]
+    TempOverlay {
+        node: String,
+        path: String,
+        reason: String,
+    },
     /// A node's options are wrong.
     #[error("Node '{node}': {reason}")]
     Options { node: String, reason: String },

@@ -111,9 +111,12 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
             locking: d.locking,
             aio: d.aio,
         };
-        graph
-            .add_image(&node_name, d.read_only, file, d.format)
-            .map_err(disk_err)?;
+        if d.snapshot {
+            graph.add_snapshot_image(&node_name, file, d.format, &std::env::temp_dir())
+        } else {
+            graph.add_image(&node_name, d.read_only, file, d.format)
+        }
+        .map_err(disk_err)?;
         let node = graph
             .get(&node_name, device_holder(&id))
             .map_err(disk_err)?;

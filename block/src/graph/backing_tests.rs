@@ -639,3 +639,56 @@ fn device(id: &str) -> Holder {
         id: id.into(),
     }
 }
+
+#[test]
+fn snapshot_on_reads_the_image_under_a_throwaway_overlay_that_leaves_no_file() {
+    let dir = Folder::new("throwaway");
+    let base = dir.raw("base.raw");
+    let tmp = dir.path("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let graph = Graph::new();
+    graph
+        .add_snapshot_image(
+            "vda",
+            FileOptions::new(base.clone()),
+            ImageFormat::Raw,
+            &tmp,
+        )
+        .unwrap();
+    // The overlay's name is gone at once; its open file is all there is.
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    let nodes = graph.nodes();
+    let top = node(&nodes, "vda");
+    assert_eq!(
+        (top.driver, top.read_only, top.size),
+        ("qcow2", false, 1 << 20)
+    );
+    let b = node(&nodes, &child(top, "backing"));
+    assert_eq!((b.driver, b.read_only), ("raw", true));
+    assert!(node(&nodes, &child(b, "file")).read_only);
+    // The overlay records the image by its absolute path and format.
+    let details = top.image.details.clone().unwrap();
+    assert_eq!(details.backing_filename, Some(show(&base)));
+    assert_eq!(details.backing_format.as_deref(), Some("raw"));
+    // Others may read the image meanwhile: we never write it.
+    assert!(qemu_img_can_read(&base));
+    graph.remove("vda").unwrap();
+    assert!(graph.nodes().is_empty());
+
+    // A folder it cannot write: one line, nothing left open.
+    let err = graph
+        .add_snapshot_image(
+            "vdb",
+            FileOptions::new(base),
+            ImageFormat::Raw,
+            &dir.path("nope"),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("Node 'vdb': cannot create the temporary overlay")
+            && err.ends_with("No such file or directory (os error 2)"),
+        "{err}"
+    );
+    assert!(graph.nodes().is_empty(), "{:?}", names(&graph));
+}

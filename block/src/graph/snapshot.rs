@@ -11,9 +11,16 @@
 //! overlay, while the returned [`Appended`] still holds the top's lease,
 //! so no dataplane can start on the old top in between.
 
+use std::fs::OpenOptions;
+use std::path::Path;
+
 use base::sync::lock;
 
-use super::{Graph, Holder, Lease, NodeRef};
+use super::{
+    image_options, BackingOptions, ChildOptions, DriverOptions, FileOptions, Graph, Holder,
+    ImageFormat, Lease, NodeOptions, NodeRef,
+};
+use crate::driver::qcow2::create::{self, CreateOptions};
 use crate::driver::Qcow2;
 use crate::error::BlockError;
 
@@ -177,5 +184,87 @@ impl Graph {
             overlay: overlay_ref,
             _lease: lease,
         })
+    }
+}
+
+impl Graph {
+    /// Opens a disk as `--disk ...,snapshot=on` does (QEMU's `-snapshot`):
+    /// the image of `format` read-only, under a throwaway qcow2 overlay
+    /// named `name` that takes the writes. The overlay is made in `folder`
+    /// and unlinked as soon as it is open, so nothing is left behind
+    /// however the VMM ends; the image itself is never written.
+    pub fn add_snapshot_image(
+        &self,
+        name: &str,
+        file: FileOptions,
+        format: ImageFormat,
+        folder: &Path,
+    ) -> Result<(), BlockError> {
+        let absolute = std::fs::canonicalize(&file.filename).unwrap_or(file.filename.clone());
+        let base = self.open(
+            image_options(None, true, file.clone(), format),
+            Holder::Parent {
+                node: name.into(),
+                child: "backing",
+            },
+        )?;
+        let size = base.driver().size();
+        let fail = |path: &Path, reason: String| BlockError::TempOverlay {
+            node: name.into(),
+            path: path.display().to_string(),
+            reason,
+        };
+        let (path, overlay) = temp_file(folder, name).map_err(|(p, e)| fail(&p, e.to_string()))?;
+        let options = CreateOptions {
+            backing: Some((absolute.display().to_string(), format.name().into())),
+            ..CreateOptions::new(size)
+        };
+        if let Err(e) = create::create(&overlay, &options) {
+            let _ = std::fs::remove_file(&path);
+            return Err(fail(&path, e.to_string()));
+        }
+        drop(overlay);
+        let added = self.add(NodeOptions {
+            node_name: Some(name.into()),
+            read_only: false,
+            driver: DriverOptions::Qcow2 {
+                file: ChildOptions::Inline(Box::new(NodeOptions {
+                    node_name: None,
+                    read_only: false,
+                    driver: DriverOptions::File(FileOptions {
+                        filename: path.clone(),
+                        ..file
+                    }),
+                })),
+                backing: BackingOptions::Child(ChildOptions::Node(base.name().into())),
+            },
+        });
+        // Open or not, the name goes now: the open file is all we need.
+        let _ = std::fs::remove_file(&path);
+        added
+    }
+}
+
+/// A new file in `folder` for node `name`'s overlay, never one that exists.
+fn temp_file(
+    folder: &Path,
+    name: &str,
+) -> Result<(std::path::PathBuf, std::fs::File), (std::path::PathBuf, std::io::Error)> {
+    let mut n = 0u32;
+    loop {
+        let path = folder.join(format!(
+            "vmm-snapshot-{}-{name}-{n}.qcow2",
+            std::process::id()
+        ));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+            Err(e) => return Err((path, e)),
+        }
     }
 }
