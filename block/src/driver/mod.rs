@@ -3,10 +3,6 @@
 
 mod file;
 mod null;
-// TEMPORARY SHIM (branch qgraph only, never merged): stands in for the
-// lead's qcow2 driver until it lands on main.
-#[path = "qcow2_shim.rs"]
-pub mod qcow2;
 mod raw;
 
 pub use file::{File, FileOptions};
