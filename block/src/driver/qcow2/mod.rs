@@ -1,0 +1,3 @@
+//! The qcow2 format: its header, image creation and compressed clusters.
+
+pub mod header;
