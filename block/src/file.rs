@@ -61,7 +61,8 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
-    /// Its size is not a whole number of 512-byte sectors.
+    /// Its size is not a whole number of 512-byte sectors (a raw disk
+    /// must be; a qcow2 image file need not).
     #[error("disk '{path}' is {size} bytes, not a whole number of 512-byte sectors")]
     PartialSector { path: PathBuf, size: u64 },
     /// Another open of the image is in the way, or it could not be locked.
@@ -112,12 +113,6 @@ impl DiskFile {
         } else {
             return Err(DiskError::NotAFile(path.to_path_buf()));
         };
-        if size % 512 != 0 {
-            return Err(DiskError::PartialSector {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
         // Our own descriptor's locks stay with it: closing the file (the
         // last engine and node gone) releases them.
         let locked = lock::lock_image(

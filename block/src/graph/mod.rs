@@ -316,6 +316,16 @@ impl Graph {
                         ),
                     });
                 }
+                let size = child.driver().size();
+                if size % 512 != 0 {
+                    return Err(BlockError::Open {
+                        node: name,
+                        source: crate::file::DiskError::PartialSector {
+                            path: child.driver().filename().into(),
+                            size,
+                        },
+                    });
+                }
                 Box::new(driver::Raw::new(child))
             }
         };
