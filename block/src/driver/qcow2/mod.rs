@@ -1,3 +1,4 @@
 //! The qcow2 format: its header, image creation and compressed clusters.
 
+pub mod create;
 pub mod header;
