@@ -254,14 +254,14 @@ mod tests {
         let err = DiskFile::open(&fifo, read_only).unwrap_err();
         std::fs::remove_file(&fifo).unwrap();
         assert!(matches!(err, DiskError::NotAFile(_)), "{err}");
+        // Any size is a file's business: qcow2 images end anywhere. The
+        // raw format above one checks for whole sectors.
         let path = temp("odd", 1000);
-        let err = DiskFile::open(&path, DiskOptions::default()).unwrap_err();
         assert_eq!(
-            err.to_string(),
-            format!(
-                "disk '{}' is 1000 bytes, not a whole number of 512-byte sectors",
-                path.display()
-            )
+            DiskFile::open(&path, DiskOptions::default())
+                .unwrap()
+                .size(),
+            1000
         );
         std::fs::remove_file(path).unwrap();
     }

@@ -62,8 +62,8 @@ impl Aligned {
 
 impl Drop for Aligned {
     fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len.max(ALIGN), ALIGN)
-            .expect("as allocated");
+        let layout =
+            std::alloc::Layout::from_size_align(self.len.max(ALIGN), ALIGN).expect("as allocated");
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { std::alloc::dealloc(self.ptr, layout) };
     }
@@ -490,8 +490,8 @@ impl Qcow2Io {
                 .map_or(0, |e| e.len),
             _ => op.arena[seg.iov.clone()].iter().map(|v| v.iov_len).sum(),
         };
-        let reading = sub.part != PART_DATA
-            || matches!(seg.kind, SegKind::Read { .. } | SegKind::Backing);
+        let reading =
+            sub.part != PART_DATA || matches!(seg.kind, SegKind::Read { .. } | SegKind::Backing);
         let ok = match usize::try_from(result) {
             Ok(n) if n == want => true,
             // A read that ends early met the end of the file: the rest
@@ -669,9 +669,15 @@ impl Qcow2Io {
             let rel = pos - offset;
             let mapping = lock(&self.meta).lookup(g)?;
             match mapping {
-                Mapping::Data { host, .. } => {
-                    self.add_seg(i, SegKind::Read { host: host + in_cluster }, pos, rel, n)
-                }
+                Mapping::Data { host, .. } => self.add_seg(
+                    i,
+                    SegKind::Read {
+                        host: host + in_cluster,
+                    },
+                    pos,
+                    rel,
+                    n,
+                ),
                 Mapping::Unallocated if has_backing && pos < backing_size => {
                     let m = n.min(backing_size - pos);
                     self.add_seg(i, SegKind::Backing, pos, rel, m);
@@ -679,9 +685,7 @@ impl Qcow2Io {
                         Self::fill(self.op(i), rel + m, n - m, None);
                     }
                 }
-                Mapping::Zero { .. } | Mapping::Unallocated => {
-                    Self::fill(self.op(i), rel, n, None)
-                }
+                Mapping::Zero { .. } | Mapping::Unallocated => Self::fill(self.op(i), rel, n, None),
                 Mapping::Compressed { entry } => {
                     let mut scratch = std::mem::take(&mut self.scratch);
                     scratch.resize(cs as usize, 0);
@@ -712,7 +716,9 @@ impl Qcow2Io {
                 && last.guest + last_len == guest
                 && match (&last.kind, &kind) {
                     (SegKind::Read { host: a }, SegKind::Read { host: b })
-                    | (SegKind::Write { host: a }, SegKind::Write { host: b }) => a + last_len == *b,
+                    | (SegKind::Write { host: a }, SegKind::Write { host: b }) => {
+                        a + last_len == *b
+                    }
                     (SegKind::Backing, SegKind::Backing) => true,
                     _ => false,
                 };
@@ -748,9 +754,15 @@ impl Qcow2Io {
             let rel = pos - offset;
             let mapping = lock(&self.meta).lookup(g)?;
             match mapping {
-                Mapping::Data { host, copied: true } => {
-                    self.add_seg(i, SegKind::Write { host: host + in_cluster }, pos, rel, n)
-                }
+                Mapping::Data { host, copied: true } => self.add_seg(
+                    i,
+                    SegKind::Write {
+                        host: host + in_cluster,
+                    },
+                    pos,
+                    rel,
+                    n,
+                ),
                 other => self.plan_alloc(i, g, other, in_cluster, rel, n)?,
             }
             pos += n;
@@ -792,9 +804,7 @@ impl Qcow2Io {
                 (Old::Ready, self.compressed_clusters(entry))
             }
             Mapping::Zero { host } => (Old::Ready, if host != 0 { vec![host] } else { vec![] }),
-            Mapping::Unallocated
-                if self.backing.is_some() && cluster_start < self.backing_size =>
-            {
+            Mapping::Unallocated if self.backing.is_some() && cluster_start < self.backing_size => {
                 (Old::Backing, vec![])
             }
             Mapping::Unallocated => (Old::Ready, vec![]),
@@ -919,9 +929,15 @@ impl Qcow2Io {
             let in_cluster = pos % cs;
             let mapping = lock(&self.meta).lookup(g)?;
             match mapping {
-                Mapping::Data { host, copied: true } => {
-                    self.add_seg(i, SegKind::Write { host: host + in_cluster }, pos, rel, n)
-                }
+                Mapping::Data { host, copied: true } => self.add_seg(
+                    i,
+                    SegKind::Write {
+                        host: host + in_cluster,
+                    },
+                    pos,
+                    rel,
+                    n,
+                ),
                 Mapping::Zero { .. } => {}
                 Mapping::Unallocated if !has_backing => {}
                 other => self.plan_alloc(i, g, other, in_cluster, rel, n)?,

@@ -332,7 +332,12 @@ impl Meta {
             .collect();
         let reftable_len = (u64::from(header.refcount_table_clusters) << cluster_bits) / 8;
         let mut raw = vec![0u8; reftable_len as usize * 8];
-        read_at(&file, &mut raw, header.refcount_table_offset, "refcount table")?;
+        read_at(
+            &file,
+            &mut raw,
+            header.refcount_table_offset,
+            "refcount table",
+        )?;
         let reftable: Vec<u64> = (0..reftable_len as usize).map(|i| be64(&raw, i)).collect();
         let rb_bits = cluster_bits + 3 - header.refcount_order;
         let mut refusal = if read_only {
@@ -428,7 +433,10 @@ impl Meta {
     /// The cluster index of guest cluster `g`'s L1 entry and its place in
     /// its L2 table.
     fn split(&self, g: u64) -> (usize, usize) {
-        ((g / self.l2_entries) as usize, (g % self.l2_entries) as usize)
+        (
+            (g / self.l2_entries) as usize,
+            (g % self.l2_entries) as usize,
+        )
     }
 
     /// The cache slot of the L2 table at `offset`, loading it.

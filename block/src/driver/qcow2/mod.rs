@@ -23,8 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use engine::Qcow2Io;
 use header::{Header, HeaderError};
-pub use meta::MetaError;
 use meta::Meta;
+pub use meta::MetaError;
 
 use super::{Child, Driver};
 use crate::error::BlockError;

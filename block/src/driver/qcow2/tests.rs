@@ -57,7 +57,13 @@ fn file_child(path: &Path, read_only: bool, direct: bool) -> TestChild {
 }
 
 fn open(path: &Path, backing: Option<TestChild>, read_only: bool) -> Qcow2<TestChild> {
-    Qcow2::open("top", file_child(path, read_only, false), backing, read_only).unwrap()
+    Qcow2::open(
+        "top",
+        file_child(path, read_only, false),
+        backing,
+        read_only,
+    )
+    .unwrap()
 }
 
 /// The dataplane's side: requests in, completions out.
@@ -349,7 +355,10 @@ fn an_overlay_copies_up_from_its_raw_backing_and_leaves_it_unchanged() {
         model.resize(size as usize, 0);
         let backing = file_child(&base, true, false);
         exercise(&top, size, &mut model, Some(backing), 77);
-        assert!(std::fs::read(&base).unwrap() == data, "the base is untouched");
+        assert!(
+            std::fs::read(&base).unwrap() == data,
+            "the base is untouched"
+        );
         std::fs::remove_file(top).unwrap();
         std::fs::remove_file(base).unwrap();
     }
@@ -377,7 +386,10 @@ fn compressed_clusters_read_and_copy_on_write() {
     {
         let q = open(&img, None, true);
         let mut d = Driver2::new(&q, 4);
-        assert!(d.read(0, size as usize) == data, "compressed data reads back");
+        assert!(
+            d.read(0, size as usize) == data,
+            "compressed data reads back"
+        );
     }
     let mut model = data.clone();
     exercise(&img, size, &mut model, None, 5);
@@ -517,7 +529,10 @@ fn a_read_only_image_refuses_writes_and_a_dirty_one_refuses_a_writable_open() {
         .err()
         .expect("a dirty image is not opened for writing")
         .to_string();
-    assert!(err.contains("Node 'top'") && err.contains("read-only"), "{err}");
+    assert!(
+        err.contains("Node 'top'") && err.contains("read-only"),
+        "{err}"
+    );
     assert!(Qcow2::open("top", file_child(&path, true, false), None, true).is_ok());
     std::fs::remove_file(path).unwrap();
 }
