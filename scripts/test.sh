@@ -11,11 +11,14 @@ command -v cargo >/dev/null || {
 }
 bash kernel-images/build.sh
 
-# Tools some integration tests run beside our VMM: qemu-storage-daemon
-# (qemu-utils) for tests/tests/qsd_compare.rs, and Python with pip for
-# qemu.qmp below. They fail, saying so, without them.
+# Tools some tests run beside our code: qemu-storage-daemon (qemu-utils)
+# for tests/tests/qsd_compare.rs, qemu-img and qemu-io (qemu-utils) for the
+# qcow2 unit tests in block/, and Python with pip for qemu.qmp below. They
+# fail, saying so, without them.
 need=()
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+for tool in qemu-storage-daemon qemu-img qemu-io; do
+	command -v "$tool" >/dev/null || { need+=(qemu-utils); break; }
+done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "test: apt-get install ${need[*]}"

@@ -129,6 +129,13 @@ pub enum BlockError {
         #[source]
         source: DiskError,
     },
+    /// A qcow2 image could not be opened.
+    #[error("Node '{node}': {source}")]
+    Qcow2 {
+        node: String,
+        #[source]
+        source: crate::driver::qcow2::Qcow2Error,
+    },
     /// An I/O engine could not be set up for the node.
     #[error("Node '{node}': {source}")]
     Io {

@@ -52,14 +52,6 @@ fn a_snapshot_waits_for_stop_then_moves_the_device_to_the_overlay() {
     qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", &base, "-F", "raw", &over,
     ]);
-    // TEMPORARY: whole sectors until the file driver takes any size.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&overlay)
-        .unwrap();
-    f.set_len(f.metadata().unwrap().len().next_multiple_of(512))
-        .unwrap();
-    drop(f);
     let path = temp_path("snapshot.qmp");
     let config = testguest(
         "blk=random blk.ops=300000 blk.qd=8 blk.timeout=300 idle",

@@ -3,6 +3,7 @@
 
 mod file;
 mod null;
+pub mod qcow2;
 mod raw;
 
 pub use file::{File, FileOptions};

@@ -392,7 +392,20 @@ impl Graph {
             }
             DriverOptions::Null { size } => Box::new(driver::Null::new(&name, size)?),
             DriverOptions::Raw { file } => {
-                Box::new(driver::Raw::new(self.file_child(&name, file, read_only)?))
+                let child = self.file_child(&name, file, read_only)?;
+                // The guest sees the file byte for byte: whole sectors only
+                // (a qcow2 image file under a qcow2 node may be any size).
+                let size = child.driver().size();
+                if size % 512 != 0 {
+                    return Err(BlockError::Open {
+                        node: name,
+                        source: crate::file::DiskError::PartialSector {
+                            path: child.driver().filename().into(),
+                            size,
+                        },
+                    });
+                }
+                Box::new(driver::Raw::new(child))
             }
             DriverOptions::Qcow2 { file, backing } => {
                 let file = self.file_child(&name, file, read_only)?;

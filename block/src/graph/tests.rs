@@ -585,3 +585,20 @@ fn lookups_racing_the_last_reference_never_hang() {
         t.join().unwrap();
     }
 }
+
+#[test]
+fn a_raw_disk_must_be_whole_sectors_but_its_file_need_not() {
+    let odd = TempFile::new("odd", 1000);
+    let graph = Graph::new();
+    let err = graph
+        .add_disk("drive0", false, FileOptions::new(odd.0.clone()))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "disk '{}' is 1000 bytes, not a whole number of 512-byte sectors",
+            odd.0.display()
+        )
+    );
+    assert!(names(&graph).is_empty(), "nothing is left open");
+}

@@ -397,15 +397,6 @@ mod tests {
                 "2M",
             ],
         );
-        // TEMPORARY: whole sectors until the file driver takes any size.
-        for name in ["top.qcow2", "solo.qcow2"] {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join(name))
-                .unwrap();
-            let len = f.metadata().unwrap().len();
-            f.set_len(len.next_multiple_of(512)).unwrap();
-        }
         let m = monitor(std::sync::Arc::new(block::Graph::new()));
         let run = |name: &str, args: Value| {
             let Value::Object(args) = args else { panic!() };

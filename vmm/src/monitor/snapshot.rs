@@ -293,13 +293,6 @@ mod tests {
                 "create", "-q", "-f", "qcow2", "-b", "s1.qcow2", "-F", "qcow2", "s2.qcow2",
             ],
         );
-        // TEMPORARY: whole sectors until the file driver takes any size.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("s2.qcow2"))
-            .unwrap();
-        f.set_len(f.metadata().unwrap().len().next_multiple_of(512))
-            .unwrap();
         let s2 = dir.join("s2.qcow2").display().to_string();
         exec(
             "blockdev-add",
