@@ -253,6 +253,8 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 // format node writing back what it cached.
                 libc::SYS_pread64,
                 libc::SYS_pwrite64,
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
                 libc::SYS_ftruncate,
                 libc::SYS_fsync,
                 libc::SYS_fdatasync,
