@@ -34,7 +34,8 @@ fn scratch() -> &'static Path {
     })
 }
 
-/// The real commands, with every `filename` moved into the scratch folder
+/// The real commands, with every `filename` (and `snapshot-file`) moved
+/// into the scratch folder
 /// (its last path component, or `a.img`), so no input can make the
 /// harness open, lock or overwrite a file of the host's.
 struct Confined(Monitor);
@@ -43,7 +44,7 @@ fn confine(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                if key == "filename" {
+                if key == "filename" || key == "snapshot-file" {
                     if let Value::String(name) = v {
                         let base = Path::new(name.as_str())
                             .file_name()
