@@ -35,9 +35,9 @@ fn scratch() -> &'static Path {
 }
 
 /// The real commands, with every `filename` (and `snapshot-file`) moved
-/// into the scratch folder
-/// (its last path component, or `a.img`), so no input can make the
-/// harness open, lock or overwrite a file of the host's.
+/// into the scratch folder (its last path component, or `a.img`), so no
+/// input can make the harness open, lock, create or overwrite a file of
+/// the host's.
 struct Confined(Monitor);
 
 fn confine(value: &mut Value) {
