@@ -752,7 +752,7 @@ impl Qcow2Io {
             let in_cluster = pos % cs;
             let n = (cs - in_cluster).min(end - pos);
             let rel = pos - offset;
-            let mapping = lock(&self.meta).lookup(g)?;
+            let mapping = self.lookup_for_write(g)?;
             match mapping {
                 Mapping::Data { host, copied: true } => self.add_seg(
                     i,
@@ -768,6 +768,16 @@ impl Qcow2Io {
             pos += n;
         }
         Ok(())
+    }
+
+    /// What guest cluster `g` maps to, for a change to it: refused once
+    /// writes are (looking up may itself find a table pointing data at
+    /// metadata, which refuses them from then on).
+    fn lookup_for_write(&self, g: u64) -> Result<Mapping, MetaError> {
+        let mut meta = lock(&self.meta);
+        let mapping = meta.lookup(g)?;
+        meta.writable()?;
+        Ok(mapping)
     }
 
     /// The host clusters a compressed cluster's data touches.
@@ -927,7 +937,7 @@ impl Qcow2Io {
         for (pos, n) in parts {
             let g = pos / cs;
             let in_cluster = pos % cs;
-            let mapping = lock(&self.meta).lookup(g)?;
+            let mapping = self.lookup_for_write(g)?;
             match mapping {
                 Mapping::Data { host, copied: true } => self.add_seg(
                     i,
@@ -950,7 +960,7 @@ impl Qcow2Io {
     /// Points whole guest cluster `g` at `entry` (0 or the zero flag),
     /// freeing what it held once that is on disk.
     fn zero_cluster(&mut self, g: u64, entry: u64) -> Result<(), MetaError> {
-        let mapping = lock(&self.meta).lookup(g)?;
+        let mapping = self.lookup_for_write(g)?;
         let frees = match mapping {
             Mapping::Unallocated if entry == 0 => return Ok(()),
             Mapping::Zero { host: 0 } => return Ok(()),
