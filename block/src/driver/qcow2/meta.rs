@@ -433,6 +433,13 @@ impl Meta {
         }
     }
 
+    /// Refuses writes from now on, for `why`.
+    pub(crate) fn refuse_writes(&mut self, why: &str) {
+        if self.refusal.is_none() {
+            self.refusal = Some(why.to_string());
+        }
+    }
+
     /// Refuses every write from now on: a metadata write failed half-way,
     /// and more writes could only make the image worse.
     fn fail<T>(&mut self, e: MetaError) -> Result<T> {

@@ -187,7 +187,11 @@ impl<C: Child> Driver<C> for Qcow2<C> {
     }
 
     fn give_up_write(&self, node: &str) -> Result<(), BlockError> {
-        self.write_back(node)
+        self.write_back(node)?;
+        // From now on nothing may allocate or change a table here, even
+        // through an engine opened before: the image is someone's backing.
+        lock(&self.meta).refuse_writes("it is now a read-only backing image");
+        Ok(())
     }
 
     fn open_io(
