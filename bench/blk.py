@@ -205,10 +205,16 @@ def guest_cmdline(spec, qd, seconds, extra="", queues=1):
     return f"blk.bench={spec} blk.qd={qd}{q} blk.seconds={seconds} exit=0 {extra}".strip()
 
 
+def image_format(image):
+    """qcow2 for a `.qcow2` file, raw otherwise (neither VMM probes)."""
+    return "qcow2" if str(image).endswith(".qcow2") else "raw"
+
+
 def ours_cmd(cmdline, image, queues=1):
     q = f",queues={queues}" if queues > 1 else ""
+    f = ",format=qcow2" if image_format(image) == "qcow2" else ""
     return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS),
-            "--disk", f"path={image},direct=on,poll={POLL_US}{q}", "--cmdline", cmdline]
+            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}", "--cmdline", cmdline]
 
 
 def qemu_cmd(cmdline, image, boot=None, queues=1):
@@ -223,7 +229,7 @@ def qemu_cmd(cmdline, image, boot=None, queues=1):
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-global", "virtio-mmio.force-legacy=false",
         "-object", f"iothread,id=io0,poll-max-ns={QEMU_POLL_MAX_NS}",
-        "-drive", f"file={image},format=raw,if=none,id=d0,cache=none,aio=io_uring",
+        "-drive", f"file={image},format={image_format(image)},if=none,id=d0,cache=none,aio=io_uring",
         "-device", "virtio-blk-device,drive=d0,iothread=io0" + (f",num-queues={queues}" if queues > 1 else ""),
         "-kernel", str(kernel), *(["-initrd", str(initrd)] if initrd else []), "-append", cmdline,
     ]
