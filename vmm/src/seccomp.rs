@@ -207,13 +207,15 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
     match kind {
         // Waits for the end or a signal (its signalfd), kicks and joins
         // the others, unmaps and closes; closing a qcow2 node writes its
-        // tables back and syncs them.
+        // tables back and syncs them...
         Main => [
             &[
                 libc::SYS_tgkill,
                 libc::SYS_preadv,
                 libc::SYS_pwritev,
                 libc::SYS_fdatasync,
+                // ...and trims what it grew ahead of allocation.
+                libc::SYS_ftruncate,
             ][..],
             POLL_READ,
         ]

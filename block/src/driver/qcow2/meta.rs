@@ -302,6 +302,13 @@ pub(crate) struct Meta {
     free_hint: u64,
     /// One past the last cluster in use or in the file.
     end: u64,
+    /// The file is at least this long: what it was at open, grown ahead of
+    /// allocation with `fallocate` (see [`Meta::ensure_room`]).
+    file_len: u64,
+    /// Whether the file was grown past what is in use (trimmed on close).
+    grown: bool,
+    /// `fallocate` failed once (a file system without it): do not retry.
+    no_prealloc: bool,
     /// Frees waiting for the L2 change that dropped the cluster to be
     /// written back.
     frees_waiting: Vec<u64>,
@@ -404,6 +411,9 @@ impl Meta {
             refblocks: Cache::new(rb_cap.max(4)),
             free_hint: 0,
             end: file_size.div_ceil(cluster_size),
+            file_len: file_size,
+            grown: false,
+            no_prealloc: false,
             frees_waiting: Vec::new(),
             frees_ready: Vec::new(),
             refusal,
@@ -692,6 +702,7 @@ impl Meta {
                 continue;
             }
             if self.refcount(c)? == 0 {
+                self.ensure_room(c + 1);
                 if self.meta_clusters.contains(&c) {
                     return Err(MetaError::Corrupt(format!(
                         "cluster 0x{:x} holds metadata but its refcount is 0",
@@ -704,6 +715,58 @@ impl Meta {
                 return Ok(c << self.cluster_bits);
             }
             c += 1;
+        }
+    }
+
+    /// Makes sure the file reaches past cluster `end - 1`, growing it in
+    /// steps with `fallocate`. A direct write past the end of a file
+    /// extends it, and ext4 serialises extending direct writes (each
+    /// holds the inode lock until it completes): allocating clusters one
+    /// by one at the end of the image would run one write at a time.
+    /// Writes into blocks `fallocate` reserved run in parallel.
+    fn ensure_room(&mut self, end: u64) {
+        let need = end << self.cluster_bits;
+        if need <= self.file_len || self.no_prealloc {
+            return;
+        }
+        // A quarter of what the image has, between 1 and 32 MiB.
+        let step = (self.file_len / 4).clamp(1 << 20, 32 << 20);
+        let target = (need + step).div_ceil(self.cluster_size) * self.cluster_size;
+        let (Ok(at), Ok(len)) = (
+            i64::try_from(self.file_len),
+            i64::try_from(target - self.file_len),
+        ) else {
+            return;
+        };
+        // SAFETY: fallocate on a descriptor this struct owns.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at, len) } != 0 {
+            log::debug!(
+                "qcow2: cannot grow the image ahead of writes: {}",
+                io::Error::last_os_error()
+            );
+            self.no_prealloc = true;
+            return;
+        }
+        self.file_len = target;
+        self.grown = true;
+    }
+
+    /// Trims what [`Meta::ensure_room`] grew beyond the last cluster in
+    /// use, so the file ends where the image does.
+    pub(crate) fn trim(&mut self) {
+        let end = self.end << self.cluster_bits;
+        if !self.grown || end >= self.file_len || self.refusal.is_some() {
+            return;
+        }
+        // SAFETY: ftruncate on a descriptor this struct owns.
+        if unsafe { libc::ftruncate(self.file.as_raw_fd(), end as i64) } == 0 {
+            self.file_len = end;
+            self.grown = false;
+        } else {
+            log::debug!(
+                "qcow2: cannot trim the image to 0x{end:x}: {}",
+                io::Error::last_os_error()
+            );
         }
     }
 

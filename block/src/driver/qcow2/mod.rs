@@ -236,8 +236,10 @@ impl<C> Drop for Qcow2<C> {
         // An engine lives only under a lease, and a lease holds a
         // reference to its node: nothing is in flight now. Write the
         // tables back and let go of the clusters whose last user went.
-        if let Err(e) = lock(&self.meta).settle() {
-            log::warn!("qcow2: writing metadata back on close failed: {e}");
+        let mut meta = lock(&self.meta);
+        match meta.settle() {
+            Ok(()) => meta.trim(),
+            Err(e) => log::warn!("qcow2: writing metadata back on close failed: {e}"),
         }
     }
 }
