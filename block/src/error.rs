@@ -51,6 +51,74 @@ pub enum BlockError {
     /// A chain of nodes deeper than the graph allows.
     #[error("Node '{node}' would be {depth} nodes deep; at most {max} nodes may be stacked", max = crate::graph::MAX_DEPTH)]
     TooDeep { node: String, depth: usize },
+    /// An image records a backing file but not its format, which is never
+    /// guessed (a guest could write any header into a raw disk).
+    #[error("Node '{node}': image '{image}' records backing file '{backing}' but not its format, which is never probed; record it with 'qemu-img rebase -u -b {backing} -F raw|qcow2 {image}'")]
+    NoBackingFormat {
+        node: String,
+        image: String,
+        backing: String,
+    },
+    /// An image records a backing format we have no driver for.
+    #[error("Node '{node}': image '{image}' records backing format '{format}'; only raw and qcow2 backing files are supported")]
+    BackingFormat {
+        node: String,
+        image: String,
+        format: String,
+    },
+    /// The backing file an image records cannot be found.
+    #[error("Node '{node}': cannot open backing file '{path}': {source}")]
+    BackingMissing {
+        node: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backing chain comes back to a file already in it.
+    #[error("Node '{node}': backing file '{path}' is already in this backing chain (a loop)")]
+    BackingLoop { node: String, path: String },
+    /// The backing chain is longer than the graph stacks.
+    #[error("Node '{node}': its backing chain has more than {max} images; at most {max} nodes may be stacked", max = crate::graph::MAX_DEPTH)]
+    BackingTooDeep { node: String },
+    /// `blockdev-snapshot` with an overlay that is the node it would cover.
+    #[error("Making '{overlay}' a backing child of itself would create a cycle")]
+    OverlayCycle { overlay: String },
+    /// The overlay is attached elsewhere (QEMU's words, then who).
+    #[error("The overlay is already in use{}", held_by(.holders))]
+    OverlayInUse {
+        overlay: String,
+        holders: Vec<String>,
+    },
+    /// The overlay's format has no backing files.
+    #[error("The overlay does not support backing images")]
+    OverlayNoBacking { overlay: String },
+    /// The overlay was added with a backing node.
+    #[error("The overlay already has a backing image")]
+    OverlayHasBacking { overlay: String },
+    /// The guest would see another size (devices cannot change theirs).
+    #[error(
+        "The overlay '{overlay}' is {size} bytes, but node '{node}' it would cover is {node_size}"
+    )]
+    OverlaySize {
+        overlay: String,
+        size: u64,
+        node: String,
+        node_size: u64,
+    },
+    /// The node to snapshot is another node's child (QEMU's words).
+    #[error("Node '{node}' is busy: node is used as {child} of '{parent}'")]
+    ChildOfParent {
+        node: String,
+        parent: String,
+        child: String,
+    },
+    /// `snapshot=on`: the throwaway overlay could not be made.
+    #[error("Node '{node}': cannot create the temporary overlay '{path}': {reason}")]
+    TempOverlay {
+        node: String,
+        path: String,
+        reason: String,
+    },
     /// A node's options are wrong.
     #[error("Node '{node}': {reason}")]
     Options { node: String, reason: String },

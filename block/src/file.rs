@@ -187,6 +187,17 @@ impl DiskFile {
     }
 }
 
+impl DiskFile {
+    /// Gives up the write permission's image lock: this process will not
+    /// write the image through this open again (an overlay above took
+    /// over), so another may read it. The descriptor stays open as it was.
+    pub fn release_write(&self) {
+        if self.locked {
+            lock::release_write(self.file.as_raw_fd());
+        }
+    }
+}
+
 impl Drop for DiskFile {
     fn drop(&mut self) {
         // At once: the close that follows may release them only later.

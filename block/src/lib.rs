@@ -28,7 +28,8 @@ pub mod throttle;
 pub use error::BlockError;
 pub use file::{DiskError, DiskFile, DiskOptions, FileId};
 pub use graph::{
-    ChildOptions, DriverOptions, FileOptions, Graph, Holder, Lease, NodeInfo, NodeOptions, NodeRef,
+    BackingOptions, ChildOptions, DriverOptions, FileOptions, Graph, Holder, ImageFormat,
+    ImageInfo, Lease, NodeInfo, NodeOptions, NodeRef,
 };
 pub use io::{Aio, AsyncIo, Completion, IoError, NullIo, SyncIo, UringIo};
 pub use lock::Locking;

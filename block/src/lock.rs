@@ -253,6 +253,23 @@ pub fn lock_image(
     Ok(true)
 }
 
+/// Lets go of the write permission's byte on `fd`, leaving the image
+/// locked as a read-only open locks it (`Perms::for_image(true)`): what a
+/// writer shares and a reader shares are the same.
+pub fn release_write(fd: RawFd) {
+    let fl = flock(
+        libc::F_UNLCK as libc::c_short,
+        PERM_BASE + Perm::Write as i64,
+    );
+    // SAFETY: fcntl with F_OFD_SETLK reads the flock we pass and nothing else.
+    if unsafe { libc::fcntl(fd, libc::F_OFD_SETLK, &fl) } < 0 {
+        log::warn!(
+            "cannot release an image's write lock: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Lets go of every lock `lock_image` may have taken on `fd`. Closing the
 /// file would too, but not at once when io_uring has it registered: the
 /// kernel tears a ring down later, and the file's last reference with it.

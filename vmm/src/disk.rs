@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use block::throttle::{Limit, Limits, VALUE_MAX};
-use block::{Aio, Locking};
+use block::{Aio, ImageFormat, Locking};
 use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// One virtio-blk disk as the user asked for it.
@@ -13,6 +13,11 @@ use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
 pub struct DiskConfig {
     /// The host file.
     pub path: PathBuf,
+    /// Its format (`format=`, default raw); never probed.
+    pub format: ImageFormat,
+    /// Writes go to a throwaway qcow2 overlay; the file is never written
+    /// (QEMU's `-snapshot`).
+    pub snapshot: bool,
     /// The device's name; `vda`, `vdb`... by position when not given.
     pub id: Option<String>,
     /// The block node's name; the device's name when not given.
@@ -46,7 +51,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -129,6 +134,8 @@ impl FromStr for DiskConfig {
     fn from_str(s: &str) -> Result<Self, DiskOptionError> {
         let mut disk = DiskConfig {
             path: PathBuf::new(),
+            format: ImageFormat::Raw,
+            snapshot: false,
             id: None,
             node_name: None,
             read_only: false,
@@ -159,6 +166,8 @@ impl FromStr for DiskConfig {
             match key {
                 "path" if value.is_empty() => return Err(bad("give a file")),
                 "path" => disk.path = PathBuf::from(value),
+                "format" => disk.format = value.parse().map_err(|why: String| bad(&why))?,
+                "snapshot" => disk.snapshot = on_off(key, value)?,
                 "id" => {
                     let ok = !value.is_empty()
                         && value.len() <= 32
@@ -238,6 +247,9 @@ mod tests {
         );
         assert_eq!(plain.locking, Locking::Auto);
         assert_eq!(plain.aio, Aio::Auto);
+        assert_eq!((plain.format, plain.snapshot), (ImageFormat::Raw, false));
+        let q: DiskConfig = "path=x,format=qcow2,snapshot=on".parse().unwrap();
+        assert_eq!((q.format, q.snapshot), (ImageFormat::Qcow2, true));
     }
 
     #[test]
@@ -262,6 +274,10 @@ mod tests {
         assert_eq!(
             err("path=x,aio=native"),
             "disk option aio='native' is invalid: 'native' is not one of auto, io_uring, sync"
+        );
+        assert_eq!(
+            err("path=x,format=vmdk"),
+            "disk option format='vmdk' is invalid: 'vmdk' is not one of raw, qcow2"
         );
         assert!(err("path=x,throttling.iops-sideways=5").contains("'throttling.iops-sideways'"));
         assert!(err("path=x,throttling.iops-total-min=5").contains("unknown disk option"));

@@ -247,6 +247,18 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_newfstatat,
                 libc::SYS_fstat,
                 libc::SYS_lseek,
+                // blockdev-add of a qcow2 image: its header and metadata;
+                // blockdev-snapshot-sync: writing a new overlay (and
+                // syncing it), the old top's absolute path (realpath), a
+                // format node writing back what it cached.
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+                libc::SYS_ftruncate,
+                libc::SYS_fsync,
+                libc::SYS_fdatasync,
+                libc::SYS_readlink,
+                libc::SYS_readlinkat,
+                libc::SYS_getcwd,
                 // FIONBIO on clients; a block device's size.
                 libc::SYS_ioctl,
                 // stop: kick the vCPUs out of KVM_RUN.

@@ -6,7 +6,9 @@
 use std::sync::{Arc, Mutex};
 
 use block::{FileOptions, Graph};
-use devices::virtio::block::{device_holder, Block, BlockConfig, BlockStats, ThrottleControl};
+use devices::virtio::block::{
+    device_holder, Block, BlockConfig, BlockStats, NodeSlot, ThrottleControl,
+};
 use devices::virtio::mmio::{MmioTransport, MMIO_LEN, NOTIFY_OFFSET};
 use devices::virtio::Interrupt;
 use devices::Bus;
@@ -25,7 +27,7 @@ pub const MAX_DISKS: usize = (IOAPIC_PINS as u32 - VIRTIO_FIRST_IRQ) as usize;
 /// A disk whose nodes are open, waiting for a VM.
 pub struct OpenDisk {
     config: BlockConfig,
-    node: block::NodeRef,
+    node: Arc<NodeSlot>,
     throttle: Arc<ThrottleControl>,
     stats: Arc<BlockStats>,
 }
@@ -34,8 +36,8 @@ pub struct OpenDisk {
 pub struct DiskControls {
     /// The device id.
     pub id: String,
-    /// The top node's name.
-    pub node: String,
+    /// The node the device serves (an external snapshot moves it).
+    pub node: Arc<NodeSlot>,
     /// The I/O limits, for `block_set_io_throttle` and `query-block`.
     pub throttle: Arc<ThrottleControl>,
     /// The I/O accounting, for `query-blockstats` and
@@ -66,7 +68,7 @@ pub fn controls(disks: &[OpenDisk]) -> Disks {
             .iter()
             .map(|d| DiskControls {
                 id: d.config.id.clone(),
-                node: d.node.name().to_string(),
+                node: d.node.clone(),
                 throttle: d.throttle.clone(),
                 stats: d.stats.clone(),
             })
@@ -103,22 +105,23 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
             id: id.clone(),
             source,
         };
-        graph
-            .add_disk(
-                &node_name,
-                d.read_only,
-                FileOptions {
-                    filename: d.path.clone(),
-                    direct: d.direct,
-                    locking: d.locking,
-                    aio: d.aio,
-                },
-            )
-            .map_err(disk_err)?;
+        let file = FileOptions {
+            filename: d.path.clone(),
+            direct: d.direct,
+            locking: d.locking,
+            aio: d.aio,
+        };
+        if d.snapshot {
+            graph.add_snapshot_image(&node_name, file, d.format, &std::env::temp_dir())
+        } else {
+            graph.add_image(&node_name, d.read_only, file, d.format)
+        }
+        .map_err(disk_err)?;
         let node = graph
             .get(&node_name, device_holder(&id))
             .map_err(disk_err)?;
         let throttle = Arc::new(ThrottleControl::new(d.throttle));
+        let node = Arc::new(NodeSlot::new(&id, node));
         open.push(OpenDisk {
             throttle,
             stats: Arc::new(BlockStats::new(d.timed_stats)),
@@ -169,8 +172,7 @@ pub fn attach_disks(
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| fail(e.to_string()))?;
         vm.register_irqfd(&irq, irq_line)
             .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
-        let device =
-            Block::with_throttle(disk.config, disk.node, disk.throttle).with_stats(disk.stats);
+        let device = Block::with_slot(disk.config, disk.node, disk.throttle).with_stats(disk.stats);
         let transport =
             MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
                 .map_err(|e| fail(e.to_string()))?;

@@ -96,6 +96,21 @@ impl<C> Driver<C> for File {
         Some(self.disk.clone())
     }
 
+    fn give_up_write(&self, _node: &str) -> Result<(), BlockError> {
+        self.disk.release_write();
+        Ok(())
+    }
+
+    fn file_options(&self) -> Option<FileOptions> {
+        let options = self.disk.options();
+        Some(FileOptions {
+            filename: PathBuf::from(&self.path),
+            direct: options.direct,
+            locking: options.locking,
+            aio: self.aio,
+        })
+    }
+
     fn open_io(
         &self,
         node: &str,

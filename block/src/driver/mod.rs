@@ -8,6 +8,7 @@ mod raw;
 
 pub use file::{File, FileOptions};
 pub use null::{Null, DEFAULT_SIZE as NULL_DEFAULT_SIZE};
+pub use qcow2::Qcow2;
 pub use raw::Raw;
 
 use crate::error::BlockError;
@@ -15,6 +16,44 @@ use crate::file::DiskFile;
 use crate::io::AsyncIo;
 use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
+
+/// What a format node tells about its image, as QEMU's `ImageInfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDetails {
+    /// The cluster size in bytes.
+    pub cluster_size: u64,
+    /// The backing file name exactly as the image records it.
+    pub backing_filename: Option<String>,
+    /// The backing file's format as the image records it.
+    pub backing_format: Option<String>,
+    /// Format-specific data (`format-specific`).
+    pub specific: Option<FormatSpecific>,
+}
+
+/// QEMU's `ImageInfoSpecific`, for the formats we have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FormatSpecific {
+    /// `{"type": "qcow2", "data": ...}`.
+    Qcow2(Qcow2Specific),
+}
+
+/// QEMU's `ImageInfoSpecificQCow2`. The optional fields are the ones QEMU
+/// shows only for version 3 images (`compat` "1.1").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Specific {
+    /// "0.10" for version 2, "1.1" for version 3.
+    pub compat: String,
+    /// Version 3 only: the lazy-refcounts compatible feature.
+    pub lazy_refcounts: Option<bool>,
+    /// Version 3 only: the corrupt incompatible feature.
+    pub corrupt: Option<bool>,
+    /// Version 3 only: the extended L2 entries incompatible feature.
+    pub extended_l2: Option<bool>,
+    /// Refcount width in bits.
+    pub refcount_bits: u32,
+    /// "zlib" or "zstd".
+    pub compression_type: String,
+}
 
 /// A child node as its parent's driver sees it: the graph's `NodeRef`.
 /// Drivers name their children only through this trait, so they need
@@ -41,6 +80,32 @@ pub trait Driver<C>: Send + Sync {
     /// Child edges: role and child.
     fn children(&self) -> Vec<(&'static str, &C)> {
         Vec::new()
+    }
+
+    /// The `backing` child, for a format with backing files.
+    fn backing(&self) -> Option<&C> {
+        None
+    }
+
+    /// What QEMU's `ImageInfo` shows beyond name, format and size (cluster
+    /// size, the recorded backing file, format-specific data); `None` for
+    /// drivers that have none (`file`, `raw`, `null-co`).
+    fn image_details(&self) -> Option<ImageDetails> {
+        None
+    }
+
+    /// Stops writing for good, as the backing node of a new overlay: a
+    /// format writes back what it cached, a `file` node gives up its write
+    /// lock. `node` is this node's name, for errors.
+    fn give_up_write(&self, _node: &str) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    /// How a `file` node opened its host file, so that a backing file
+    /// opened from an image's header opens the same way; `None` for
+    /// anything but a `file` node.
+    fn file_options(&self) -> Option<FileOptions> {
+        None
     }
 
     /// The alignment in bytes of offsets and lengths this node's I/O needs

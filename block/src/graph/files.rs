@@ -37,6 +37,17 @@ pub(crate) struct FileClaim {
     token: u64,
 }
 
+impl FileClaim {
+    /// Its node stopped writing: others may read the image now.
+    pub(crate) fn demote(&self) {
+        for e in lock(&self.graph.files.0).iter_mut() {
+            if e.token == self.token {
+                e.writes = false;
+            }
+        }
+    }
+}
+
 impl Drop for FileClaim {
     fn drop(&mut self) {
         lock(&self.graph.files.0).retain(|e| e.token != self.token);

@@ -5,7 +5,7 @@
 //! goes. Each `NodeRef` also records who holds it, so the graph can say who
 //! keeps a node alive.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use base::sync::lock;
@@ -24,7 +24,8 @@ pub(crate) fn next_id() -> u64 {
 /// One layer of a disk.
 pub struct Node {
     name: String,
-    read_only: bool,
+    /// Set for good when an overlay above takes over its writes.
+    read_only: AtomicBool,
     driver: Box<dyn Driver<NodeRef>>,
     /// A `file` node's claim on its image; declared after the driver so
     /// it is let go only once the driver has closed the file.
@@ -46,7 +47,7 @@ impl Node {
     ) -> Arc<Self> {
         Arc::new(Self {
             name,
-            read_only,
+            read_only: AtomicBool::new(read_only),
             driver,
             _claim: claim,
             depth,
@@ -63,7 +64,24 @@ impl Node {
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Stops writing, for good: it becomes read-only, its image's claim in
+    /// the graph and its write lock other processes see are given up, so
+    /// that the overlay above may be the image's one writer. The caller
+    /// holds the lease on it, so nothing writes meanwhile.
+    pub(crate) fn give_up_write(&self) -> Result<(), crate::BlockError> {
+        if self.read_only() {
+            return Ok(());
+        }
+        // The driver first: a format flushes what it cached to write.
+        self.driver.give_up_write(&self.name)?;
+        self.read_only.store(true, Ordering::Release);
+        if let Some(claim) = &self._claim {
+            claim.demote();
+        }
+        Ok(())
     }
 
     /// How many nodes its chain stacks, itself and the bottom included.

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
+use block::driver::{FormatSpecific, ImageDetails, NULL_DEFAULT_SIZE};
 use block::{
-    driver::NULL_DEFAULT_SIZE, Aio, BlockError, ChildOptions, DriverOptions, FileOptions, Holder,
+    Aio, BackingOptions, BlockError, ChildOptions, DriverOptions, FileOptions, Holder, ImageInfo,
     Locking, NodeInfo, NodeOptions,
 };
 use serde_json::{json, Value};
@@ -26,30 +27,77 @@ fn node_json(n: &NodeInfo) -> Value {
         "ro": n.read_only,
         "encrypted": false,
         "detect_zeroes": "off",
-        "backing_file_depth": 0,
+        "backing_file_depth": n.backing_file_depth,
         "active": true,
-        "image": {
-            "filename": n.filename,
-            "format": n.driver,
-            "virtual-size": n.size,
-        },
+        "image": image_json(&n.image),
         "children": n.children.iter().map(|(role, child)| json!({"child": role, "node-name": child})).collect::<Vec<_>>(),
         "references": n.references.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
     });
     if let Some(holder) = &n.lease {
         v["in-use-by"] = json!(holder.to_string());
     }
+    if let Some(backing) = &n.backing_file {
+        v["backing_file"] = json!(backing);
+    }
     v
+}
+
+/// QEMU's `ImageInfo`: the image, its format's details and, down the
+/// chain, `backing-image`.
+fn image_json(image: &ImageInfo) -> Value {
+    let mut v = json!({
+        "filename": image.filename,
+        "format": image.format,
+        "virtual-size": image.virtual_size,
+    });
+    if let Some(details) = &image.details {
+        details_json(&mut v, details);
+    }
+    if let Some(full) = &image.full_backing_filename {
+        v["full-backing-filename"] = json!(full);
+    }
+    if let Some(backing) = &image.backing {
+        v["backing-image"] = image_json(backing);
+    }
+    v
+}
+
+fn details_json(v: &mut Value, d: &ImageDetails) {
+    v["cluster-size"] = json!(d.cluster_size);
+    if let Some(name) = &d.backing_filename {
+        v["backing-filename"] = json!(name);
+    }
+    if let Some(format) = &d.backing_format {
+        v["backing-filename-format"] = json!(format);
+    }
+    if let Some(FormatSpecific::Qcow2(q)) = &d.specific {
+        let mut data = json!({
+            "compat": q.compat,
+            "compression-type": q.compression_type,
+            "refcount-bits": q.refcount_bits,
+        });
+        // Version 3 only, as QEMU shows them.
+        for (key, value) in [
+            ("lazy-refcounts", q.lazy_refcounts),
+            ("corrupt", q.corrupt),
+            ("extended-l2", q.extended_l2),
+        ] {
+            if let Some(value) = value {
+                data[key] = json!(value);
+            }
+        }
+        v["format-specific"] = json!({"type": "qcow2", "data": data});
+    }
 }
 
 /// `query-named-block-nodes`.
 pub(super) fn query_named_block_nodes(m: &Monitor, mut args: Args) -> Result<Value, QmpError> {
-    // Every node is listed either way; `flat` only trims QEMU's backing chains.
-    let _flat = args.opt_bool("flat")?;
+    // Every node is listed either way; `flat` only trims the backing chains.
+    let flat = args.opt_bool("flat")?.unwrap_or(false);
     args.finish()?;
     Ok(Value::Array(
         m.graph
-            .nodes()
+            .nodes_flat(flat)
             .iter()
             .map(|n| {
                 let mut v = node_json(n);
@@ -134,19 +182,18 @@ fn node_options(mut args: Args) -> Result<NodeOptions, QmpError> {
                 aio,
             })
         }
-        "raw" => {
-            let file = match args.value("file")? {
-                Value::String(name) => ChildOptions::Node(name),
-                Value::Object(child) => {
-                    ChildOptions::Inline(Box::new(node_options(Args::new(child))?))
-                }
-                _ => {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'file', expected: BlockdevRef (a node-name or an object)",
-                    ))
-                }
+        "raw" => DriverOptions::Raw {
+            file: child_ref("file", args.value("file")?)?,
+        },
+        "qcow2" => {
+            let file = child_ref("file", args.value("file")?)?;
+            // Absent: the image's own; null: none (BlockdevRefOrNull).
+            let backing = match args.opt_value("backing")? {
+                None => BackingOptions::FromImage,
+                Some(Value::Null) => BackingOptions::None,
+                Some(v) => BackingOptions::Child(child_ref("backing", v)?),
             };
-            DriverOptions::Raw { file }
+            DriverOptions::Qcow2 { file, backing }
         }
         "null-co" => {
             let size = match args.opt_i64("size")? {
@@ -171,7 +218,20 @@ fn node_options(mut args: Args) -> Result<NodeOptions, QmpError> {
     })
 }
 
-/// `blockdev-add` (file, raw, null-co).
+/// A `BlockdevRef`: an existing node's name, or a node defined inline.
+fn child_ref(key: &str, value: Value) -> Result<ChildOptions, QmpError> {
+    match value {
+        Value::String(name) => Ok(ChildOptions::Node(name)),
+        Value::Object(child) => Ok(ChildOptions::Inline(Box::new(node_options(Args::new(
+            child,
+        ))?))),
+        _ => Err(QmpError::generic(format!(
+            "Invalid parameter type for '{key}', expected: BlockdevRef (a node-name or an object)"
+        ))),
+    }
+}
+
+/// `blockdev-add` (file, raw, qcow2, null-co).
 pub(super) fn blockdev_add(m: &Monitor, args: Args) -> Result<Value, QmpError> {
     let options = node_options(args)?;
     m.graph.add(options).map_err(error)?;
@@ -235,6 +295,163 @@ mod tests {
                 size: NULL_DEFAULT_SIZE
             }
         );
+    }
+
+    #[test]
+    fn blockdev_add_reads_qcow2_backing_absent_null_named_or_inline() {
+        let file = json!({"driver": "file", "filename": "/tmp/o.qcow2"});
+        let backing = |v: Value| match parse(v).unwrap().driver {
+            DriverOptions::Qcow2 { backing, .. } => backing,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            backing(json!({"driver": "qcow2", "node-name": "o", "file": file})),
+            BackingOptions::FromImage
+        );
+        assert_eq!(
+            backing(json!({"driver": "qcow2", "node-name": "o", "file": file, "backing": null})),
+            BackingOptions::None
+        );
+        assert_eq!(
+            backing(json!({"driver": "qcow2", "node-name": "o", "file": "f", "backing": "base"})),
+            BackingOptions::Child(ChildOptions::Node("base".into()))
+        );
+        assert!(matches!(
+            backing(
+                json!({"driver": "qcow2", "node-name": "o", "file": "f", "backing": {"driver": "null-co"}})
+            ),
+            BackingOptions::Child(ChildOptions::Inline(_))
+        ));
+        let desc = |v: Value| parse(v).unwrap_err().desc;
+        assert_eq!(
+            desc(json!({"driver": "qcow2", "node-name": "o", "file": "f", "backing": 1})),
+            "Invalid parameter type for 'backing', expected: BlockdevRef (a node-name or an object)"
+        );
+        assert_eq!(
+            desc(json!({"driver": "qcow2", "node-name": "o"})),
+            "Parameter 'file' is missing"
+        );
+    }
+
+    /// A monitor over `graph` with no VM behind it.
+    fn monitor(graph: std::sync::Arc<block::Graph>) -> Monitor {
+        use std::sync::Arc;
+        let run = Arc::new(crate::runstate::RunState::new(
+            Arc::new(crate::shared::Shared::new().unwrap()),
+            Vec::new(),
+        ));
+        Monitor::new(
+            run,
+            graph,
+            Arc::new(block::job::JobManager::new()),
+            crate::virtio::Disks::default(),
+            crate::qmp::EventSink::discarding(),
+            Box::new(|| {}),
+        )
+    }
+
+    fn qemu_img(dir: &std::path::Path, args: &[&str]) {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("qemu-img is needed for this test (Debian: qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn qcow2_chains_show_as_qemu_shows_them() {
+        use crate::qmp::Commands;
+        let dir = std::env::temp_dir().join(format!("vmm-qcow2-query-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        qemu_img(&dir, &["create", "-q", "-f", "raw", "base.raw", "1M"]);
+        qemu_img(
+            &dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                "top.qcow2",
+            ],
+        );
+        qemu_img(
+            &dir,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "solo.qcow2",
+                "2M",
+            ],
+        );
+        let m = monitor(std::sync::Arc::new(block::Graph::new()));
+        let run = |name: &str, args: Value| {
+            let Value::Object(args) = args else { panic!() };
+            m.execute(name, args)
+        };
+        let top = dir.join("top.qcow2").display().to_string();
+        let base = dir.join("base.raw").display().to_string();
+        run("blockdev-add", json!({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": top}})).unwrap();
+        let solo = dir.join("solo.qcow2").display().to_string();
+        run("blockdev-add", json!({"driver": "qcow2", "node-name": "solo", "backing": null, "file": {"driver": "file", "filename": solo}})).unwrap();
+        let nodes = run("query-named-block-nodes", json!({})).unwrap();
+        let find = |nodes: &Value, name: &str| {
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node-name"] == name)
+                .unwrap()
+                .clone()
+        };
+        let t = find(&nodes, "top");
+        assert_eq!(t["drv"], "qcow2");
+        assert_eq!(t["backing_file"], json!(base));
+        assert_eq!(t["backing_file_depth"], 1);
+        assert_eq!(
+            t["image"],
+            json!({
+                "filename": top,
+                "format": "qcow2",
+                "virtual-size": 1 << 20,
+                "cluster-size": 65536,
+                "backing-filename": "base.raw",
+                "full-backing-filename": base,
+                "backing-filename-format": "raw",
+                "format-specific": {"type": "qcow2", "data": {
+                    "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": false,
+                    "refcount-bits": 16, "corrupt": false, "extended-l2": false,
+                }},
+                "backing-image": {"filename": base, "format": "raw", "virtual-size": 1 << 20},
+            })
+        );
+        let s = find(&nodes, "solo");
+        assert!(s.get("backing_file").is_none(), "{s}");
+        assert_eq!(s["backing_file_depth"], 0);
+        assert_eq!(
+            s["image"]["format-specific"],
+            json!({"type": "qcow2", "data": {"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16}})
+        );
+        // `flat` leaves the backing images out, as QEMU does.
+        let flat = run("query-named-block-nodes", json!({"flat": true})).unwrap();
+        let t = find(&flat, "top");
+        assert!(t["image"].get("backing-image").is_none(), "{t}");
+        assert_eq!(t["backing_file_depth"], 0);
+        drop(m);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
 //! - `jobs.rs`: `blockdev-backup`, the `job-*` verbs, the job queries.
 //! - `stats.rs`: `query-blockstats`, `block-latency-histogram-set`.
+//! - `snapshot.rs`: external snapshots (`blockdev-snapshot`,
+//!   `blockdev-snapshot-sync`).
 
 mod block;
 mod jobs;
 mod machine;
+mod snapshot;
 mod stats;
 mod throttle;
 
@@ -33,6 +36,8 @@ const COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "blockdev-add",
     "blockdev-del",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
     "blockdev-backup",
     "query-jobs",
     "query-block-jobs",
@@ -102,11 +107,19 @@ impl Commands for Monitor {
     /// `stop` and `cont` wait for vCPUs and dataplanes (and for each other,
     /// through the run state's lock), `blockdev-add` for the file system's
     /// open, `blockdev-backup` for the job's drained start, `job-cancel`
-    /// and `job-finalize` for a job's I/O to drain.
+    /// and `job-finalize` for a job's I/O to drain, the snapshots for
+    /// the overlay's creation and open and the old top's flush.
     fn may_wait(&self, name: &str) -> bool {
         matches!(
             name,
-            "stop" | "cont" | "blockdev-add" | "blockdev-backup" | "job-cancel" | "job-finalize"
+            "stop"
+                | "cont"
+                | "blockdev-add"
+                | "blockdev-snapshot"
+                | "blockdev-snapshot-sync"
+                | "blockdev-backup"
+                | "job-cancel"
+                | "job-finalize"
         )
     }
 
@@ -122,6 +135,8 @@ impl Commands for Monitor {
             "query-named-block-nodes" => block::query_named_block_nodes(self, args),
             "blockdev-add" => block::blockdev_add(self, args),
             "blockdev-del" => block::blockdev_del(self, args),
+            "blockdev-snapshot" => snapshot::blockdev_snapshot(self, args),
+            "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(self, args),
             "blockdev-backup" => jobs::blockdev_backup(self, args),
             "query-jobs" => jobs::query_jobs(self, args),
             "query-block-jobs" => jobs::query_block_jobs(self, args),

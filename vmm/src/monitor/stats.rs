@@ -113,7 +113,7 @@ impl Nodes {
     fn wr_highest_offset(&self, m: &Monitor, node: &str) -> u64 {
         m.disks
             .iter()
-            .filter(|d| self.reaches(&d.node, node, 0))
+            .filter(|d| self.reaches(&d.node.name(), node, 0))
             .map(|d| d.stats.wr_highest_offset())
             .max()
             .unwrap_or(0)
@@ -163,7 +163,7 @@ pub(super) fn query_blockstats(m: &Monitor, mut args: Args) -> Result<Value, Qmp
         devices
             .into_iter()
             .map(|d| {
-                let mut entry = nodes.entry(m, &d.node, 0);
+                let mut entry = nodes.entry(m, &d.node.name(), 0);
                 entry.insert("device".into(), json!(d.id));
                 entry.insert("qdev".into(), json!(d.id));
                 entry.insert(

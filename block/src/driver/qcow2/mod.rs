@@ -12,6 +12,7 @@ pub mod compressed;
 pub mod create;
 mod engine;
 pub mod header;
+mod info;
 mod meta;
 
 use std::fs::OpenOptions;
@@ -164,6 +165,18 @@ impl<C: Child> Driver<C> for Qcow2<C> {
 
     fn io_alignment(&self) -> u32 {
         self.file.driver().io_alignment()
+    }
+
+    fn backing(&self) -> Option<&C> {
+        self.backing.as_ref()
+    }
+
+    fn image_details(&self) -> Option<super::ImageDetails> {
+        Some(self.details())
+    }
+
+    fn give_up_write(&self, node: &str) -> Result<(), BlockError> {
+        self.write_back(node)
     }
 
     fn open_io(

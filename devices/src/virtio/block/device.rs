@@ -20,6 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::dataplane::{Dataplane, StopSignal, Stopped};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use super::slot::NodeSlot;
 use super::stats::BlockStats;
 use super::throttle::ThrottleControl;
 use crate::virtio::{
@@ -72,7 +73,8 @@ struct Active {
 /// A virtio-blk device over a block node.
 pub struct Block {
     config: BlockConfig,
-    node: NodeRef,
+    /// The node it serves; an external snapshot may move it while paused.
+    node: Arc<NodeSlot>,
     /// Its I/O limits, which its dataplane applies.
     throttle: Arc<ThrottleControl>,
     /// Its I/O accounting, which its dataplanes write.
@@ -116,11 +118,29 @@ impl Block {
 
     /// A device as [`Block::new`] makes, its I/O limited by `throttle`.
     pub fn with_throttle(
-        mut config: BlockConfig,
+        config: BlockConfig,
         node: NodeRef,
         throttle: Arc<ThrottleControl>,
     ) -> Self {
-        config.read_only |= node.read_only();
+        let slot = Arc::new(NodeSlot::new(&config.id, node));
+        Self::with_slot(config, slot, throttle)
+    }
+
+    /// A device as [`Block::with_throttle`] makes, serving whatever node
+    /// `slot` holds (which the monitor may change while it is paused).
+    pub fn with_slot(
+        mut config: BlockConfig,
+        slot: Arc<NodeSlot>,
+        throttle: Arc<ThrottleControl>,
+    ) -> Self {
+        let (read_only, alignment, size) = slot.with(|node| {
+            (
+                node.read_only(),
+                node.driver().io_alignment(),
+                node.driver().size(),
+            )
+        });
+        config.read_only |= read_only;
         let mut features = F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -137,11 +157,11 @@ impl Block {
         // needs aligned I/O (O_DIRECT on a 4K-sector disk), so that the
         // requests it sends are ones the host accepts; else 512, like a
         // disk it can boot from with any file system.
-        let blk_size = node.driver().io_alignment().clamp(512, MAX_BLOCK_SIZE);
-        let config_space = config_space(&config, node.driver().size(), blk_size);
+        let blk_size = alignment.clamp(512, MAX_BLOCK_SIZE);
+        let config_space = config_space(&config, size, blk_size);
         Self {
             config,
-            node,
+            node: slot,
             throttle,
             stats: Arc::new(BlockStats::new(true)),
             lease: None,
@@ -162,7 +182,8 @@ impl Block {
     /// Takes the node's lease for the dataplane, unless already held.
     fn take_lease(&mut self) -> Result<&Lease, block::BlockError> {
         if self.lease.is_none() {
-            self.lease = Some(self.node.take_lease(dataplane_holder(&self.config.id))?);
+            let holder = dataplane_holder(&self.config.id);
+            self.lease = Some(self.node.with(|node| node.take_lease(holder))?);
         }
         Ok(self.lease.as_ref().expect("just taken"))
     }
@@ -186,7 +207,7 @@ impl Block {
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial[..n]);
         let limits = DiskLimits {
-            capacity: self.node.driver().size() / SECTOR_SIZE,
+            capacity: self.node.with(|node| node.driver().size()) / SECTOR_SIZE,
             read_only: self.config.read_only,
             max_segments: seg_max(self.config.queue_size),
             discard: activation.acked_features & (1 << VIRTIO_BLK_F_DISCARD) != 0,
@@ -261,7 +282,7 @@ impl Block {
                     log::error!(
                         "{}: keeping the lease on node '{}' for good: I/O may still be in flight",
                         self.config.id,
-                        self.node.name()
+                        lease.node().name()
                     );
                     std::mem::forget(lease);
                 }

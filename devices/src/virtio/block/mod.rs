@@ -4,9 +4,11 @@ pub(crate) mod dataplane;
 pub mod device;
 mod poll;
 pub mod request;
+pub mod slot;
 pub mod stats;
 pub mod throttle;
 
 pub use device::{dataplane_holder, device_holder, Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use slot::NodeSlot;
 pub use stats::BlockStats;
 pub use throttle::ThrottleControl;
