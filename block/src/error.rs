@@ -75,8 +75,12 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// The backing chain comes back to a file already in it.
-    #[error("Node '{node}': backing file '{path}' is already in this backing chain (a loop)")]
-    BackingLoop { node: String, path: String },
+    #[error("Node '{node}': image '{image}' has backing file '{path}', which is already in this backing chain (a loop)")]
+    BackingLoop {
+        node: String,
+        image: String,
+        path: String,
+    },
     /// The backing chain is longer than the graph stacks.
     #[error("Node '{node}': its backing chain has more than {max} images; at most {max} nodes may be stacked", max = crate::graph::MAX_DEPTH)]
     BackingTooDeep { node: String },
@@ -143,6 +147,34 @@ pub enum BlockError {
         #[source]
         source: IoError,
     },
+}
+
+impl BlockError {
+    /// The same error about a backing chain, told of `node`, the chain's
+    /// top, rather than of the (unnamed) node deep in it that found it.
+    pub(crate) fn of_chain(self, node: &str) -> Self {
+        let node = node.to_string();
+        match self {
+            BlockError::NoBackingFormat { image, backing, .. } => BlockError::NoBackingFormat {
+                node,
+                image,
+                backing,
+            },
+            BlockError::BackingFormat { image, format, .. } => BlockError::BackingFormat {
+                node,
+                image,
+                format,
+            },
+            BlockError::BackingMissing { path, source, .. } => {
+                BlockError::BackingMissing { node, path, source }
+            }
+            BlockError::BackingLoop { image, path, .. } => {
+                BlockError::BackingLoop { node, image, path }
+            }
+            BlockError::BackingTooDeep { .. } => BlockError::BackingTooDeep { node },
+            other => other,
+        }
+    }
 }
 
 fn held_by(holders: &[String]) -> String {

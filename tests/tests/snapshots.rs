@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, temp_path, testguest, TempDisk};
 
 const DISK: u64 = 16 << 20;
 
@@ -108,7 +108,50 @@ fn a_snapshot_waits_for_stop_then_moves_the_device_to_the_overlay() {
         .contains("node 's1' (as its 'backing' child)"));
     // The old image has one writer no more: the overlay took its writes.
     assert!(others_may_read(&disk.path));
+
+    // A second one, the overlay created here (`absolute-paths`) over the
+    // first, which becomes read-only in turn.
+    let second = temp_path("snapshot-second.qcow2");
+    let _ = std::fs::remove_file(&second);
+    let second_path = second.display().to_string();
+    qmp.ok(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "s1", "snapshot-file": second_path, "snapshot-node-name": "s2"}),
+    );
+    let block = qmp.ok("query-block", json!({}));
+    let inserted = &block[0]["inserted"];
+    assert_eq!(inserted["node-name"], "s2");
+    assert_eq!(inserted["backing_file_depth"], 2);
+    assert_eq!(inserted["image"]["backing-filename"], json!(over));
+    assert_eq!(inserted["image"]["backing-filename-format"], "qcow2");
+
+    // `cont` serves the guest from the overlay: its verified random I/O
+    // goes on there, and the old images stay as they were.
+    let at_snapshot = fnv1a64_file(&disk.path);
+    let first_at_snapshot = fnv1a64_file(&overlay);
+    qmp.ok("cont", json!({}));
+    let line = expect_line(&vm, "testguest: blk random vda", Duration::from_secs(300));
+    assert!(line.contains(": ok"), "{line}");
+    expect_line(&vm, "testguest: idle", Duration::from_secs(30));
+    let block = qmp.ok("query-block", json!({}));
+    assert_eq!(
+        block[0]["inserted"]["in-use-by"],
+        "virtio-blk dataplane of device 'vda'"
+    );
     qmp.ok("quit", json!({}));
     vm.wait();
+    assert_eq!(
+        fnv1a64_file(&disk.path),
+        at_snapshot,
+        "the base was written"
+    );
+    assert_eq!(
+        fnv1a64_file(&overlay),
+        first_at_snapshot,
+        "the first overlay was written"
+    );
+    qemu_img(&["check", "-q", &over]);
+    qemu_img(&["check", "-q", &second_path]);
     let _ = std::fs::remove_file(&overlay);
+    let _ = std::fs::remove_file(&second);
 }

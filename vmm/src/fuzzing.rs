@@ -34,16 +34,17 @@ fn scratch() -> &'static Path {
     })
 }
 
-/// The real commands, with every `filename` moved into the scratch folder
-/// (its last path component, or `a.img`), so no input can make the
-/// harness open, lock or overwrite a file of the host's.
+/// The real commands, with every `filename` (and `snapshot-file`) moved
+/// into the scratch folder (its last path component, or `a.img`), so no
+/// input can make the harness open, lock, create or overwrite a file of
+/// the host's.
 struct Confined(Monitor);
 
 fn confine(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                if key == "filename" {
+                if key == "filename" || key == "snapshot-file" {
                     if let Value::String(name) = v {
                         let base = Path::new(name.as_str())
                             .file_name()

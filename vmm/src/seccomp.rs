@@ -206,8 +206,18 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
     use ThreadKind::*;
     match kind {
         // Waits for the end or a signal (its signalfd), kicks and joins
-        // the others, unmaps and closes.
-        Main => [&[libc::SYS_tgkill][..], POLL_READ].concat(),
+        // the others, unmaps and closes; closing a qcow2 node writes its
+        // tables back and syncs them.
+        Main => [
+            &[
+                libc::SYS_tgkill,
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
+                libc::SYS_fdatasync,
+            ][..],
+            POLL_READ,
+        ]
+        .concat(),
         // KVM_RUN; eventfd reads and writes for the devices' registers;
         // activating a disk opens its engine, a reset stops the thread.
         Vcpu => [
@@ -253,6 +263,8 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 // format node writing back what it cached.
                 libc::SYS_pread64,
                 libc::SYS_pwrite64,
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
                 libc::SYS_ftruncate,
                 libc::SYS_fsync,
                 libc::SYS_fdatasync,

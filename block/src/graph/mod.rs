@@ -434,7 +434,10 @@ impl Graph {
                     }
                     BackingOptions::FromImage => {
                         match self.backing_options(&name, &file, chain)? {
-                            Some(child) => Some(self.open_in(child, parent, chain)?),
+                            Some(child) => Some(
+                                self.open_in(child, parent, chain)
+                                    .map_err(|e| e.of_chain(&name))?,
+                            ),
                             None => None,
                         }
                     }
@@ -555,6 +558,7 @@ impl Graph {
         if chain.contains(&id) {
             return Err(BlockError::BackingLoop {
                 node: name.into(),
+                image,
                 path: path.display().to_string(),
             });
         }

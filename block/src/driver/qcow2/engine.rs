@@ -218,6 +218,10 @@ pub struct Qcow2Io {
     sub_cap: u32,
     /// A cluster of zeros, for zeroing parts of clusters.
     zeros: Option<Aligned>,
+    /// Finished ops, kept for their lists' memory.
+    spare: Vec<Op>,
+    /// The sub-operation list `plan` reuses.
+    subs: Vec<Sub>,
     /// A cluster to inflate compressed data into.
     scratch: Vec<u8>,
     cluster_size: u64,
@@ -260,6 +264,8 @@ impl Qcow2Io {
             subs_out: 0,
             sub_cap: sub_cap.max(1),
             zeros: None,
+            spare: Vec::new(),
+            subs: Vec::new(),
             scratch: Vec::new(),
             cluster_size: 1 << cluster_bits,
             cluster_bits,
@@ -278,7 +284,7 @@ impl Qcow2Io {
 
     /// Ends op `i`, handing its result to the caller.
     fn finish(&mut self, i: usize) {
-        let op = self.ops[i].take().expect("a live op");
+        let mut op = self.ops[i].take().expect("a live op");
         self.free_ops.push(i);
         let result = if op.error != 0 {
             op.error
@@ -303,6 +309,14 @@ impl Qcow2Io {
             // (this flush's fdatasync), and nothing can still write there.
             lock(&self.meta).apply_frees();
         }
+        // Keep its lists' memory for the next request: the usual path
+        // allocates nothing once warm.
+        op.segs.clear();
+        op.arena.clear();
+        op.buffers.clear();
+        op.allocating.clear();
+        op.own.clear();
+        self.spare.push(op);
         if woke {
             let parked: Vec<usize> = self.parked.drain(..).collect();
             for p in parked {
@@ -371,9 +385,10 @@ impl Qcow2Io {
             }
         }
         let subs = self.subs_of(i);
-        for s in subs {
+        for &s in &subs {
             self.issue(s);
         }
+        self.subs = subs;
         self.done_if_idle(i);
     }
 
@@ -388,10 +403,12 @@ impl Qcow2Io {
         (first..=last).any(|g| self.allocating.get(&g).is_some_and(|&o| o != i))
     }
 
-    /// The sub-operations op `i`'s segments start with, counted as pending.
+    /// The sub-operations op `i`'s segments start with, counted as pending
+    /// (in a list the caller hands back to `self.subs`).
     fn subs_of(&mut self, i: usize) -> Vec<Sub> {
-        let op = self.op(i);
-        let mut subs = Vec::new();
+        let mut subs = std::mem::take(&mut self.subs);
+        subs.clear();
+        let op = self.ops[i].as_mut().expect("a live op");
         for (s, seg) in op.segs.iter_mut().enumerate() {
             match &mut seg.kind {
                 SegKind::Alloc { edges, reads, .. } if !edges.is_empty() => {
@@ -752,7 +769,7 @@ impl Qcow2Io {
             let in_cluster = pos % cs;
             let n = (cs - in_cluster).min(end - pos);
             let rel = pos - offset;
-            let mapping = lock(&self.meta).lookup(g)?;
+            let mapping = self.lookup_for_write(g)?;
             match mapping {
                 Mapping::Data { host, copied: true } => self.add_seg(
                     i,
@@ -768,6 +785,16 @@ impl Qcow2Io {
             pos += n;
         }
         Ok(())
+    }
+
+    /// What guest cluster `g` maps to, for a change to it: refused once
+    /// writes are (looking up may itself find a table pointing data at
+    /// metadata, which refuses them from then on).
+    fn lookup_for_write(&self, g: u64) -> Result<Mapping, MetaError> {
+        let mut meta = lock(&self.meta);
+        let mapping = meta.lookup(g)?;
+        meta.writable()?;
+        Ok(mapping)
     }
 
     /// The host clusters a compressed cluster's data touches.
@@ -927,7 +954,7 @@ impl Qcow2Io {
         for (pos, n) in parts {
             let g = pos / cs;
             let in_cluster = pos % cs;
-            let mapping = lock(&self.meta).lookup(g)?;
+            let mapping = self.lookup_for_write(g)?;
             match mapping {
                 Mapping::Data { host, copied: true } => self.add_seg(
                     i,
@@ -950,7 +977,7 @@ impl Qcow2Io {
     /// Points whole guest cluster `g` at `entry` (0 or the zero flag),
     /// freeing what it held once that is on disk.
     fn zero_cluster(&mut self, g: u64, entry: u64) -> Result<(), MetaError> {
-        let mapping = lock(&self.meta).lookup(g)?;
+        let mapping = self.lookup_for_write(g)?;
         let frees = match mapping {
             Mapping::Unallocated if entry == 0 => return Ok(()),
             Mapping::Zero { host: 0 } => return Ok(()),
@@ -1010,26 +1037,40 @@ impl Qcow2Io {
         Ok(())
     }
 
-    fn new_op(&self, kind: Kind, offset: u64, len: u64, iovecs: &[libc::iovec], ud: u64) -> Op {
+    fn new_op(&mut self, kind: Kind, offset: u64, len: u64, iovecs: &[libc::iovec], ud: u64) -> Op {
         let in_range = offset.checked_add(len).is_some_and(|end| end <= self.size);
-        Op {
-            user_data: ud,
-            kind,
-            offset,
-            len,
-            iovecs: iovecs.as_ptr(),
-            iov_count: iovecs.len(),
-            own: Vec::new(),
-            segs: Vec::new(),
-            arena: Vec::new(),
-            buffers: Vec::new(),
-            pending: 0,
-            error: if in_range || kind == Kind::Flush {
-                0
-            } else {
-                -libc::EINVAL
+        let error = if in_range || kind == Kind::Flush {
+            0
+        } else {
+            -libc::EINVAL
+        };
+        match self.spare.pop() {
+            Some(mut op) => {
+                op.user_data = ud;
+                op.kind = kind;
+                op.offset = offset;
+                op.len = len;
+                op.iovecs = iovecs.as_ptr();
+                op.iov_count = iovecs.len();
+                op.pending = 0;
+                op.error = error;
+                op
+            }
+            None => Op {
+                user_data: ud,
+                kind,
+                offset,
+                len,
+                iovecs: iovecs.as_ptr(),
+                iov_count: iovecs.len(),
+                own: Vec::new(),
+                segs: Vec::new(),
+                arena: Vec::new(),
+                buffers: Vec::new(),
+                pending: 0,
+                error,
+                allocating: Vec::new(),
             },
-            allocating: Vec::new(),
         }
     }
 }

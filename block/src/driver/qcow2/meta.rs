@@ -18,7 +18,7 @@
 //! descriptor without `O_DIRECT` (so tables need no alignment). Guest data
 //! never goes through here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -309,6 +309,10 @@ pub(crate) struct Meta {
     frees_ready: Vec<u64>,
     /// Why writes are refused, if they are.
     refusal: Option<String>,
+    /// Clusters holding metadata (header, L1, refcount table and blocks,
+    /// L2 tables): a hostile image may point data at them, and its
+    /// refcounts may call them free; neither is let through.
+    meta_clusters: HashSet<u64>,
 }
 
 impl Meta {
@@ -365,6 +369,21 @@ impl Meta {
                 )));
             }
         }
+        let mut meta_clusters = HashSet::new();
+        let mut span = |off: u64, bytes: u64| {
+            let first = off >> cluster_bits;
+            let last = (off + bytes.max(1) - 1) >> cluster_bits;
+            meta_clusters.extend(first..=last);
+        };
+        span(0, 1);
+        span(header.l1_table_offset, u64::from(header.l1_size) * 8);
+        span(header.refcount_table_offset, reftable_len * 8);
+        for &e in reftable.iter().chain(l1.iter()) {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                span(off, 1);
+            }
+        }
         let l2_cap = (L2_CACHE_BYTES >> cluster_bits) as usize;
         let rb_cap = (REFBLOCK_CACHE_BYTES >> cluster_bits) as usize;
         let meta = Self {
@@ -388,6 +407,7 @@ impl Meta {
             frees_waiting: Vec::new(),
             frees_ready: Vec::new(),
             refusal,
+            meta_clusters,
         };
         if meta.refusal.is_none() && header.autoclear_features != 0 {
             // Autoclear bits (bitmaps, a raw external data file) name
@@ -404,7 +424,9 @@ impl Meta {
         self.refusal.as_deref()
     }
 
-    fn writable(&self) -> Result<()> {
+    /// Refuses a write if writes are refused (read-only, a failed
+    /// metadata update, a table found pointing data at metadata).
+    pub(crate) fn writable(&self) -> Result<()> {
         match &self.refusal {
             Some(why) => Err(MetaError::NotWritable(why.clone())),
             None => Ok(()),
@@ -439,12 +461,9 @@ impl Meta {
         )
     }
 
-    /// The cache slot of the L2 table at `offset`, loading it.
-    fn l2_slot(&mut self, offset: u64) -> Result<usize> {
-        if let Some(i) = self.l2.find(offset) {
-            return Ok(i);
-        }
-        self.check_host(offset, "an L1 entry")?;
+    /// Makes room in the L2 cache: the slot to reuse, its table written
+    /// back first if dirty.
+    fn evict_l2(&mut self) -> Result<Option<usize>> {
         let reuse = self.l2.victim();
         if let Some(v) = reuse {
             if self.l2.slots[v].dirty {
@@ -456,9 +475,51 @@ impl Meta {
                 self.l2.slots[v].dirty = false;
             }
         }
+        Ok(reuse)
+    }
+
+    /// Makes room in the refcount block cache, as [`Meta::evict_l2`].
+    fn evict_refblock(&mut self) -> Result<Option<usize>> {
+        let reuse = self.refblocks.victim();
+        if let Some(v) = reuse {
+            if self.refblocks.slots[v].dirty {
+                let slot = &self.refblocks.slots[v];
+                write_at(&self.file, &slot.data, slot.offset, "refcount block")?;
+                self.refblocks.slots[v].dirty = false;
+            }
+        }
+        Ok(reuse)
+    }
+
+    /// The cache slot of the L2 table at `offset`, loading it.
+    fn l2_slot(&mut self, offset: u64) -> Result<usize> {
+        if let Some(i) = self.l2.find(offset) {
+            return Ok(i);
+        }
+        self.check_host(offset, "an L1 entry")?;
+        let reuse = self.evict_l2()?;
         let mut data = vec![0u8; self.cluster_size as usize];
         read_at(&self.file, &mut data, offset, "L2 table")?;
+        self.check_l2(offset, &data);
         Ok(self.l2.insert(offset, data, false, reuse))
+    }
+
+    /// Refuses writes from now on if the L2 table at `offset` points guest
+    /// data at metadata: a guest write there would overwrite the image's
+    /// own tables. Reads stay allowed, as QEMU allows them.
+    fn check_l2(&mut self, offset: u64, data: &[u8]) {
+        let bad = (0..self.l2_entries as usize)
+            .map(|i| be64(data, i))
+            .filter(|e| e & COMPRESSED == 0)
+            .map(|e| (e & OFFSET_MASK) >> self.cluster_bits)
+            .find(|&c| c != 0 && self.meta_clusters.contains(&c));
+        if let Some(c) = bad {
+            let e = MetaError::Corrupt(format!(
+                "the L2 table at 0x{offset:x} points guest data at cluster 0x{:x}, which holds metadata",
+                c << self.cluster_bits
+            ));
+            let _ = self.fail::<()>(e);
+        }
     }
 
     /// What guest cluster `g` maps to.
@@ -512,17 +573,11 @@ impl Meta {
             return Ok(());
         }
         let off = self.alloc()?;
-        let reuse = self.l2.victim();
-        if let Some(v) = reuse {
-            if self.l2.slots[v].dirty {
-                self.write_refblocks()?;
-                let slot = &self.l2.slots[v];
-                if let Err(e) = write_at(&self.file, &slot.data, slot.offset, "L2 table") {
-                    return self.fail(e);
-                }
-                self.l2.slots[v].dirty = false;
-            }
-        }
+        let reuse = match self.evict_l2() {
+            Ok(reuse) => reuse,
+            Err(e) => return self.fail(e),
+        };
+        self.meta_clusters.insert(off >> self.cluster_bits);
         // Dirty and zeroed: written back before the L1 entry that points
         // at it, so the cluster's old contents are never read as a table.
         self.l2
@@ -564,14 +619,7 @@ impl Meta {
             return Ok(Some(i));
         }
         self.check_host(off, "a refcount table entry")?;
-        let reuse = self.refblocks.victim();
-        if let Some(v) = reuse {
-            if self.refblocks.slots[v].dirty {
-                let slot = &self.refblocks.slots[v];
-                write_at(&self.file, &slot.data, slot.offset, "refcount block")?;
-                self.refblocks.slots[v].dirty = false;
-            }
-        }
+        let reuse = self.evict_refblock()?;
         let mut data = vec![0u8; self.cluster_size as usize];
         read_at(&self.file, &mut data, off, "refcount block")?;
         Ok(Some(self.refblocks.insert(off, data, false, reuse)))
@@ -637,6 +685,12 @@ impl Meta {
                 continue;
             }
             if self.refcount(c)? == 0 {
+                if self.meta_clusters.contains(&c) {
+                    return Err(MetaError::Corrupt(format!(
+                        "cluster 0x{:x} holds metadata but its refcount is 0",
+                        c << self.cluster_bits
+                    )));
+                }
                 self.set_count(c, 1)?;
                 self.free_hint = c + 1;
                 self.end = self.end.max(c + 1);
@@ -669,15 +723,9 @@ impl Meta {
             "refcount table",
         )?;
         self.reftable[ri] = off;
+        self.meta_clusters.insert(c);
         self.end = self.end.max(c + 1);
-        let reuse = self.refblocks.victim();
-        if let Some(v) = reuse {
-            if self.refblocks.slots[v].dirty {
-                let slot = &self.refblocks.slots[v];
-                write_at(&self.file, &slot.data, slot.offset, "refcount block")?;
-                self.refblocks.slots[v].dirty = false;
-            }
-        }
+        let reuse = self.evict_refblock()?;
         self.refblocks.insert(off, data, false, reuse);
         Ok(())
     }
@@ -767,15 +815,10 @@ impl Meta {
         let old_clusters = (self.reftable.len() as u64 * 8).div_ceil(self.cluster_size);
         self.reftable = table;
         self.reftable_offset = table_off;
+        self.meta_clusters
+            .extend(start..start + table_clusters + blocks);
         for (off, data) in new_blocks {
-            let reuse = self.refblocks.victim();
-            if let Some(v) = reuse {
-                if self.refblocks.slots[v].dirty {
-                    let slot = &self.refblocks.slots[v];
-                    write_at(&self.file, &slot.data, slot.offset, "refcount block")?;
-                    self.refblocks.slots[v].dirty = false;
-                }
-            }
+            let reuse = self.evict_refblock()?;
             self.refblocks.insert(off, data, false, reuse);
         }
         self.end = self.end.max(area_end);
@@ -783,6 +826,7 @@ impl Meta {
         // and is on disk.
         for k in 0..old_clusters {
             let oc = (old_off >> self.cluster_bits) + k;
+            self.meta_clusters.remove(&oc);
             self.set_count(oc, 0)?;
             self.free_hint = self.free_hint.min(oc);
         }

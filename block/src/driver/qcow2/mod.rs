@@ -50,6 +50,10 @@ pub enum Qcow2Error {
         #[source]
         source: std::io::Error,
     },
+    /// Clusters smaller than the host's `O_DIRECT` alignment: a cluster
+    /// could not be written on its own.
+    #[error("its clusters ({cluster} bytes) are smaller than the {align}-byte alignment direct I/O needs on this host; use larger clusters or direct=off")]
+    ClustersTooSmall { cluster: u64, align: u32 },
     /// Writes were asked for an image we must not write.
     #[error("image '{path}' cannot be opened for writing: {why}; open it read-only")]
     NotWritable { path: String, why: String },
@@ -101,6 +105,13 @@ impl<C: Child> Qcow2<C> {
                     why,
                 }));
             }
+        }
+        let align = file.driver().io_alignment();
+        if header.cluster_size() < u64::from(align) {
+            return Err(err(Qcow2Error::ClustersTooSmall {
+                cluster: header.cluster_size(),
+                align,
+            }));
         }
         let meta = Meta::open(meta_file, &header, read_only).map_err(|e| err(e.into()))?;
         if !read_only {

@@ -11,6 +11,7 @@ use super::*;
 use crate::driver::{File, FileOptions};
 use crate::io::{new_notifier, Completion};
 use crate::lock::Locking;
+use base::sync::lock;
 
 /// A child for tests: a driver with a name, no graph around it.
 struct TestChild {
@@ -193,7 +194,7 @@ fn check_clean(path: &Path) {
 }
 
 fn contents(path: &Path) -> Vec<u8> {
-    let raw = temp("convert.raw");
+    let raw = path.with_extension("converted.raw");
     qemu_img(&[
         "convert",
         "-O",
@@ -534,5 +535,88 @@ fn a_read_only_image_refuses_writes_and_a_dirty_one_refuses_a_writable_open() {
         "{err}"
     );
     assert!(Qcow2::open("top", file_child(&path, true, false), None, true).is_ok());
+    std::fs::remove_file(path).unwrap();
+}
+
+/// Reads the big-endian u64 at `at` in `bytes`.
+fn be64_at(bytes: &[u8], at: u64) -> u64 {
+    u64::from_be_bytes(bytes[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+/// An image with guest cluster 0 allocated, and where its L2 entry and the
+/// L1 table lie.
+fn one_cluster_image(name: &str) -> (PathBuf, u64, u64) {
+    let path = temp(name);
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "1M"]);
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 65536"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let bytes = std::fs::read(&path).unwrap();
+    let l1 = be64_at(&bytes, 40);
+    let l2 = be64_at(&bytes, l1) & meta::OFFSET_MASK;
+    (path, l1, l2)
+}
+
+#[test]
+fn guest_data_pointed_at_metadata_is_never_written() {
+    let (path, l1, l2) = one_cluster_image("hostile-l2.qcow2");
+    // Point guest cluster 1 at the L1 table's cluster.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let entry = (l1 | meta::COPIED).to_be_bytes();
+    bytes[l2 as usize + 8..l2 as usize + 16].copy_from_slice(&entry);
+    std::fs::write(&path, &bytes).unwrap();
+    {
+        let q = open(&path, None, false);
+        let mut d = Driver2::new(&q, 4);
+        let data = vec![0xffu8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_ptr() as *mut _,
+            iov_len: data.len(),
+        }];
+        // SAFETY: the buffer outlives the wait.
+        unsafe { d.io.write_vectored(65536, &iov, 1).unwrap() };
+        d.io.submit().unwrap();
+        assert!(d.wait(1)[0].result < 0, "the write is refused");
+        assert!(
+            d.read(0, 4096).iter().all(|&b| b == 0x5a),
+            "reads still work"
+        );
+    }
+    let after = std::fs::read(&path).unwrap();
+    assert!(
+        after[l1 as usize..l1 as usize + 512] == bytes[l1 as usize..l1 as usize + 512],
+        "the L1 table is untouched"
+    );
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn a_metadata_cluster_counted_free_is_never_allocated() {
+    let (path, l1, _) = one_cluster_image("hostile-rc.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Uncount the L1 table's cluster (16-bit refcounts, first refblock).
+    let reftable = be64_at(&bytes, 48);
+    let block = be64_at(&bytes, reftable);
+    let at = (block + (l1 >> 16) * 2) as usize;
+    bytes[at..at + 2].copy_from_slice(&[0, 0]);
+    std::fs::write(&path, &bytes).unwrap();
+    {
+        let q = open(&path, None, false);
+        let mut d = Driver2::new(&q, 4);
+        let data = vec![0xffu8; 4096];
+        let iov = [libc::iovec {
+            iov_base: data.as_ptr() as *mut _,
+            iov_len: data.len(),
+        }];
+        // SAFETY: the buffer outlives the wait.
+        unsafe { d.io.write_vectored(512 << 10, &iov, 1).unwrap() };
+        d.io.submit().unwrap();
+        assert!(d.wait(1)[0].result < 0, "the allocation is refused");
+    }
+    let after = std::fs::read(&path).unwrap();
+    assert!(after[l1 as usize..l1 as usize + 512] == bytes[l1 as usize..l1 as usize + 512]);
     std::fs::remove_file(path).unwrap();
 }
