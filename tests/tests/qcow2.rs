@@ -311,7 +311,6 @@ fn an_overlay_over_a_compressed_base_and_writes_into_compressed_clusters() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
-#[ignore = "the vmm binary ends with 159 after any qcow2 disk: its main thread's seccomp filter refuses the fdatasync of the node's write-back at exit (passes with --seccomp off)"]
 fn snapshot_on_leaves_the_disk_files_and_tmpdir_as_they_were() {
     // The vmm binary, so that its $TMPDIR is a folder of this test's own.
     let dir = Dir::new("snapshot");
