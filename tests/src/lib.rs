@@ -6,6 +6,7 @@
 //! `#[cfg_attr(no_kvm, ignore = "...")]` or `#[cfg_attr(pvm_host, ignore = "...")]`
 //! (cfgs set by `build.rs`), so `cargo test` lists them as ignored with the reason.
 
+pub mod images;
 pub mod qmp;
 
 use std::path::{Path, PathBuf};

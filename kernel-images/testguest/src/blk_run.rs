@@ -125,6 +125,10 @@ pub fn run(opts: &BlkOptions, info: Option<&pvh::StartInfo>) -> bool {
     };
 
     for job in opts.jobs.iter().flatten() {
+        if job.what == crate::cmdline::Work::Durable {
+            failed |= durable(&mut devs, job.dev, nblk, kernel_mode, &env);
+            continue;
+        }
         let mut out = Out::new();
         let result = run_on(&mut devs, job.dev, nblk, kernel_mode, &mut |dev| {
             blk_work::run(job.what, dev, &env, &mut out)
@@ -149,6 +153,67 @@ pub fn run(opts: &BlkOptions, info: Option<&pvh::StartInfo>) -> bool {
         failed |= bad;
     }
     failed
+}
+
+/// `durable`: rounds of write + FLUSH, each in its own ring-3 call so
+/// that ring 0 can print `testguest: blk durable vdX: flushed round=<r>
+/// sectors=<first>+<count>` as soon as its FLUSH has completed (a host
+/// killing the VMM after that line may expect those sectors on disk);
+/// `blk.ops` rounds (default: until every chunk of the area is written),
+/// then all are read back. Returns true if it failed.
+fn durable(devs: &mut [Option<Blk>], dev: u8, nblk: usize, kernel_mode: bool, env: &Env) -> bool {
+    let t0 = tsc::now();
+    let mut plan = None;
+    let result = run_on(devs, dev, nblk, kernel_mode, &mut |d| {
+        blk_work::durable_plan(d, env).map(|p| {
+            plan = Some(p);
+            blk_work::Msg::new()
+        })
+    });
+    let Some(plan) = plan else {
+        return fail_and_recover(devs, "durable", dev, result);
+    };
+    let rounds = env.opts.ops.map_or(plan.chunks, |n| n.min(plan.chunks));
+    for r in 0..rounds {
+        let mut first = 0;
+        let result = run_on(devs, dev, nblk, kernel_mode, &mut |d| {
+            blk_work::durable_round(d, env, &plan, r).map(|f| {
+                first = f;
+                blk_work::Msg::new()
+            })
+        });
+        if result.is_err() {
+            return fail_and_recover(devs, "durable", dev, result);
+        }
+        let mut line = Text::<96>::new();
+        let _ = write!(
+            line,
+            "testguest: blk durable {}: flushed round={} sectors={}+{}\n",
+            core::str::from_utf8(&[b'v', b'd', b'a' + dev]).unwrap_or("?"),
+            r,
+            first,
+            blk_work::DURABLE_SECTORS
+        );
+        put_bytes(line.as_bytes());
+    }
+    let result = run_on(devs, dev, nblk, kernel_mode, &mut |d| {
+        blk_work::durable_check(d, env, &plan, rounds).map(|mut m| {
+            let ms = tsc::now().wrapping_sub(t0) / (tsc::hz() / 1000).max(1);
+            let _ = write!(m, " ms={}", ms);
+            m
+        })
+    });
+    fail_and_recover(devs, "durable", dev, result)
+}
+
+/// Reports `result`; after a failure, recovers the device. Returns true
+/// if it failed.
+fn fail_and_recover(devs: &mut [Option<Blk>], name: &str, dev: u8, result: blk_work::Outcome) -> bool {
+    let bad = report(name, dev, result);
+    if bad {
+        recover(devs, dev);
+    }
+    bad
 }
 
 /// After a failed workload: if the device needs a reset or still holds

@@ -1,5 +1,6 @@
 //! The block workloads (`blk=`): verify, random, discard, writezeroes,
-//! readonly, checksum, malformed, getid. Each returns the text after
+//! readonly, checksum, malformed, getid, and the rounds of `durable`
+//! (blk_run.rs prints a line after each). Each returns the text after
 //! `testguest: blk <name> <dev>: ` (ok/skipped line) or the reason for
 //! FAILED; `malformed` also writes one line per case into `out`. They run
 //! in ring 3 by default (blk.rs, virtio.rs and this file use no
@@ -50,6 +51,7 @@ const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 const SALT_VERIFY: u64 = 0x7665_7269_6679_0001;
 const SALT_RANDOM: u64 = 0x7261_6e64_6f6d_0002;
 const SALT_ZERO: u64 = 0x7a65_726f_0000_0003;
+const SALT_DURABLE: u64 = 0x6475_7261_626c_0004;
 
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(GOLDEN);
@@ -185,6 +187,8 @@ pub fn run(w: crate::cmdline::Work, dev: &mut Blk, env: &Env, out: &mut Out) -> 
         Checksum => checksum(dev, env),
         Malformed => malformed(dev, env, out),
         GetId => return getid(dev, env),
+        // Round by round from blk_run.rs, which prints between rounds.
+        Durable => fail!("durable runs round by round"),
     };
     // "ok" lines end with the workload's time.
     r.map(|mut m| {
@@ -552,6 +556,82 @@ fn getid(dev: &mut Blk, env: &Env) -> Outcome {
         }
     }
     Ok(m)
+}
+
+// ---- durable
+
+/// Sectors one `durable` round writes: 24 KiB, part of a 64 KiB qcow2
+/// cluster (so an overlay copies the rest up from its backing file) and
+/// several whole 512-byte ones.
+pub const DURABLE_SECTORS: u64 = 48;
+
+/// The order of `durable`'s rounds: round `r` writes chunk
+/// `(start + r * stride) % chunks`, every chunk once, scattered over the
+/// area (a stride coprime with the count) and starting where the seed
+/// says, so a second run on the same image allocates elsewhere first.
+pub struct DurablePlan {
+    pub chunks: u64,
+    start: u64,
+    stride: u64,
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+pub fn durable_plan(dev: &Blk, env: &Env) -> Result<DurablePlan, Msg> {
+    if dev.ro() {
+        fail!("the device is read-only (VIRTIO_BLK_F_RO)");
+    }
+    if !dev.has(F_FLUSH) {
+        fail!("the device does not offer FLUSH, so nothing can be reported durable");
+    }
+    let chunks = area(dev, env, DURABLE_SECTORS * SECTOR) / (DURABLE_SECTORS * SECTOR);
+    if chunks == 0 {
+        fail!("the area holds no {}-byte chunk", DURABLE_SECTORS * SECTOR);
+    }
+    let mut stride = (chunks * 5 / 8) | 1;
+    while gcd(stride, chunks) != 1 {
+        stride += 2;
+    }
+    Ok(DurablePlan { chunks, start: splitmix(env.seed) % chunks, stride: stride % chunks })
+}
+
+/// Round `r`: writes its chunk with the pattern, then FLUSH; returns the
+/// chunk's first sector. Only once this returns may the round be called
+/// durable.
+pub fn durable_round(dev: &mut Blk, env: &Env, plan: &DurablePlan, r: u64) -> Result<u64, Msg> {
+    let chunk = (plan.start + (r % plan.chunks) * plan.stride) % plan.chunks;
+    let first = chunk * DURABLE_SECTORS;
+    fill_pattern(env.scratch, first, DURABLE_SECTORS, env.seed ^ SALT_DURABLE);
+    bulk(dev, T_OUT, first, env.scratch, DURABLE_SECTORS * SECTOR)?;
+    flush(dev)?;
+    Ok(first)
+}
+
+/// After the last round: every chunk written reads back with its pattern.
+pub fn durable_check(dev: &mut Blk, env: &Env, plan: &DurablePlan, rounds: u64) -> Outcome {
+    let len = DURABLE_SECTORS * SECTOR;
+    for r in 0..rounds {
+        let chunk = (plan.start + (r % plan.chunks) * plan.stride) % plan.chunks;
+        let first = chunk * DURABLE_SECTORS;
+        poison(env.scratch, len);
+        bulk(dev, T_IN, first, env.scratch, len)?;
+        if let Err((at, got, want)) = check_pattern(env.scratch, first, DURABLE_SECTORS, env.seed ^ SALT_DURABLE) {
+            fail!(
+                "round {} mismatch at byte {} (sector {}): read {:#018x}, expected {:#018x}",
+                r,
+                first * SECTOR + at,
+                first + at / SECTOR,
+                got,
+                want
+            );
+        }
+    }
+    Ok(msg!("ok rounds={} bytes={} seed={:#x}", rounds, rounds * len, env.seed))
 }
 
 // ---- malformed

@@ -32,10 +32,11 @@ pub enum Work {
     Checksum,
     Malformed,
     GetId,
+    Durable,
 }
 
 impl Work {
-    pub const ALL: [(Work, &'static str); 8] = [
+    pub const ALL: [(Work, &'static str); 9] = [
         (Work::Verify, "verify"),
         (Work::Random, "random"),
         (Work::Discard, "discard"),
@@ -44,6 +45,7 @@ impl Work {
         (Work::Checksum, "checksum"),
         (Work::Malformed, "malformed"),
         (Work::GetId, "getid"),
+        (Work::Durable, "durable"),
     ];
     pub fn name(self) -> &'static str {
         Self::ALL.iter().find(|(w, _)| *w == self).map_or("?", |(_, n)| n)
