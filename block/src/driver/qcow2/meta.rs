@@ -247,12 +247,40 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64, what: &'static str) -> Resu
     Ok(())
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Metadata writes (and syncs) this thread may still make before every
+    /// further one fails, as if the process had died there; `None`: no
+    /// limit. For tests of the write-back order.
+    pub(crate) static WRITES_LEFT: std::cell::Cell<Option<u64>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Counts one metadata write or sync against [`WRITES_LEFT`].
+#[cfg(test)]
+fn crash_point() -> io::Result<()> {
+    WRITES_LEFT.with(|left| match left.get() {
+        Some(0) => Err(io::Error::other("injected crash")),
+        Some(n) => {
+            left.set(Some(n - 1));
+            Ok(())
+        }
+        None => Ok(()),
+    })
+}
+
+#[cfg(not(test))]
+fn crash_point() -> io::Result<()> {
+    Ok(())
+}
+
 fn write_at(file: &File, buf: &[u8], offset: u64, what: &'static str) -> Result<()> {
     let err = |source| MetaError::Io {
         what,
         offset,
         source,
     };
+    crash_point().map_err(err)?;
     let mut done = 0usize;
     while done < buf.len() {
         let iov = libc::iovec {
@@ -993,6 +1021,11 @@ impl Meta {
 
     /// `fdatasync` of the image file.
     pub(crate) fn sync(&self) -> Result<()> {
+        crash_point().map_err(|source| MetaError::Io {
+            what: "fdatasync",
+            offset: 0,
+            source,
+        })?;
         // SAFETY: fdatasync on a descriptor this struct owns.
         if unsafe { libc::fdatasync(self.file.as_raw_fd()) } != 0 {
             return Err(MetaError::Io {
