@@ -699,6 +699,7 @@ pub fn virtio_mmio(data: &[u8]) {
         queue_size: [8, 16, 64, 256][usize::from(setup >> 3) & 3],
         serial: "fuzz".into(),
         poll: Duration::ZERO,
+        live_jobs: false,
     };
     let interrupt = Arc::new(Interrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),

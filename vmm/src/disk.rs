@@ -42,6 +42,9 @@ pub struct DiskConfig {
     pub throttle: Limits,
     /// Time each request for `query-blockstats` (`stats=on`, the default).
     pub timed_stats: bool,
+    /// Let the dataplane host block jobs while the guest runs
+    /// (`live-jobs=on`; off by default).
+    pub live_jobs: bool,
 }
 
 /// Why a `--disk` value did not parse.
@@ -51,7 +54,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, live-jobs, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -148,6 +151,7 @@ impl FromStr for DiskConfig {
             aio: Aio::Auto,
             throttle: Limits::default(),
             timed_stats: true,
+            live_jobs: false,
         };
         let mut seen: Vec<&str> = Vec::new();
         for token in s.split(',') {
@@ -191,6 +195,7 @@ impl FromStr for DiskConfig {
                 "readonly" => disk.read_only = on_off(key, value)?,
                 "direct" => disk.direct = on_off(key, value)?,
                 "stats" => disk.timed_stats = on_off(key, value)?,
+                "live-jobs" => disk.live_jobs = on_off(key, value)?,
                 "locking" => disk.locking = value.parse().map_err(|why: String| bad(&why))?,
                 "aio" => disk.aio = value.parse().map_err(|why: String| bad(&why))?,
                 "queues" => disk.queues = number(key, value, 1, u64::from(MAX_QUEUES))? as u16,

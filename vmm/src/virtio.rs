@@ -132,6 +132,7 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
                 queue_size: d.queue_size,
                 serial: d.serial.clone().unwrap_or_default(),
                 poll: d.poll,
+                live_jobs: d.live_jobs,
             },
             node,
         });

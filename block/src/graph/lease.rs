@@ -58,6 +58,11 @@ impl Lease {
         &self.node
     }
 
+    /// Who holds it.
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
     /// An I/O engine on the node with room for `depth` operations in
     /// flight. Only a lease holder gets one: busy state guards I/O.
     pub fn open_io(&self, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
@@ -73,6 +78,8 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _decide = lock(&self.node.graph.leases);
+        // Hosting ends with the lease: nobody new gets in.
+        *lock(&self.node.node.host) = None;
         for n in &self.covered {
             let mut slot = lock(&n.lease);
             if slot.as_ref().is_some_and(|(id, _)| *id == self.id) {

@@ -15,6 +15,7 @@
 
 mod files;
 mod holder;
+mod host;
 mod lease;
 mod node;
 mod snapshot;
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use base::sync::lock;
 
 pub use holder::Holder;
+pub use host::{Access, BeforeWrite, Host, Hosted, HostedRead, Replies};
 pub use lease::Lease;
 pub use node::{Node, NodeRef};
 pub use snapshot::Appended;
@@ -196,6 +198,8 @@ pub struct NodeInfo {
     pub references: Vec<Holder>,
     /// Who holds the lease.
     pub lease: Option<Holder>,
+    /// Whom the lease holder hosts (QMP's `hosted`).
+    pub hosted: Vec<Holder>,
 }
 
 /// A block graph.
@@ -692,6 +696,7 @@ fn info_of(node: &Node, flat: bool) -> NodeInfo {
             .collect(),
         references: node.holders(),
         lease: node.lease_holder(),
+        hosted: node.hosted(),
     }
 }
 

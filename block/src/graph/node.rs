@@ -33,6 +33,8 @@ pub struct Node {
     depth: usize,
     refs: Mutex<Vec<(u64, Holder)>>,
     pub(crate) lease: Mutex<Option<(u64, Holder)>>,
+    /// What the lease holder offers its guests, while it hosts.
+    pub(crate) host: Mutex<Option<Arc<super::Host>>>,
     pub(crate) graph: Arc<GraphShared>,
 }
 
@@ -53,6 +55,7 @@ impl Node {
             depth,
             refs: Mutex::new(Vec::new()),
             lease: Mutex::new(None),
+            host: Mutex::new(None),
             graph,
         })
     }
@@ -97,6 +100,14 @@ impl Node {
     /// Who holds references to it, in the order they took them.
     pub fn holders(&self) -> Vec<Holder> {
         lock(&self.refs).iter().map(|(_, h)| h.clone()).collect()
+    }
+
+    /// Who the lease holder hosts (empty unless it hosts).
+    pub fn hosted(&self) -> Vec<Holder> {
+        lock(&self.host)
+            .as_ref()
+            .map(|h| h.guests())
+            .unwrap_or_default()
     }
 
     /// Who holds its in-use lease, if anyone.

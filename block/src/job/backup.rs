@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use super::cbw::{Cbw, GRANULE};
 use super::{IoOperation, JobDriver, JobFailure, Step};
 use crate::error::BlockError;
-use crate::graph::{Holder, Lease, NodeRef};
+use crate::graph::{Access, Holder, Lease, NodeRef};
 use crate::io::AsyncIo;
 
 /// Bytes per read or write.
@@ -56,6 +57,9 @@ pub enum BackupError {
     /// Source and target are the same node.
     #[error("Node '{0}' cannot be the backup's source and target at once")]
     SameNode(String),
+    /// `sync=none` on a node no running guest's dataplane hosts.
+    #[error("sync=none copies what a running guest is about to overwrite: node '{0}' must be served by a running guest's disk with live-jobs=on")]
+    NeedsLiveGuest(String),
 }
 
 /// A buffer aligned for O_DIRECT, without unsafe: a larger Vec, used from
@@ -88,8 +92,21 @@ struct Running {
     src: Box<dyn AsyncIo>,
     dst: Box<dyn AsyncIo>,
     wait: Epoll,
-    source: Lease,
+    /// Copy-before-write, when the source's holder hosts the job.
+    cbw: Option<Cbw>,
+    source: Access,
     target: Lease,
+}
+
+/// What a backup copies (QEMU's `sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    /// Everything (`full`).
+    Full,
+    /// Only what the guest is about to overwrite, until cancelled
+    /// (`none`: a point-in-time view for fleecing). Needs a running guest
+    /// whose dataplane hosts the job.
+    None,
 }
 
 /// Where one chunk buffer is in its cycle.
@@ -131,13 +148,20 @@ pub struct Backup {
     last_completion: Instant,
     /// [`IO_TIMEOUT`], shorter in tests.
     io_timeout: Duration,
+    /// Bytes per read: [`CHUNK`], or the granule of copy-before-write.
+    chunk: usize,
+    sync: Sync,
 }
 
 fn watch(epoll: &Epoll, io: &dyn AsyncIo, token: u64) -> std::io::Result<()> {
+    watch_fd(epoll, io.notifier(), token)
+}
+
+fn watch_fd(epoll: &Epoll, fd: &vmm_sys_util::eventfd::EventFd, token: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     epoll.ctl(
         ControlOperation::Add,
-        io.notifier().as_raw_fd(),
+        fd.as_raw_fd(),
         EpollEvent::new(EventSet::IN, token),
     )
 }
@@ -155,6 +179,49 @@ impl Backup {
         Self::with_engines(job, source, target, |lease, depth| lease.open_io(depth))
     }
 
+    /// A backup that may run on a running guest: if the source's lease
+    /// holder hosts jobs (`live-jobs=on`), its reads go through the holder
+    /// and every write the holder is about to make waits until the old
+    /// data is read (copy-before-write). With `Sync::None` only that is
+    /// copied, until the job is cancelled.
+    pub fn live(
+        job: &str,
+        source: &NodeRef,
+        target: &NodeRef,
+        sync: Sync,
+    ) -> Result<Self, BackupError> {
+        let mut backup = Self::with_access(job, source, target, true, |access, depth| {
+            access.open_io(depth)
+        })?;
+        let running = backup.running.as_mut().expect("just made");
+        match running.source.host().cloned() {
+            Some(host) => {
+                let granule = GRANULE.max(u64::from(target.driver().io_alignment()));
+                let cbw =
+                    Cbw::start(host, backup.len, granule).map_err(|e| BlockError::Options {
+                        node: source.name().into(),
+                        reason: format!("cannot hook into its writes: {e}"),
+                    })?;
+                watch_fd(&running.wait, cbw.wake(), 2).map_err(|e| BlockError::Options {
+                    node: source.name().into(),
+                    reason: format!("cannot wait for the backup's I/O: {e}"),
+                })?;
+                backup.chunk = granule as usize;
+                running.cbw = Some(cbw);
+            }
+            None if sync == Sync::None => {
+                return Err(BackupError::NeedsLiveGuest(source.name().into()));
+            }
+            None => {}
+        }
+        backup.sync = sync;
+        if sync == Sync::None {
+            // Nothing to copy but what writes are about to change.
+            backup.next_read = backup.len;
+        }
+        Ok(backup)
+    }
+
     /// As [`Backup::new`], with `open` giving the engine for each lease
     /// (tests give engines that misbehave).
     fn with_engines(
@@ -162,6 +229,19 @@ impl Backup {
         source: &NodeRef,
         target: &NodeRef,
         mut open: impl FnMut(&Lease, u32) -> Result<Box<dyn AsyncIo>, BlockError>,
+    ) -> Result<Self, BackupError> {
+        Self::with_access(job, source, target, false, |access, depth| match access {
+            Access::Lease(lease) => open(lease, depth),
+            Access::Hosted(_) => unreachable!("hosting was not asked for"),
+        })
+    }
+
+    fn with_access(
+        job: &str,
+        source: &NodeRef,
+        target: &NodeRef,
+        hosted: bool,
+        mut open: impl FnMut(&Access, u32) -> Result<Box<dyn AsyncIo>, BlockError>,
     ) -> Result<Self, BackupError> {
         if source.same_node(target) {
             return Err(BackupError::SameNode(source.name().into()));
@@ -179,11 +259,15 @@ impl Backup {
             return Err(BackupError::ReadOnlyTarget(target.name().into()));
         }
         let holder = Holder::Job { id: job.into() };
-        let source_lease = source.take_lease(holder.clone())?;
+        let source_access = source.take_access(holder.clone(), hosted)?;
         let target_lease = target.take_lease(holder)?;
         let depth = SLOTS as u32 + 1;
-        let src = open(&source_lease, depth)?;
-        let dst = open(&target_lease, depth)?;
+        let src = open(&source_access, depth)?;
+        let target_access = Access::Lease(target_lease);
+        let dst = open(&target_access, depth)?;
+        let Access::Lease(target_lease) = target_access else {
+            unreachable!("made above")
+        };
         let setup = |e: std::io::Error| BlockError::Options {
             node: source.name().into(),
             reason: format!("cannot wait for the backup's I/O: {e}"),
@@ -196,7 +280,8 @@ impl Backup {
                 src,
                 dst,
                 wait,
-                source: source_lease,
+                cbw: None,
+                source: source_access,
                 target: target_lease,
             }),
             len: source_size,
@@ -215,6 +300,8 @@ impl Backup {
             flushed: false,
             last_completion: Instant::now(),
             io_timeout: IO_TIMEOUT,
+            chunk: CHUNK,
+            sync: Sync::Full,
         })
     }
 
@@ -226,10 +313,32 @@ impl Backup {
         }
         let io = self.running.as_mut().expect("engines live until clean");
         let queue = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
+        let chunk = self.chunk as u64;
         for (i, slot) in self.slots.iter_mut().enumerate() {
+            // Reads held writes wait for come first.
+            if *slot == Slot::Free {
+                if let Some(g) = io.cbw.as_ref().and_then(Cbw::next_wanted) {
+                    let offset = g * chunk;
+                    let len = (self.len - offset).min(chunk) as usize;
+                    self.iovecs.0[i] = [self.buffers[i].iovec(len)];
+                    let iov = &self.iovecs.0[i];
+                    // SAFETY: as for the reads below.
+                    unsafe { io.src.read_vectored(offset, iov, i as u64) }
+                        .map_err(|e| queue(IoOperation::Read, e))?;
+                    *slot = Slot::Reading { offset, len };
+                    self.in_flight += 1;
+                    continue;
+                }
+            }
+            // Granules already read for a held write need no second read.
+            if let Some(cbw) = io.cbw.as_ref() {
+                while self.next_read < self.len && !cbw.unread(self.next_read / chunk) {
+                    self.next_read += chunk;
+                }
+            }
             match *slot {
                 Slot::Free if self.next_read < self.len => {
-                    let len = (self.len - self.next_read).min(CHUNK as u64) as usize;
+                    let len = (self.len - self.next_read).min(chunk) as usize;
                     self.iovecs.0[i] = [self.buffers[i].iovec(len)];
                     let iov = &self.iovecs.0[i];
                     // SAFETY: the iovec (kept in `self.iovecs`) points into
@@ -267,7 +376,7 @@ impl Backup {
     /// for one; the bytes written.
     fn reap(&mut self) -> Result<u64, JobFailure> {
         let io = self.running.as_mut().expect("engines live until clean");
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         let mut written = 0;
         let mut error = None;
         let mut any = false;
@@ -277,7 +386,14 @@ impl Backup {
                 self.in_flight -= 1;
                 let i = c.user_data as usize;
                 if let Some(Slot::Reading { offset, len }) = self.slots.get(i).copied() {
-                    if c.result == len as i32 {
+                    let first = io.cbw.as_ref().is_none_or(|cbw| {
+                        c.result != len as i32 || cbw.claim(offset / self.chunk as u64)
+                    });
+                    if !first {
+                        // Another read of this granule came first: this
+                        // one may have seen a write that followed it.
+                        self.slots[i] = Slot::Free;
+                    } else if c.result == len as i32 {
                         self.slots[i] = Slot::Full { offset, len };
                     } else {
                         self.slots[i] = Slot::Free;
@@ -308,8 +424,11 @@ impl Backup {
                 match io.wait.wait(1000, &mut events) {
                     Ok(n) => {
                         for e in &events[..n] {
-                            let engine = if e.data() == 0 { &io.src } else { &io.dst };
-                            let _ = engine.notifier().read();
+                            let _ = match e.data() {
+                                0 => io.src.notifier().read(),
+                                1 => io.dst.notifier().read(),
+                                _ => io.cbw.as_ref().map_or(Ok(0), |c| c.wake().read()),
+                            };
                         }
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -351,6 +470,10 @@ impl Backup {
             self.io_timeout.as_secs_f64()
         );
         log::error!("backup: {message}");
+        // The guest's held writes must not wait for a job that gave up.
+        if let Some(cbw) = running.cbw.as_ref() {
+            cbw.finish();
+        }
         std::mem::forget(std::mem::take(&mut self.buffers));
         std::mem::forget(running);
         JobFailure::new(message)
@@ -394,6 +517,18 @@ impl JobDriver for Backup {
         let mut done = 0;
         // Reads run ahead across steps; writes stay within the step.
         self.write_budget = STEP_BYTES;
+        if self.sync == Sync::None {
+            // Copies what writes are about to change, until cancelled; a
+            // step waits about a second for that, then lets the runtime
+            // look at pause and cancel.
+            if let Err(e) = self.submit() {
+                return self.fail(e);
+            }
+            return match self.reap() {
+                Ok(n) => Ok(Step::Progress(n)),
+                Err(e) => self.fail(e),
+            };
+        }
         while self.written < self.len && done < STEP_BYTES {
             if let Err(e) = self.submit() {
                 return self.fail(e);

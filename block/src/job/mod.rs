@@ -24,6 +24,7 @@
 //! as typed values; turning them into JSON is the QMP layer's business.
 
 pub mod backup;
+pub mod cbw;
 mod error;
 mod manager;
 mod rate;

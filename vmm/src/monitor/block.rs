@@ -36,6 +36,9 @@ fn node_json(n: &NodeInfo) -> Value {
     if let Some(holder) = &n.lease {
         v["in-use-by"] = json!(holder.to_string());
     }
+    if !n.hosted.is_empty() {
+        v["hosted"] = json!(n.hosted.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    }
     if let Some(backing) = &n.backing_file {
         v["backing_file"] = json!(backing);
     }

@@ -1,7 +1,7 @@
 //! Block jobs over QMP: `blockdev-backup`, the `job-*` verbs,
 //! `block-job-set-speed`, the queries, and the events jobs send.
 
-use block::job::backup::Backup;
+use block::job::backup::{Backup, Sync};
 use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions};
 use block::{BlockError, Holder};
 use serde_json::{json, Value};
@@ -96,11 +96,12 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
         ));
     }
     args.finish()?;
-    match sync.as_str() {
-        "full" => {}
-        "top" | "none" | "incremental" | "bitmap" => {
+    let mode = match sync.as_str() {
+        "full" => Sync::Full,
+        "none" => Sync::None,
+        "top" | "incremental" | "bitmap" => {
             return Err(QmpError::generic(format!(
-                "Sync mode '{sync}' is not supported: backup jobs copy everything (sync=full)"
+                "Sync mode '{sync}' is not supported: backup jobs copy everything (sync=full) or what the guest is about to overwrite (sync=none)"
             )))
         }
         other => {
@@ -108,7 +109,7 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
                 "Parameter 'sync' does not accept value '{other}'"
             )))
         }
-    }
+    };
     let Some(node) = m.graph.nodes().into_iter().find(|n| n.name == device) else {
         return Err(block_error(BlockError::NotFound { name: device }));
     };
@@ -129,8 +130,10 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     let holder = Holder::Job { id: job_id.clone() };
     let source = m.graph.get(&device, holder.clone()).map_err(block_error)?;
     let target = m.graph.get(&target, holder).map_err(block_error)?;
-    let backup =
-        Backup::new(&job_id, &source, &target).map_err(|e| QmpError::generic(e.to_string()))?;
+    // Through the source's holder where it hosts jobs (a running guest's
+    // disk with live-jobs=on); else with both nodes to itself.
+    let backup = Backup::live(&job_id, &source, &target, mode)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
     let options = JobOptions {
         auto_finalize,
         auto_dismiss,

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use block::graph::Host;
 use block::throttle::Direction;
 use block::AsyncIo;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -40,6 +41,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::hosting::Hosting;
 use super::poll::PollWindow;
 use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
 use super::stats::{self, BlockStats, Recorder};
@@ -70,6 +72,17 @@ impl StopSignal {
     fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
     }
+
+    /// Whether a stop was asked for.
+    pub(crate) fn is_requested(&self) -> bool {
+        self.requested()
+    }
+
+    /// The eventfd a stop request signals.
+    pub(crate) fn wake_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.wake.as_raw_fd()
+    }
 }
 
 /// How long a stopping dataplane waits for operations in flight before it
@@ -85,6 +98,10 @@ pub(crate) struct Stopped {
     /// iovecs and a reference to guest memory so they outlive them, and
     /// the caller must not let the node's lease go either.
     pub drained: bool,
+    /// With `live-jobs=on`: the hosted reads still in flight and the engine
+    /// they are on, for the loop that serves hosted jobs while the VM is
+    /// paused.
+    pub hosting: Option<(Hosting, Box<dyn AsyncIo>)>,
 }
 
 /// A request handed to the engine, waiting for its completions.
@@ -141,6 +158,13 @@ pub(crate) struct Dataplane {
     released: Vec<(usize, u16, Request)>,
     /// The device's I/O accounting.
     stats: Recorder,
+    /// Hosted jobs' reads and write hooks (`live-jobs=on`).
+    hosting: Option<Hosting>,
+    /// Guest writes held until hooks release their tickets: (tickets,
+    /// queue, head, request).
+    deferred: Vec<(Vec<u64>, usize, u16, Request)>,
+    /// The tickets of the write being started (kept for its allocation).
+    tickets: Vec<u64>,
 }
 
 /// Empty poll rounds between two clock readings: a round costs a few
@@ -163,6 +187,7 @@ const STOP_TOKEN: u64 = u64::MAX;
 const ENGINE_TOKEN: u64 = u64::MAX - 1;
 const TIMER_TOKEN: u64 = u64::MAX - 2;
 const THROTTLE_TOKEN: u64 = u64::MAX - 3;
+const HOST_TOKEN: u64 = u64::MAX - 4;
 
 impl Dataplane {
     pub fn new(
@@ -204,7 +229,17 @@ impl Dataplane {
             gate: None,
             released: Vec::new(),
             stats: Recorder::new(Arc::new(BlockStats::new(false))),
+            hosting: None,
+            deferred: Vec::new(),
+            tickets: Vec::new(),
         }
+    }
+
+    /// Carries out the reads of jobs `host` hosts, and asks its hooks
+    /// before every write.
+    pub fn with_host(mut self, host: Arc<Host>) -> Self {
+        self.hosting = Some(Hosting::new(host));
+        self
     }
 
     /// Accounts I/O into `stats`.
@@ -312,6 +347,7 @@ impl Dataplane {
             self.released = held;
         }
         let drained = self.drain();
+        let mut hosting = None;
         if !drained {
             // The kernel may still write into guest memory through these
             // iovecs, on the file the engine keeps open: keep the engine,
@@ -320,10 +356,13 @@ impl Dataplane {
             std::mem::forget(self.engine);
             std::mem::forget(std::mem::take(&mut self.slots));
             std::mem::forget(self.mem);
+        } else if let Some(h) = self.hosting.take() {
+            hosting = Some((h, self.engine));
         }
         Stopped {
             queues: self.queues,
             drained,
+            hosting,
         }
     }
 
@@ -345,6 +384,9 @@ impl Dataplane {
         add(self.stop.wake.as_raw_fd(), STOP_TOKEN)?;
         add(gate.timer().as_raw_fd(), TIMER_TOKEN)?;
         add(gate.waker().as_raw_fd(), THROTTLE_TOKEN)?;
+        if let Some(h) = &self.hosting {
+            add(h.host.kick().as_raw_fd(), HOST_TOKEN)?;
+        }
         self.throttle.set_waker(Some(gate.waker().try_clone()?));
         self.gate = Some(gate);
         Ok(epoll)
@@ -359,6 +401,11 @@ impl Dataplane {
             }
             ENGINE_TOKEN => {
                 let _ = self.engine.notifier().read();
+            }
+            HOST_TOKEN => {
+                if let Some(h) = &self.hosting {
+                    let _ = h.host.kick().read();
+                }
             }
             // The timer is re-armed or disarmed by `release_throttled`,
             // which also resets its count; the waker is cleared there when
@@ -415,7 +462,7 @@ impl Dataplane {
     /// Whether every head of every queue is taken and some are with the
     /// engine: nothing can come from the guest until one completes.
     fn saturated(&self) -> bool {
-        self.in_flight() > 0
+        self.slots.len() > self.free.len()
             && !self.gate.as_ref().is_some_and(|g| g.is_holding())
             && self
                 .queues
@@ -435,7 +482,8 @@ impl Dataplane {
 
     /// Pops new requests and reaps completions; true if anything happened.
     pub(crate) fn service(&mut self) -> bool {
-        let mut worked = self.release_throttled();
+        let mut worked = self.serve_host();
+        worked |= self.release_throttled();
         for q in 0..self.queues.len() {
             if self.interrupt.is_broken() {
                 break;
@@ -673,10 +721,63 @@ impl Dataplane {
         }
     }
 
-    /// Starts `req`, then keeps its lists for the next requests.
+    /// Starts `req`, then keeps its lists for the next requests; a write a
+    /// hosted job's hook must see first waits for its tickets.
     fn start(&mut self, q: usize, head: u16, req: Request) {
+        if let Some(h) = &self.hosting {
+            let mut tickets = std::mem::take(&mut self.tickets);
+            match &req.kind {
+                RequestKind::Out => h.host.before_write(req.offset, req.data_len, &mut tickets),
+                RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                    for seg in segs.iter() {
+                        h.host.before_write(seg.offset, seg.len, &mut tickets);
+                    }
+                }
+                _ => {}
+            }
+            if !tickets.is_empty() {
+                self.deferred.push((tickets, q, head, req));
+                return;
+            }
+            self.tickets = tickets;
+        }
         self.start_request(q, head, &req);
         self.scratch.recycle(req);
+    }
+
+    /// Queues hosted reads and starts the writes whose tickets came back;
+    /// true if there was any.
+    fn serve_host(&mut self) -> bool {
+        let Some(h) = self.hosting.as_mut() else {
+            return false;
+        };
+        if !h.take_work(self.engine.as_mut()) {
+            return false;
+        }
+        let released = std::mem::take(h.released());
+        if !released.is_empty() && !self.deferred.is_empty() {
+            let mut deferred = std::mem::take(&mut self.deferred);
+            let mut i = 0;
+            while i < deferred.len() {
+                deferred[i].0.retain(|t| !released.contains(t));
+                if deferred[i].0.is_empty() {
+                    let (tickets, q, head, req) = deferred.remove(i);
+                    self.tickets = tickets;
+                    // Asked again: a hook may need more copied by now.
+                    self.start(q, head, req);
+                } else {
+                    i += 1;
+                }
+            }
+            deferred.append(&mut self.deferred);
+            self.deferred = deferred;
+        }
+        if let Some(h) = self.hosting.as_mut() {
+            let mut r = released;
+            r.clear();
+            *h.released() = r;
+        }
+        true
     }
 
     fn start_request(&mut self, q: usize, head: u16, req: &Request) {
@@ -787,6 +888,9 @@ impl Dataplane {
         let mut any = false;
         while let Some(done) = self.engine.next_completion() {
             any = true;
+            if self.hosting.as_mut().is_some_and(|h| h.complete(done)) {
+                continue;
+            }
             let slot = done.user_data as usize;
             let Some(entry) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
                 log::error!("{}: completion for unknown request {slot}", self.name);
@@ -845,8 +949,11 @@ impl Dataplane {
         }
     }
 
+    /// Guest requests taken and not yet answered, held writes included.
+    /// (Hosted reads are not counted: a stopping dataplane hands those
+    /// over with its engine, see [`Stopped::hosting`].)
     fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() + self.deferred.len()
     }
 
     /// Waits for every request in flight, so no operation touches guest
@@ -871,6 +978,8 @@ impl Dataplane {
             // An engine may refuse a submission while its completion
             // queue is full (io_uring's EBUSY): hand it over again each
             // round, after reaping has made room.
+            // Held writes wait for hosted jobs, whose reads are served here.
+            self.serve_host();
             if let Err(e) = self.engine.submit() {
                 // Retried every round until the deadline: keep it quiet.
                 log::debug!("{}: {e}", self.name);

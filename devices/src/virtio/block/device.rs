@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use block::graph::Host;
 use block::{Holder, Lease, NodeRef};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -18,7 +19,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::GuestMemoryMmap;
 
-use super::dataplane::{Dataplane, StopSignal, Stopped};
+use super::dataplane::{Dataplane, StopSignal, Stopped, DRAIN_DEADLINE};
+use super::hosting::{serve_paused, Hosting};
 use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use super::slot::NodeSlot;
 use super::stats::BlockStats;
@@ -54,11 +56,21 @@ pub struct BlockConfig {
     pub serial: String,
     /// After work, keep polling the avail ring this long before sleeping.
     pub poll: Duration,
+    /// Host block jobs on the node while the guest runs (`live-jobs=on`):
+    /// their reads go through the dataplane, their hooks see its writes.
+    pub live_jobs: bool,
 }
 
 struct Worker {
     stop: Arc<StopSignal>,
     thread: JoinHandle<Stopped>,
+}
+
+/// The loop serving hosted jobs while the VM is paused; true from its
+/// thread if it drained.
+struct PausedHost {
+    stop: Arc<StopSignal>,
+    thread: JoinHandle<bool>,
 }
 
 /// What an activated device needs to start its dataplane again.
@@ -84,6 +96,10 @@ pub struct Block {
     features: u64,
     active: Option<Active>,
     worker: Option<Worker>,
+    /// What the dataplane offers hosted jobs, while it holds the lease.
+    host: Option<Arc<Host>>,
+    /// Serving hosted jobs while paused (the lease is kept meanwhile).
+    paused_host: Option<PausedHost>,
     /// A dataplane gave up waiting for its I/O: the lease is kept for good
     /// and the device never serves again.
     stuck: bool,
@@ -169,6 +185,8 @@ impl Block {
             features,
             active: None,
             worker: None,
+            host: None,
+            paused_host: None,
             stuck: false,
         }
     }
@@ -179,13 +197,75 @@ impl Block {
         self
     }
 
-    /// Takes the node's lease for the dataplane, unless already held.
+    /// Takes the node's lease for the dataplane, unless already held;
+    /// with `live-jobs=on`, offers hosting on it.
     fn take_lease(&mut self) -> Result<&Lease, block::BlockError> {
         if self.lease.is_none() {
             let holder = dataplane_holder(&self.config.id);
-            self.lease = Some(self.node.with(|node| node.take_lease(holder))?);
+            let lease = self.node.with(|node| node.take_lease(holder))?;
+            self.host = None;
+            if self.config.live_jobs {
+                let host = lease
+                    .offer_hosting()
+                    .map_err(|e| block::BlockError::Options {
+                        node: lease.node().name().to_string(),
+                        reason: format!("cannot offer hosting: {e}"),
+                    })?;
+                self.host = Some(host);
+            }
+            self.lease = Some(lease);
         }
         Ok(self.lease.as_ref().expect("just taken"))
+    }
+
+    /// Stops the loop serving hosted jobs while paused, if it runs.
+    fn stop_paused_host(&mut self) {
+        let Some(paused) = self.paused_host.take() else {
+            return;
+        };
+        let _ = paused.stop.request();
+        match paused.thread.join() {
+            Ok(true) => {}
+            _ => {
+                // Hosted reads may still land in a job's buffers and the
+                // lease must stay: as after a dataplane drain that failed.
+                self.stuck = true;
+                if let Some(lease) = self.lease.take() {
+                    std::mem::forget(lease);
+                }
+            }
+        }
+    }
+
+    /// After a drained stop with `live-jobs=on`: keeps the lease and serves
+    /// hosted jobs on `engine` while the VM is paused, so that jobs go on,
+    /// jobs started meanwhile are hosted too, and `cont` finds the lease
+    /// its own.
+    fn serve_paused(&mut self, hosting: Hosting, engine: Box<dyn block::AsyncIo>) {
+        let stop = match StopSignal::new() {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                log::error!(
+                    "{}: cannot serve hosted jobs while paused: {e}",
+                    self.config.id
+                );
+                return;
+            }
+        };
+        let stop_for_thread = stop.clone();
+        let spawned = base::spawn(
+            base::ThreadKind::Dataplane,
+            format!("blk-{}-p", self.config.id),
+            move || serve_paused(hosting, engine, stop_for_thread, DRAIN_DEADLINE),
+            || false,
+        );
+        match spawned {
+            Ok(thread) => self.paused_host = Some(PausedHost { stop, thread }),
+            Err(e) => log::error!(
+                "{}: cannot serve hosted jobs while paused: {e}",
+                self.config.id
+            ),
+        }
     }
 
     /// Starts a dataplane thread over `queues`.
@@ -235,20 +315,27 @@ impl Block {
         // flight may still land: the device needs a reset and keeps its
         // lease, as after a drain that did not end.
         let interrupt = activation.interrupt.clone();
+        let host = self.host.clone();
         let thread = base::spawn(
             base::ThreadKind::Dataplane,
             format!("blk-{}", self.config.id),
             move || {
-                Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
-                    .with_throttle(throttle)
-                    .with_stats(stats)
-                    .run()
+                let dataplane =
+                    Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
+                        .with_throttle(throttle)
+                        .with_stats(stats);
+                match host {
+                    Some(host) => dataplane.with_host(host),
+                    None => dataplane,
+                }
+                .run()
             },
             move || {
                 interrupt.fail();
                 Stopped {
                     queues: Vec::new(),
                     drained: false,
+                    hosting: None,
                 }
             },
         )
@@ -267,10 +354,17 @@ impl Block {
             Ok(Stopped {
                 queues,
                 drained: true,
-            }) => Some(queues),
+                hosting,
+            }) => {
+                if let Some((hosting, engine)) = hosting {
+                    self.serve_paused(hosting, engine);
+                }
+                Some(queues)
+            }
             Ok(Stopped {
                 queues,
                 drained: false,
+                ..
             }) => {
                 // Operations may still land on the disk: no one else may
                 // take the node while they can, so the lease is never
@@ -381,6 +475,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
         let queues = self.stop_worker();
+        self.stop_paused_host();
         let active = self.active.take()?;
         queues.or(active.parked)
     }
@@ -391,8 +486,11 @@ impl VirtioDevice for Block {
                 active.parked = Some(queues);
             }
         }
-        // Every request has completed: nothing of ours touches the node now.
-        self.lease = None;
+        // Every request has completed: nothing of ours touches the node
+        // now, unless hosted jobs go on through it while the VM is paused.
+        if self.paused_host.is_none() {
+            self.lease = None;
+        }
     }
 
     fn resume(&mut self) -> Result<(), ResumeError> {
@@ -403,6 +501,8 @@ impl VirtioDevice for Block {
             }
             return Ok(());
         }
+        // The dataplane takes the hosted jobs over again.
+        self.stop_paused_host();
         let device = self.config.id.clone();
         self.take_lease().map_err(|e| ResumeError {
             device,
@@ -466,6 +566,7 @@ mod tests {
             queue_size: 256,
             serial: "S".into(),
             poll: Duration::from_micros(poll_us),
+            live_jobs: false,
         }
     }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod dataplane;
 pub mod device;
+mod hosting;
 mod poll;
 pub mod request;
 pub mod slot;

@@ -1,0 +1,142 @@
+//! Block jobs on a running guest (`--disk ...,live-jobs=on`): the
+//! dataplane hosts a backup of its own node, whose copy is the disk as it
+//! was when the job started, whatever the guest writes meanwhile.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use tests::qmp::Qmp;
+use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use vmm::VmConfig;
+
+const DISK: u64 = 16 << 20;
+const GRANULE: usize = 64 << 10;
+
+/// A test guest writing and verifying random 4 KiB blocks on `vda`
+/// (node `drive0`, live-jobs=on) for a long while; QMP on `qmp`.
+fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
+    testguest(
+        "blk=random blk.ops=2000000 blk.qd=8 blk.timeout=300 idle",
+        &[disk.option("id=vda,node-name=drive0,live-jobs=on")],
+        Some(qmp),
+    )
+}
+
+fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node '{name}' in {nodes}"))
+}
+
+/// Stops the guest, copies the disk as the reference, starts a backup
+/// with `sync` into a fresh target (at 4 MiB/s, so that the guest writes
+/// into ranges not copied yet) and lets the guest run on; the reference.
+fn start_backup(qmp: &mut Qmp, disk: &TempDisk, target: &TempDisk, sync: &str) -> Vec<u8> {
+    qmp.ok("stop", json!({}));
+    let reference = std::fs::read(&disk.path).unwrap();
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tgt", "filename": target.path}),
+    );
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "job0", "device": "drive0", "target": "tgt", "sync": sync, "speed": 4 << 20}),
+    );
+    // Hosted by the dataplane, which keeps its lease while paused.
+    let nodes = qmp.ok("query-named-block-nodes", json!({}));
+    let drive0 = node(&nodes, "drive0");
+    assert_eq!(drive0["in-use-by"], "virtio-blk dataplane of device 'vda'");
+    assert_eq!(drive0["hosted"], json!(["block job 'job0'"]), "{drive0}");
+    qmp.ok("cont", json!({}));
+    reference
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_full_backup_on_a_running_guest_holds_the_disk_as_it_was_at_the_start() {
+    let disk = TempDisk::patterned("live-full-src", DISK);
+    let target = TempDisk::new("live-full-dst", DISK);
+    let path = temp_path("live-full.qmp");
+    let vm = boot(&guest(&disk, &path));
+    let mut qmp = Qmp::connect(&path);
+    expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
+
+    let reference = start_backup(&mut qmp, &disk, &target, "full");
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(120), |d| {
+        d["device"] == "job0"
+    });
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], DISK);
+    assert_eq!(
+        qmp.ok("query-status", json!({}))["status"],
+        "running",
+        "the guest ran through the whole backup"
+    );
+    let copy = std::fs::read(&target.path).unwrap();
+    assert!(
+        copy == reference,
+        "the target is the disk as the job found it"
+    );
+    let now = std::fs::read(&disk.path).unwrap();
+    assert!(now != reference, "the guest wrote meanwhile");
+    // The job is gone; the guest's writes go on without a hook.
+    let nodes = qmp.ok("query-named-block-nodes", json!({}));
+    assert!(node(&nodes, "drive0").get("hosted").is_none());
+    qmp.ok("quit", json!({}));
+    vm.wait();
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn sync_none_copies_what_the_running_guest_overwrites_until_cancelled() {
+    let disk = TempDisk::patterned("live-none-src", DISK);
+    let target = TempDisk::new("live-none-dst", DISK);
+    let path = temp_path("live-none.qmp");
+    let vm = boot(&guest(&disk, &path));
+    let mut qmp = Qmp::connect(&path);
+    expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
+
+    let reference = start_backup(&mut qmp, &disk, &target, "none");
+    std::thread::sleep(Duration::from_secs(3));
+    // Paused first: every write that landed was copied before it did
+    // (stopping waits for held writes), and none lands after.
+    qmp.ok("stop", json!({}));
+    qmp.ok("job-cancel", json!({"id": "job0"}));
+    qmp.wait_event("BLOCK_JOB_CANCELLED", Duration::from_secs(30), |d| {
+        d["device"] == "job0"
+    });
+    let copy = std::fs::read(&target.path).unwrap();
+    let now = std::fs::read(&disk.path).unwrap();
+    let mut copied = 0;
+    for (g, (c, r)) in copy
+        .chunks(GRANULE)
+        .zip(reference.chunks(GRANULE))
+        .enumerate()
+    {
+        if c.iter().any(|&b| b != 0) {
+            assert!(
+                c == r,
+                "granule {g} of the target is not the disk as it was"
+            );
+            copied += 1;
+        }
+    }
+    let changed = now
+        .chunks(GRANULE)
+        .zip(reference.chunks(GRANULE))
+        .filter(|(n, r)| n != r)
+        .count();
+    assert!(changed > 0, "the guest wrote meanwhile");
+    assert!(
+        copied >= changed,
+        "every granule the guest changed was copied first ({copied} copied, {changed} changed)"
+    );
+    qmp.ok("cont", json!({}));
+    assert_eq!(qmp.ok("query-status", json!({}))["status"], "running");
+    qmp.ok("quit", json!({}));
+    vm.wait();
+}
