@@ -85,6 +85,8 @@ pub struct Host {
     /// Reads queued or tickets released since the holder last looked: its
     /// poll loop reads this flag, not the locks.
     work: AtomicBool,
+    /// The holder stopped hosting: reads fail at once.
+    closed: AtomicBool,
 }
 
 impl Host {
@@ -99,6 +101,7 @@ impl Host {
             released: Mutex::new(Vec::new()),
             next_ticket: AtomicU64::new(1),
             work: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -179,8 +182,24 @@ impl Host {
     }
 
     fn queue(&self, read: HostedRead) {
-        lock(&self.reads).push_back(read);
+        let mut reads = lock(&self.reads);
+        if self.closed.load(Ordering::Acquire) {
+            drop(reads);
+            read.reply.complete(read.user_data, -libc::EIO);
+            return;
+        }
+        reads.push_back(read);
         self.work.store(true, Ordering::Release);
+    }
+
+    /// Stops hosting: reads queued and not taken fail (`EIO`), and so does
+    /// every later one; the holder answers those it took.
+    pub fn close(&self) {
+        let mut reads = lock(&self.reads);
+        self.closed.store(true, Ordering::Release);
+        for read in reads.drain(..) {
+            read.reply.complete(read.user_data, -libc::EIO);
+        }
     }
 }
 

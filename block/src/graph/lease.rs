@@ -30,7 +30,7 @@ impl NodeRef {
     pub fn take_lease(&self, holder: Holder) -> Result<Lease, BlockError> {
         let graph = self.node.graph.clone();
         let _decide = lock(&graph.leases);
-        let covered = self.node.subtree();
+        let covered = self.node.lease_cover();
         for n in &covered {
             if let Some((_, h)) = lock(&n.lease).as_ref() {
                 return Err(BlockError::Busy {
@@ -49,6 +49,33 @@ impl NodeRef {
             holder,
             id,
         })
+    }
+}
+
+impl Node {
+    /// What a lease on this node covers: the node and everything below,
+    /// except a backing node whose lease holder hosts (fleecing's overlay
+    /// over a running guest's disk): the overlay only reads its backing,
+    /// and whoever uses the overlay reads that through the holder.
+    fn lease_cover(self: &Arc<Self>) -> Vec<Arc<Node>> {
+        let mut out: Vec<Arc<Node>> = vec![self.clone()];
+        let mut i = 0;
+        while i < out.len() {
+            let children: Vec<Arc<Node>> = out[i]
+                .driver()
+                .children()
+                .into_iter()
+                .filter(|(role, c)| *role != "backing" || lock(&c.node.host).is_none())
+                .map(|(_, c)| c.node.clone())
+                .collect();
+            for c in children {
+                if !out.iter().any(|n| Arc::ptr_eq(n, &c)) {
+                    out.push(c);
+                }
+            }
+            i += 1;
+        }
+        out
     }
 }
 
@@ -78,8 +105,11 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _decide = lock(&self.node.graph.leases);
-        // Hosting ends with the lease: nobody new gets in.
-        *lock(&self.node.node.host) = None;
+        // Hosting ends with the lease: nobody new gets in, and reads left
+        // waiting fail rather than wait for ever.
+        if let Some(host) = lock(&self.node.node.host).take() {
+            host.close();
+        }
         for n in &self.covered {
             let mut slot = lock(&n.lease);
             if slot.as_ref().is_some_and(|(id, _)| *id == self.id) {

@@ -118,7 +118,8 @@ pub enum BackingOptions {
     /// No backing node (`backing: null`): unallocated clusters read zeros
     /// until one is attached (`blockdev-snapshot`).
     None,
-    /// This node (it must be read-only), or a new one opened read-only.
+    /// This node (read only through the overlay), or a new one opened
+    /// read-only.
     Child(ChildOptions),
 }
 
@@ -419,18 +420,11 @@ impl Graph {
                 };
                 let backing = match backing {
                     BackingOptions::None => None,
+                    // A writable node may be one (fleecing's overlay over
+                    // the guest's disk, as QEMU allows): qcow2 only reads
+                    // its backing node.
                     BackingOptions::Child(ChildOptions::Node(child)) => {
-                        let child = self.get(&child, parent)?;
-                        if !child.read_only() {
-                            return Err(BlockError::Options {
-                                node: name,
-                                reason: format!(
-                                    "its 'backing' child '{}' is writable; a backing node must be read-only",
-                                    child.name()
-                                ),
-                            });
-                        }
-                        Some(child)
+                        Some(self.get(&child, parent)?)
                     }
                     BackingOptions::Child(ChildOptions::Inline(mut child)) => {
                         child.read_only = true;

@@ -11,6 +11,7 @@
 //! that lands late then lands on nodes nobody else may use, never on the
 //! data of whoever would have taken the lease next.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -18,7 +19,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::cbw::{Cbw, GRANULE};
 use super::{IoOperation, JobDriver, JobFailure, Step};
 use crate::error::BlockError;
-use crate::graph::{Access, Holder, Lease, NodeRef};
+use crate::graph::{Access, Holder, Host, HostedRead, Lease, NodeRef};
 use crate::io::AsyncIo;
 
 /// Bytes per read or write.
@@ -33,6 +34,9 @@ const STEP_BYTES: u64 = 4 << 20;
 const ALIGN: usize = 4096;
 /// The tag of the final flush.
 const FLUSH: u64 = u64::MAX;
+/// Tags of reads of the target on behalf of those the job hosts: this bit
+/// and an index.
+const EXPORT_TAG: u64 = 1 << 62;
 /// How long operations in flight may go without one completing before
 /// the backup gives up on them (and keeps its leases for ever).
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -94,11 +98,25 @@ struct Running {
     wait: Epoll,
     /// Copy-before-write, when the source's holder hosts the job.
     cbw: Option<Cbw>,
+    /// Fleecing: reads of the target by those the job hosts (an export).
+    fleece: Option<Fleece>,
     source: Access,
     target: Lease,
 }
 
-/// What a backup copies (QEMU's `sync`).
+/// Fleecing (`sync=none` into an overlay whose backing node is the
+/// source): the job, holding the target's lease, hosts reads of it. A read
+/// waits until every granule it covers is on the target, copying the ones
+/// that are not (copy-on-read, through the source's holder like any copy):
+/// a read of the target then never falls through to the backing node,
+/// where a guest write could have landed after the job started.
+struct Fleece {
+    host: Arc<Host>,
+    /// Taken from the host, waiting for their granules.
+    waiting: Vec<HostedRead>,
+    /// Out on the target's engine, by index.
+    out: Vec<Option<HostedRead>>,
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
     /// Everything (`full`).
@@ -194,9 +212,23 @@ impl Backup {
             access.open_io(depth)
         })?;
         let running = backup.running.as_mut().expect("just made");
+        // Fleecing: the target's backing node is the source.
+        let fleecing = sync == Sync::None
+            && target
+                .driver()
+                .backing()
+                .is_some_and(|b| b.same_node(source));
         match running.source.host().cloned() {
             Some(host) => {
-                let granule = GRANULE.max(u64::from(target.driver().io_alignment()));
+                // A granule covers whole clusters of the target, so that a
+                // copy never makes the target read its backing node.
+                let cluster = target
+                    .driver()
+                    .image_details()
+                    .map_or(0, |d| d.cluster_size);
+                let granule = GRANULE
+                    .max(u64::from(target.driver().io_alignment()))
+                    .max(cluster);
                 let cbw =
                     Cbw::start(host, backup.len, granule).map_err(|e| BlockError::Options {
                         node: source.name().into(),
@@ -208,6 +240,19 @@ impl Backup {
                 })?;
                 backup.chunk = granule as usize;
                 running.cbw = Some(cbw);
+                if fleecing {
+                    let setup = |e: std::io::Error| BlockError::Options {
+                        node: target.name().into(),
+                        reason: format!("cannot host reads of it: {e}"),
+                    };
+                    let host = running.target.offer_hosting().map_err(setup)?;
+                    watch_fd(&running.wait, host.kick(), 3).map_err(setup)?;
+                    running.fleece = Some(Fleece {
+                        host,
+                        waiting: Vec::new(),
+                        out: Vec::new(),
+                    });
+                }
             }
             None if sync == Sync::None => {
                 return Err(BackupError::NeedsLiveGuest(source.name().into()));
@@ -281,6 +326,7 @@ impl Backup {
                 dst,
                 wait,
                 cbw: None,
+                fleece: None,
                 source: source_access,
                 target: target_lease,
             }),
@@ -311,6 +357,7 @@ impl Backup {
             // The clock for a stall starts with the first operation issued.
             self.last_completion = Instant::now();
         }
+        self.serve_fleece();
         let io = self.running.as_mut().expect("engines live until clean");
         let queue = |op, e: crate::io::IoError| JobFailure::io(op, &std::io::Error::other(e));
         let chunk = self.chunk as u64;
@@ -372,11 +419,82 @@ impl Backup {
         io.dst.submit().map_err(|e| queue(IoOperation::Write, e))
     }
 
+    /// Takes the reads of the target those the job hosts asked for, asks
+    /// for the granules they need copied, and starts those whose granules
+    /// are all on the target.
+    fn serve_fleece(&mut self) {
+        let chunk = self.chunk as u64;
+        let len = self.len;
+        let Some(io) = self.running.as_mut() else {
+            return;
+        };
+        let (Some(fleece), Some(cbw)) = (io.fleece.as_mut(), io.cbw.as_ref()) else {
+            return;
+        };
+        if fleece.host.has_work() {
+            let mut new = Vec::new();
+            fleece.host.take_reads(&mut new);
+            for read in new {
+                let bytes: u64 = read.iovecs.iter().map(|v| v.iov_len as u64).sum();
+                match read.offset.checked_add(bytes) {
+                    Some(end) if end <= len => {}
+                    _ => {
+                        read.reply.complete(read.user_data, -libc::EINVAL);
+                        continue;
+                    }
+                }
+                if bytes > 0 {
+                    for g in read.offset / chunk..=(read.offset + bytes - 1) / chunk {
+                        cbw.want(g);
+                    }
+                }
+                fleece.waiting.push(read);
+            }
+        }
+        let mut i = 0;
+        while i < fleece.waiting.len() {
+            let read = &fleece.waiting[i];
+            let bytes: u64 = read.iovecs.iter().map(|v| v.iov_len as u64).sum();
+            let ready = bytes == 0
+                || cbw.all_written(read.offset / chunk, (read.offset + bytes - 1) / chunk);
+            if !ready {
+                i += 1;
+                continue;
+            }
+            let read = fleece.waiting.swap_remove(i);
+            let k = match fleece.out.iter().position(Option::is_none) {
+                Some(k) => k,
+                None => {
+                    fleece.out.push(None);
+                    fleece.out.len() - 1
+                }
+            };
+            // SAFETY: the iovecs point into the hosted reader's buffers,
+            // which its engine's contract keeps valid until it has this
+            // read's completion, handed back only when the target's engine
+            // is done (reap); the iovec array lives in `out[k]` till then.
+            let queued = unsafe {
+                io.dst.read_vectored(
+                    read.offset,
+                    std::slice::from_raw_parts(read.iovecs.as_ptr(), read.iovecs.len()),
+                    EXPORT_TAG | k as u64,
+                )
+            };
+            match queued {
+                Ok(()) => {
+                    fleece.out[k] = Some(read);
+                    self.in_flight += 1;
+                }
+                Err(_) => read.reply.complete(read.user_data, -libc::EIO),
+            }
+        }
+    }
+
     /// Moves the slots of finished operations on, waiting up to a second
     /// for one; the bytes written.
     fn reap(&mut self) -> Result<u64, JobFailure> {
         let io = self.running.as_mut().expect("engines live until clean");
-        let mut events = [EpollEvent::default(); 3];
+        let mut events = [EpollEvent::default(); 4];
         let mut written = 0;
         let mut error = None;
         let mut any = false;
@@ -410,11 +528,21 @@ impl Backup {
                     }
                     continue;
                 }
+                if c.user_data & EXPORT_TAG != 0 {
+                    let k = (c.user_data & !EXPORT_TAG) as usize;
+                    if let Some(read) = io.fleece.as_mut().and_then(|f| f.out.get_mut(k)?.take()) {
+                        read.reply.complete(read.user_data, c.result);
+                    }
+                    continue;
+                }
                 let i = c.user_data as usize;
-                if let Some(Slot::Writing { len, .. }) = self.slots.get(i).copied() {
+                if let Some(Slot::Writing { offset, len }) = self.slots.get(i).copied() {
                     self.slots[i] = Slot::Free;
                     if c.result == len as i32 {
                         written += len as u64;
+                        if let Some(cbw) = io.cbw.as_ref() {
+                            cbw.written(offset / self.chunk as u64);
+                        }
                     } else {
                         error.get_or_insert(failure(IoOperation::Write, c.result));
                     }
@@ -427,6 +555,7 @@ impl Backup {
                             let _ = match e.data() {
                                 0 => io.src.notifier().read(),
                                 1 => io.dst.notifier().read(),
+                                3 => io.fleece.as_ref().map_or(Ok(0), |f| f.host.kick().read()),
                                 _ => io.cbw.as_ref().map_or(Ok(0), |c| c.wake().read()),
                             };
                         }
@@ -575,6 +704,13 @@ impl JobDriver for Backup {
         // A stall here is logged by `abandon`; the job's outcome (cancelled,
         // most likely) is already decided.
         let _ = self.drain();
+        if let Some(fleece) = self.running.as_mut().and_then(|r| r.fleece.as_mut()) {
+            // Reads still waiting for copies that will not come.
+            fleece.host.close();
+            for read in fleece.waiting.drain(..) {
+                read.reply.complete(read.user_data, -libc::EIO);
+            }
+        }
         if let Some(running) = self.running.take() {
             log::debug!(
                 "backup of '{}' to '{}' releases both nodes",
@@ -1004,3 +1140,7 @@ mod tests {
         assert!(dst.bytes() == src.bytes());
     }
 }
+
+#[cfg(test)]
+#[path = "fleece_tests.rs"]
+mod fleece_tests;

@@ -26,6 +26,7 @@ pub const GRANULE: u64 = 64 << 10;
 
 const NOT_READ: u8 = 0;
 const READ: u8 = 1;
+const WRITTEN: u8 = 2;
 
 struct State {
     granules: Vec<u8>,
@@ -153,6 +154,25 @@ impl Cbw {
             !done
         });
         true
+    }
+
+    /// Asks for granule `g` to be copied (a read of the target needs it).
+    pub fn want(&self, g: u64) {
+        let mut s = lock(&self.state);
+        if s.granules[g as usize] == NOT_READ {
+            s.wanted.push(g);
+        }
+    }
+
+    /// Granule `g`'s copy is on the target.
+    pub fn written(&self, g: u64) {
+        lock(&self.state).granules[g as usize] = WRITTEN;
+    }
+
+    /// Whether every granule of `first..=last` is on the target.
+    pub fn all_written(&self, first: u64, last: u64) -> bool {
+        let s = lock(&self.state);
+        (first..=last).all(|g| s.granules[g as usize] == WRITTEN)
     }
 
     /// Unhooks, and lets every held write go: the job ends.
