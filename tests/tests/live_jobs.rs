@@ -140,3 +140,62 @@ fn sync_none_copies_what_the_running_guest_overwrites_until_cancelled() {
     qmp.ok("quit", json!({}));
     vm.wait();
 }
+
+/// The `vmm` binary (whose main thread runs under its seccomp filter, as
+/// the library's caller's thread does not) with a live-jobs disk: paused
+/// and resumed, paused again and quit, it ends with 0 and says nothing.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_binary_pauses_resumes_and_quits_with_a_live_jobs_disk() {
+    let disk = TempDisk::patterned("live-bin", DISK);
+    let path = temp_path("live-bin.qmp");
+    let guest = tests::image("testguest");
+    let mut child = std::process::Command::new(tests::vmm_binary())
+        .args(["--kernel", guest.to_str().unwrap(), "--memory", "64M"])
+        .args([
+            "--disk",
+            &disk.option("id=vda,node-name=drive0,live-jobs=on"),
+        ])
+        .args(["--qmp", path.to_str().unwrap()])
+        .args([
+            "--cmdline",
+            "blk=random blk.ops=200000 blk.qd=4 blk.timeout=300 idle",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut qmp = Qmp::connect(&path);
+    std::thread::sleep(Duration::from_millis(300));
+    qmp.ok("stop", json!({}));
+    qmp.ok("cont", json!({}));
+    std::thread::sleep(Duration::from_millis(200));
+    qmp.ok("stop", json!({}));
+    qmp.ok("quit", json!({}));
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("system call"), "{stderr}");
+}
+
+/// The guest ends the VM while a live-jobs disk's dataplane runs: the
+/// binary's main thread stops it without starting anything new.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_binary_ends_with_the_guest_on_a_live_jobs_disk() {
+    let disk = TempDisk::patterned("live-exit", DISK);
+    let guest = tests::image("testguest");
+    let option = disk.option("id=vda,live-jobs=on");
+    let out = tests::run_vmm(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--disk",
+        &option,
+        "--cmdline",
+        "blk=verify blk.bytes=1M exit=0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

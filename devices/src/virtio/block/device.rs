@@ -100,6 +100,10 @@ pub struct Block {
     host: Option<Arc<Host>>,
     /// Serving hosted jobs while paused (the lease is kept meanwhile).
     paused_host: Option<PausedHost>,
+    /// What the last dataplane handed over for that: its hosted reads in
+    /// flight and their engine. Taken by `pause`; dropped by anything
+    /// else that stopped the dataplane (a reset, the device's end).
+    handover: Option<(Hosting, Box<dyn block::AsyncIo>)>,
     /// A dataplane gave up waiting for its I/O: the lease is kept for good
     /// and the device never serves again.
     stuck: bool,
@@ -187,6 +191,7 @@ impl Block {
             worker: None,
             host: None,
             paused_host: None,
+            handover: None,
             stuck: false,
         }
     }
@@ -216,6 +221,20 @@ impl Block {
             self.lease = Some(lease);
         }
         Ok(self.lease.as_ref().expect("just taken"))
+    }
+
+    /// Lets go of what a stopped dataplane handed over for the paused
+    /// loop, once its hosted reads are done (they write into jobs'
+    /// buffers): used where no paused loop follows.
+    fn drop_handover(&mut self) {
+        if let Some((mut hosting, engine)) = self.handover.take() {
+            if !super::hosting::drain(&mut hosting, engine, DRAIN_DEADLINE) {
+                self.stuck = true;
+                if let Some(lease) = self.lease.take() {
+                    std::mem::forget(lease);
+                }
+            }
+        }
     }
 
     /// Stops the loop serving hosted jobs while paused, if it runs.
@@ -356,9 +375,7 @@ impl Block {
                 drained: true,
                 hosting,
             }) => {
-                if let Some((hosting, engine)) = hosting {
-                    self.serve_paused(hosting, engine);
-                }
+                self.handover = hosting;
                 Some(queues)
             }
             Ok(Stopped {
@@ -476,6 +493,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
         let queues = self.stop_worker();
         self.stop_paused_host();
+        self.drop_handover();
         let active = self.active.take()?;
         queues.or(active.parked)
     }
@@ -485,6 +503,9 @@ impl VirtioDevice for Block {
             if let Some(active) = self.active.as_mut() {
                 active.parked = Some(queues);
             }
+        }
+        if let Some((hosting, engine)) = self.handover.take() {
+            self.serve_paused(hosting, engine);
         }
         // Every request has completed: nothing of ours touches the node
         // now, unless hosted jobs go on through it while the VM is paused.

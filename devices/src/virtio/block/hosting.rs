@@ -162,7 +162,13 @@ pub(crate) fn serve_paused(
     drain(&mut hosting, engine, deadline)
 }
 
-fn drain(hosting: &mut Hosting, mut engine: Box<dyn AsyncIo>, deadline: Duration) -> bool {
+/// Waits (at most `deadline`) for the hosted reads in flight on `engine`;
+/// false if some never completed (the engine is then leaked with them).
+pub(crate) fn drain(
+    hosting: &mut Hosting,
+    mut engine: Box<dyn AsyncIo>,
+    deadline: Duration,
+) -> bool {
     let end = Instant::now() + deadline;
     while hosting.in_flight() > 0 {
         if Instant::now() >= end {
