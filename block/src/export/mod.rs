@@ -75,7 +75,7 @@ pub enum ExportError {
     #[error("export '{id}' is already shutting down")]
     ShuttingDown { id: String },
     /// A writable export of a read-only node.
-    #[error("Block node is read-only")]
+    #[error("Cannot export read-only node as writable")]
     ReadOnlyNode { node: String },
     /// The node could not be used.
     #[error(transparent)]

@@ -107,7 +107,7 @@ fn a_writable_export_of_a_read_only_node_is_refused() {
             .err()
             .unwrap()
             .to_string(),
-        "Block node is read-only"
+        "Cannot export read-only node as writable"
     );
     assert!(ExportAccess::open(&node, holder, false).is_ok());
     std::fs::remove_file(path).unwrap();

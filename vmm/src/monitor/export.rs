@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use block::export::{DelMode, ExportBitmap, ExportError, ExportOptions, Exports, NbdAddr};
-use block::Holder;
+use block::{BlockError, Holder};
 use serde_json::{json, Value};
 
 use super::block::error as block_error;
@@ -94,28 +94,27 @@ fn bitmaps(
     }
 }
 
-/// Adds an export of `node_name` (a node-name or a device's node).
+/// Adds the export `options` describe (bitmaps to come from
+/// `bitmap_names`) of `node_name`, looked up as `block-export-add` does
+/// (`by_node_name`) or as `nbd-server-add`'s `device`.
 fn add(
     m: &Monitor,
-    id: String,
     node_name: &str,
-    name: Option<String>,
-    description: Option<String>,
-    writable: bool,
+    by_node_name: bool,
+    mut options: ExportOptions,
     bitmap_names: &[String],
 ) -> Result<Value, QmpError> {
-    let node = m
-        .graph
-        .get(node_name, Holder::Export { id: id.clone() })
-        .map_err(block_error)?;
-    let bitmaps = bitmaps(m, node_name, bitmap_names)?;
-    let options = ExportOptions {
-        name: name.unwrap_or_else(|| node_name.to_string()),
-        id,
-        description,
-        writable,
-        bitmaps,
+    let holder = Holder::Export {
+        id: options.id.clone(),
     };
+    let node = m.graph.get(node_name, holder).map_err(|e| match e {
+        // QEMU looks the node up by node-name only, with no device.
+        BlockError::NotFound { name } if by_node_name => {
+            QmpError::generic(format!("Cannot find device='' nor node-name='{name}'"))
+        }
+        e => block_error(e),
+    })?;
+    options.bitmaps = bitmaps(m, node_name, bitmap_names)?;
     m.exports.add(options, &node).map_err(error)?;
     Ok(json!({}))
 }
@@ -136,7 +135,14 @@ pub(super) fn block_export_add(m: &Monitor, mut args: Args) -> Result<Value, Qmp
     let description = args.opt_str("description")?;
     let bitmaps = args.opt_str_list("bitmaps")?.unwrap_or_default();
     args.finish()?;
-    add(m, id, &node_name, name, description, writable, &bitmaps)
+    let options = ExportOptions {
+        name: name.unwrap_or_else(|| node_name.clone()),
+        id,
+        description,
+        writable,
+        bitmaps: Vec::new(),
+    };
+    add(m, &node_name, true, options, &bitmaps)
 }
 
 /// `nbd-server-add` (deprecated in QEMU, still taken): `device`, `name`
@@ -149,15 +155,14 @@ pub(super) fn nbd_server_add(m: &Monitor, mut args: Args) -> Result<Value, QmpEr
     let bitmap = args.opt_str("bitmap")?;
     args.finish()?;
     let bitmaps: Vec<String> = bitmap.into_iter().collect();
-    add(
-        m,
-        name.clone(),
-        &device,
-        Some(name),
+    let options = ExportOptions {
+        id: name.clone(),
+        name,
         description,
         writable,
-        &bitmaps,
-    )
+        bitmaps: Vec::new(),
+    };
+    add(m, &device, false, options, &bitmaps)
 }
 
 /// `block-export-del`: `id`, `mode` (`safe`, the default, or `hard`).
