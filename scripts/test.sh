@@ -13,11 +13,15 @@ bash kernel-images/build.sh
 
 # Tools some tests run beside our code: qemu-storage-daemon (qemu-utils)
 # for tests/tests/qsd_compare.rs, qemu-img and qemu-io (qemu-utils) for the
-# qcow2 unit tests in block/, and Python with pip for qemu.qmp below. They
-# fail, saying so, without them.
+# qcow2 unit tests in block/, nbdinfo and nbdcopy (libnbd-bin) for the NBD
+# export tests in tests/tests/nbd*.rs, and Python with pip for qemu.qmp
+# below. They fail, saying so, without them.
 need=()
 for tool in qemu-storage-daemon qemu-img qemu-io; do
 	command -v "$tool" >/dev/null || { need+=(qemu-utils); break; }
+done
+for tool in nbdinfo nbdcopy; do
+	command -v "$tool" >/dev/null || { need+=(libnbd-bin); break; }
 done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then

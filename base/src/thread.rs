@@ -41,11 +41,13 @@ pub enum ThreadKind {
     SerialInput,
     /// Starts every other thread of a sandbox (see the module doc).
     Spawner,
+    /// The NBD server: its listener and one thread per client.
+    Nbd,
 }
 
 impl ThreadKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Dataplane,
@@ -53,6 +55,7 @@ impl ThreadKind {
         ThreadKind::Qmp,
         ThreadKind::SerialInput,
         ThreadKind::Spawner,
+        ThreadKind::Nbd,
     ];
 
     fn index(self) -> usize {

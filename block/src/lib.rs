@@ -17,6 +17,7 @@
 
 pub mod driver;
 pub mod error;
+pub mod export;
 pub mod file;
 pub mod graph;
 pub mod io;

@@ -979,3 +979,96 @@ fn throttled_and_cancelled(c: &mut Compare, job: &str) -> Option<()> {
     c.same_job_events(job, m);
     Some(())
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn nbd_export_commands_and_errors_match_qsd() {
+    let name = "qsd-nbd";
+    let mut c = Compare::start(name);
+    for (side, tag) in [(&mut c.qsd, "qsd"), (&mut c.ours, "ours")] {
+        side.files
+            .insert("sock", temp_path(&format!("{name}-{tag}.nbd")));
+    }
+    let sock = json!({"type": "unix", "data": {"path": "$sock"}});
+    c.same(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "src", "filename": "$src"}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r", "file": {"driver": "file", "filename": "$dst"}}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "ro", "read-only": true}),
+    );
+    // Nothing before the server runs.
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src"}),
+    );
+    c.same("nbd-server-stop", json!({}));
+    c.same("nbd-server-add", json!({"device": "src"}));
+    c.same("nbd-server-start", json!({"addr": sock}));
+    c.same("nbd-server-start", json!({"addr": sock}));
+    c.same("query-block-exports", json!({}));
+    // Refused adds.
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "node-name": "src"}),
+    );
+    c.same("block-export-add", json!({"type": "nbd", "id": "e0"}));
+    c.same(
+        "block-export-add",
+        json!({"type": "bogus", "id": "e0", "node-name": "src"}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "nope"}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "unknown": 1}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "w", "node-name": "ro", "writable": true}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "writable": "yes"}),
+    );
+    // Accepted, then the duplicates.
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "src", "description": "d"}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "ro"}),
+    );
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "ro", "name": "src"}),
+    );
+    c.same(
+        "nbd-server-add",
+        json!({"device": "r", "name": "rexp", "writable": true}),
+    );
+    c.same("query-block-exports", json!({}));
+    // Deletes.
+    c.same("block-export-del", json!({"id": "nope"}));
+    c.same("block-export-del", json!({"id": "e0", "mode": "bogus"}));
+    c.same("block-export-del", json!({"id": "e0"}));
+    c.same("block-export-del", json!({"id": "e0"}));
+    c.same("block-export-del", json!({"id": "rexp", "mode": "hard"}));
+    c.same("query-block-exports", json!({}));
+    c.same(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e2", "node-name": "ro"}),
+    );
+    c.same("nbd-server-stop", json!({}));
+    c.same("nbd-server-stop", json!({}));
+    c.same("query-block-exports", json!({}));
+    c.finish(name);
+}

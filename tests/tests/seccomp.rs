@@ -101,7 +101,24 @@ fn modes_under(mode: &str) -> Vec<(String, String)> {
         "blockdev-backup",
         json!({"job-id": "job0", "device": "src", "target": "nul", "sync": "full", "speed": 1 << 20}),
     );
+    // The NBD server's listener and a client's thread, in its handshake.
+    let nbd = temp_path(&format!("seccomp-{mode}.nbd"));
+    qmp.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": nbd.display().to_string()}}}),
+    );
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "exp", "size": DISK}),
+    );
+    qmp.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "exp"}),
+    );
+    let _client = std::os::unix::net::UnixStream::connect(&nbd).unwrap();
     let mut threads = vec![
+        "nbd-server",
+        "nbd-client",
         "vmm",
         "vcpu0",
         "vcpu1",

@@ -277,12 +277,37 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_ioctl,
                 // stop: kick the vCPUs out of KVM_RUN.
                 libc::SYS_tgkill,
+                // nbd-server-start: the listening socket (SO_REUSEADDR
+                // for TCP); the unix socket's name goes with unlink.
+                libc::SYS_socket,
+                libc::SYS_bind,
+                libc::SYS_listen,
+                libc::SYS_setsockopt,
             ][..],
             EPOLL,
             OPEN_ENGINE,
         ]
         .concat(),
         SerialInput => POLL_READ.to_vec(),
+        // The NBD listener accepts and waits on its stop eventfd; a client
+        // thread reads requests, writes replies (TCP_NODELAY on its
+        // socket), opens its export's engine and does its I/O, and asks
+        // the file system for holes (lseek) for block status.
+        Nbd => [
+            &[
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_writev,
+                libc::SYS_shutdown,
+                libc::SYS_setsockopt,
+                libc::SYS_lseek,
+            ][..],
+            POLL_READ,
+            DO_IO,
+            OPEN_ENGINE,
+        ]
+        .concat(),
         // Every other kind's calls, and what a new thread does before its
         // own filter is in: name itself, set up its stack guard, its
         // signal stack, robust futex list and rseq area, then install.
@@ -380,7 +405,7 @@ mod tests {
             assert_eq!(ioctls(kind).contains(&KVM_RUN()), vcpu_like, "{kind:?}");
             let io = matches!(
                 kind,
-                ThreadKind::Dataplane | ThreadKind::Job | ThreadKind::Spawner
+                ThreadKind::Dataplane | ThreadKind::Job | ThreadKind::Spawner | ThreadKind::Nbd
             );
             assert_eq!(
                 calls(kind).contains(&libc::SYS_io_uring_enter),

@@ -1,11 +1,13 @@
 //! The `file` driver: a host file, I/O through io_uring (or plain system
 //! calls where io_uring is missing or refused).
 
+use std::io;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::Driver;
+use super::{Allocation, Driver};
 use crate::error::BlockError;
 use crate::file::{DiskFile, DiskOptions, FileId};
 use crate::io::{Aio, AsyncIo, IoError, SyncIo, UringIo};
@@ -109,6 +111,44 @@ impl<C> Driver<C> for File {
             locking: options.locking,
             aio: self.aio,
         })
+    }
+
+    /// Holes and data as the host file system tells them
+    /// (`SEEK_DATA`/`SEEK_HOLE`); a file system that cannot tell says
+    /// "data" for the whole file, which is what the kernel then answers.
+    fn block_status(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
+        let end = offset.saturating_add(len).min(self.disk.size());
+        if offset >= end {
+            return Ok((Allocation::DATA, len.max(1)));
+        }
+        let fd = self.disk.as_raw_fd();
+        let seek = |whence| -> io::Result<Option<u64>> {
+            let at = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: lseek on a descriptor the DiskFile keeps open; it
+            // moves the file position, which no I/O of ours uses (every
+            // read and write names its offset).
+            let r = unsafe { libc::lseek(fd, at, whence) };
+            if r >= 0 {
+                return Ok(Some(r as u64));
+            }
+            let e = io::Error::last_os_error();
+            // ENXIO: no data from `offset` to the end of the file.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        };
+        let data = seek(libc::SEEK_DATA)?;
+        match data {
+            Some(d) if d <= offset => {
+                let hole = seek(libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                Ok((Allocation::DATA, hole.saturating_sub(offset).max(1)))
+            }
+            Some(d) => Ok((Allocation::HOLE, d.min(end) - offset)),
+            None => Ok((Allocation::HOLE, end - offset)),
+        }
     }
 
     fn open_io(

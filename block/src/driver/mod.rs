@@ -55,6 +55,34 @@ pub struct Qcow2Specific {
     pub compression_type: String,
 }
 
+/// How a range of a node is stored, as QEMU's block status and NBD's
+/// `base:allocation` context tell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Nothing is allocated for it here or below (NBD's `NBD_STATE_HOLE`).
+    pub hole: bool,
+    /// It reads as zeros (NBD's `NBD_STATE_ZERO`).
+    pub zero: bool,
+}
+
+impl Allocation {
+    /// Allocated data, contents unknown.
+    pub const DATA: Allocation = Allocation {
+        hole: false,
+        zero: false,
+    };
+    /// Unallocated, reading as zeros.
+    pub const HOLE: Allocation = Allocation {
+        hole: true,
+        zero: true,
+    };
+    /// Allocated but known to read as zeros.
+    pub const ZERO: Allocation = Allocation {
+        hole: false,
+        zero: true,
+    };
+}
+
 /// A child node as its parent's driver sees it: the graph's `NodeRef`.
 /// Drivers name their children only through this trait, so they need
 /// nothing from the graph above them.
@@ -119,6 +147,14 @@ pub trait Driver<C>: Send + Sync {
     /// `file` node.
     fn disk_file(&self) -> Option<Arc<DiskFile>> {
         None
+    }
+
+    /// The allocation status of the bytes from `offset` (below the size)
+    /// on: the status of the first run of bytes stored alike, and its
+    /// length, at least 1 and at most `len`. The default says "data" for
+    /// the whole range, which is never wrong, only less useful.
+    fn block_status(&self, _offset: u64, len: u64) -> std::io::Result<(Allocation, u64)> {
+        Ok((Allocation::DATA, len))
     }
 
     /// An I/O engine on this node for up to `depth` operations in flight,

@@ -1,6 +1,6 @@
 //! The `raw` format: the guest sees its `file` child byte for byte.
 
-use super::{Child, Driver};
+use super::{Allocation, Child, Driver};
 use crate::error::BlockError;
 use crate::io::AsyncIo;
 use vmm_sys_util::eventfd::EventFd;
@@ -36,6 +36,10 @@ impl<C: Child> Driver<C> for Raw<C> {
 
     fn io_alignment(&self) -> u32 {
         self.file.driver().io_alignment()
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<(Allocation, u64)> {
+        self.file.driver().block_status(offset, len)
     }
 
     fn open_io(

@@ -16,6 +16,8 @@ pub enum Holder {
     Dataplane { kind: &'static str, id: String },
     /// A block job.
     Job { id: String },
+    /// A block export (NBD), by its id.
+    Export { id: String },
 }
 
 impl fmt::Display for Holder {
@@ -26,6 +28,7 @@ impl fmt::Display for Holder {
             Holder::Device { kind, id } => write!(f, "{kind} device '{id}'"),
             Holder::Dataplane { kind, id } => write!(f, "{kind} dataplane of device '{id}'"),
             Holder::Job { id } => write!(f, "block job '{id}'"),
+            Holder::Export { id } => write!(f, "block export '{id}'"),
         }
     }
 }

@@ -7,8 +7,10 @@
 //! - `stats.rs`: `query-blockstats`, `block-latency-histogram-set`.
 //! - `snapshot.rs`: external snapshots (`blockdev-snapshot`,
 //!   `blockdev-snapshot-sync`).
+//! - `export.rs`: the NBD server and block exports.
 
 mod block;
+mod export;
 mod jobs;
 mod machine;
 mod snapshot;
@@ -50,6 +52,12 @@ const COMMANDS: &[&str] = &[
     "block_set_io_throttle",
     "query-blockstats",
     "block-latency-histogram-set",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "nbd-server-add",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
 ];
 
 /// The VM as QMP commands see it.
@@ -64,6 +72,8 @@ pub struct Monitor {
     job_events: ::block::job::EventSink,
     /// Ends the VM (`quit`).
     quit: Box<dyn Fn() + Send + Sync>,
+    /// Block exports and the NBD server (stopped when the monitor goes).
+    exports: ::block::export::Exports,
 }
 
 impl Monitor {
@@ -83,6 +93,7 @@ impl Monitor {
             jobs,
             disks,
             job_events: jobs::event_sink(events.clone()),
+            exports: export::exports(events.clone()),
             events,
             quit,
         }
@@ -147,6 +158,12 @@ impl Commands for Monitor {
             "block_set_io_throttle" => throttle::block_set_io_throttle(self, args),
             "query-blockstats" => stats::query_blockstats(self, args),
             "block-latency-histogram-set" => stats::block_latency_histogram_set(self, args),
+            "nbd-server-start" => export::nbd_server_start(self, args),
+            "nbd-server-stop" => export::nbd_server_stop(self, args),
+            "nbd-server-add" => export::nbd_server_add(self, args),
+            "block-export-add" => export::block_export_add(self, args),
+            "block-export-del" => export::block_export_del(self, args),
+            "query-block-exports" => export::query_block_exports(self, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),

@@ -186,6 +186,74 @@ impl<C: Child> Driver<C> for Qcow2<C> {
         Some(self.details())
     }
 
+    /// From the L2 entries: unallocated clusters as the backing chain
+    /// says (a hole without one), zero clusters a hole of zeros, data
+    /// clusters as data (or zeros where the host file has a hole under
+    /// them), compressed clusters as data; as QEMU's block status.
+    fn block_status(&self, offset: u64, len: u64) -> std::io::Result<(super::Allocation, u64)> {
+        use super::Allocation;
+        use meta::Mapping;
+        let end = offset.saturating_add(len).min(self.header.size);
+        if offset >= end {
+            return Ok((Allocation::HOLE, len.max(1)));
+        }
+        let errno = |e: MetaError| std::io::Error::from_raw_os_error(e.errno());
+        let (first, run_end) = {
+            let mut meta = lock(&self.meta);
+            let bits = meta.cluster_bits;
+            let g0 = offset >> bits;
+            let first = meta.lookup(g0).map_err(errno)?;
+            let mut run_end = ((g0 + 1) << bits).min(end);
+            let mut g = g0 + 1;
+            // A bounded walk: the caller asks again for the rest.
+            while run_end < end && g - g0 < 1 << 16 {
+                let next = meta.lookup(g).map_err(errno)?;
+                let alike = match (first, next) {
+                    (Mapping::Data { host: a, .. }, Mapping::Data { host: b, .. }) => {
+                        b == a + ((g - g0) << bits)
+                    }
+                    (Mapping::Unallocated, Mapping::Unallocated)
+                    | (Mapping::Zero { .. }, Mapping::Zero { .. })
+                    | (Mapping::Compressed { .. }, Mapping::Compressed { .. }) => true,
+                    _ => false,
+                };
+                if !alike {
+                    break;
+                }
+                run_end = ((g + 1) << bits).min(end);
+                g += 1;
+            }
+            (first, run_end)
+        };
+        let run = run_end - offset;
+        Ok(match first {
+            Mapping::Unallocated => match &self.backing {
+                Some(b) => {
+                    let backing_size = b.driver().size();
+                    if offset >= backing_size {
+                        (Allocation::HOLE, run)
+                    } else {
+                        b.driver()
+                            .block_status(offset, run.min(backing_size - offset))?
+                    }
+                }
+                None => (Allocation::HOLE, run),
+            },
+            Mapping::Zero { .. } => (Allocation::HOLE, run),
+            Mapping::Compressed { .. } => (Allocation::DATA, run),
+            Mapping::Data { host, .. } => {
+                let in_cluster = offset & ((1u64 << self.header.cluster_bits) - 1);
+                let (below, n) = self.file.driver().block_status(host + in_cluster, run)?;
+                let status = if below.zero {
+                    Allocation::ZERO
+                } else {
+                    Allocation::DATA
+                };
+                (status, n.min(run))
+            }
+        })
+    }
+
     fn give_up_write(&self, node: &str) -> Result<(), BlockError> {
         self.write_back(node)?;
         // From now on nothing may allocate or change a table here, even
