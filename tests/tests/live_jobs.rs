@@ -150,7 +150,7 @@ fn the_binary_pauses_resumes_and_quits_with_a_live_jobs_disk() {
     let disk = TempDisk::patterned("live-bin", DISK);
     let path = temp_path("live-bin.qmp");
     let guest = tests::image("testguest");
-    let mut child = std::process::Command::new(tests::vmm_binary())
+    let child = std::process::Command::new(tests::vmm_binary())
         .args(["--kernel", guest.to_str().unwrap(), "--memory", "64M"])
         .args([
             "--disk",
