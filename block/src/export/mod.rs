@@ -25,7 +25,7 @@ use base::sync::lock;
 
 use crate::driver::Allocation;
 use crate::error::BlockError;
-use crate::graph::{Holder, Lease, NodeRef};
+use crate::graph::{Access, Holder, NodeRef};
 use crate::io::AsyncIo;
 
 pub use nbd::{NbdAddr, NbdServer};
@@ -96,31 +96,33 @@ pub trait ExportBitmap: Send + Sync {
 /// How an export reaches its node's data. The one place that decides
 /// how an export gets I/O on a node.
 pub struct ExportAccess {
-    lease: Lease,
+    access: Access,
 }
 
 impl ExportAccess {
-    /// Access to `node` for the export `holder`: today the node's lease
-    /// (exclusive, so read-only exports take it too), refused with the
-    /// holder's name when someone else has it.
+    /// Access to `node` for the export `holder`: the node's lease (our
+    /// lease is exclusive, so a read-only export takes it too when it is
+    /// free); for a read-only export of a node whose lease holder hosts
+    /// (a fleecing backup's overlay, a live-jobs disk), reads through that
+    /// holder. Refused with the holder's name otherwise.
     pub fn open(node: &NodeRef, holder: Holder, writable: bool) -> Result<Self, ExportError> {
         if writable && node.read_only() {
             return Err(ExportError::ReadOnlyNode {
                 node: node.name().to_string(),
             });
         }
-        let lease = node.take_lease(holder)?;
-        Ok(Self { lease })
+        let access = node.take_access(holder, !writable)?;
+        Ok(Self { access })
     }
 
     /// The node.
     pub fn node(&self) -> &NodeRef {
-        self.lease.node()
+        self.access.node()
     }
 
     /// An I/O engine for one client, with room for `depth` operations.
     pub fn open_io(&self, depth: u32) -> Result<Box<dyn AsyncIo>, BlockError> {
-        self.lease.open_io(depth)
+        self.access.open_io(depth)
     }
 
     /// The allocation status of the first run of bytes from `offset`.
