@@ -199,3 +199,45 @@ fn the_binary_ends_with_the_guest_on_a_live_jobs_disk() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {stderr}", out.status);
 }
+
+/// Guest writes completed so far, from `query-blockstats`.
+fn writes(qmp: &mut Qmp) -> u64 {
+    qmp.ok("query-blockstats", json!({}))[0]["stats"]["wr_operations"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_paused_live_backup_does_not_hold_up_the_guest() {
+    let disk = TempDisk::patterned("live-pause-src", DISK);
+    let target = TempDisk::new("live-pause-dst", DISK);
+    let path = temp_path("live-pause.qmp");
+    let vm = boot(&guest(&disk, &path));
+    let mut qmp = Qmp::connect(&path);
+    expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
+
+    let reference = start_backup(&mut qmp, &disk, &target, "full");
+    qmp.ok("job-pause", json!({"id": "job0"}));
+    std::thread::sleep(Duration::from_millis(300));
+    let before = writes(&mut qmp);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = writes(&mut qmp);
+    assert!(
+        after > before + 100,
+        "the guest kept writing while the job was paused ({before} -> {after})"
+    );
+    qmp.ok("job-resume", json!({"id": "job0"}));
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(120), |d| {
+        d["device"] == "job0"
+    });
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], DISK);
+    let copy = std::fs::read(&target.path).unwrap();
+    assert!(
+        copy == reference,
+        "the target is the disk as the job found it"
+    );
+    qmp.ok("quit", json!({}));
+    vm.wait();
+}

@@ -169,6 +169,13 @@ pub struct Backup {
     /// Bytes per read: [`CHUNK`], or the granule of copy-before-write.
     chunk: usize,
     sync: Sync,
+    /// Serving copy-before-write only (paused or held back by the speed
+    /// limit): no background reads start.
+    serving: bool,
+    /// Bytes written while serving, reported with the next step.
+    served: u64,
+    /// A failure while serving, reported by the next step.
+    serve_error: Option<JobFailure>,
 }
 
 fn watch(epoll: &Epoll, io: &dyn AsyncIo, token: u64) -> std::io::Result<()> {
@@ -348,6 +355,9 @@ impl Backup {
             io_timeout: IO_TIMEOUT,
             chunk: CHUNK,
             sync: Sync::Full,
+            serving: false,
+            served: 0,
+            serve_error: None,
         })
     }
 
@@ -384,7 +394,7 @@ impl Backup {
                 }
             }
             match *slot {
-                Slot::Free if self.next_read < self.len => {
+                Slot::Free if self.next_read < self.len && !self.serving => {
                     let len = (self.len - self.next_read).min(chunk) as usize;
                     self.iovecs.0[i] = [self.buffers[i].iovec(len)];
                     let iov = &self.iovecs.0[i];
@@ -493,6 +503,11 @@ impl Backup {
     /// Moves the slots of finished operations on, waiting up to a second
     /// for one; the bytes written.
     fn reap(&mut self) -> Result<u64, JobFailure> {
+        self.reap_within(1000)
+    }
+
+    /// As [`Backup::reap`], waiting at most `wait_ms` for a completion.
+    fn reap_within(&mut self, wait_ms: i32) -> Result<u64, JobFailure> {
         let io = self.running.as_mut().expect("engines live until clean");
         let mut events = [EpollEvent::default(); 4];
         let mut written = 0;
@@ -549,7 +564,7 @@ impl Backup {
                 }
             }
             if !any && round == 0 {
-                match io.wait.wait(1000, &mut events) {
+                match io.wait.wait(wait_ms, &mut events) {
                     Ok(n) => {
                         for e in &events[..n] {
                             let _ = match e.data() {
@@ -643,7 +658,10 @@ impl JobDriver for Backup {
         if self.flushed || self.running.is_none() {
             return Ok(Step::Done);
         }
-        let mut done = 0;
+        if let Some(e) = self.serve_error.take() {
+            return self.fail(e);
+        }
+        let mut done = std::mem::take(&mut self.served);
         // Reads run ahead across steps; writes stay within the step.
         self.write_budget = STEP_BYTES;
         if self.sync == Sync::None {
@@ -654,7 +672,7 @@ impl JobDriver for Backup {
                 return self.fail(e);
             }
             return match self.reap() {
-                Ok(n) => Ok(Step::Progress(n)),
+                Ok(n) => Ok(Step::Progress(done + n)),
                 Err(e) => self.fail(e),
             };
         }
@@ -698,6 +716,33 @@ impl JobDriver for Backup {
             self.flushed = true;
         }
         Ok(Step::Progress(done))
+    }
+
+    fn serve(&mut self, wait: Duration) -> bool {
+        let hosted = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.cbw.is_some() || r.fleece.is_some());
+        if !hosted || self.flushed {
+            return false;
+        }
+        // Copies a held write waits for, and writes of what was read, are
+        // not the job's progress: neither pause nor the speed limit holds
+        // them back (the guest would stall), as in QEMU's write path.
+        self.serving = true;
+        let budget = std::mem::replace(&mut self.write_budget, u64::MAX);
+        let result = self
+            .submit()
+            .and_then(|_| self.reap_within(wait.as_millis().clamp(1, 1000) as i32));
+        self.write_budget = budget;
+        self.serving = false;
+        match result {
+            Ok(n) => self.served += n,
+            Err(e) => {
+                self.serve_error.get_or_insert(e);
+            }
+        }
+        true
     }
 
     fn clean(&mut self) {

@@ -36,6 +36,7 @@ mod tests;
 
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use error::JobError;
 pub use manager::JobManager;
@@ -55,6 +56,15 @@ pub trait JobDriver: Send + 'static {
     /// runtime pauses, cancels and rate-limits only between steps, so a
     /// step should take well under a second.
     fn step(&mut self) -> Result<Step, JobFailure>;
+
+    /// While the job waits (paused, or held back by its speed limit),
+    /// serves for about `wait` what others must not wait for: a hosted
+    /// job's copy-before-write and the reads it hosts. False if the job
+    /// has nothing of the kind (the runtime then just sleeps).
+    fn serve(&mut self, wait: Duration) -> bool {
+        let _ = wait;
+        false
+    }
 
     /// Called once when the job finalizes successfully.
     fn commit(&mut self) {}

@@ -25,6 +25,10 @@ use super::{
 /// The jobs that have not reached `null`, oldest first.
 pub(super) type Registry = Mutex<Vec<Arc<Job>>>;
 
+/// How long a waiting job serves hosted work before it looks at its state
+/// again.
+const SERVE_SLICE: Duration = Duration::from_millis(20);
+
 /// The error QEMU keeps for a cancelled job: strerror(ECANCELED).
 const CANCELLED_ERROR: &str = "Operation canceled";
 
@@ -229,7 +233,7 @@ impl Job {
             if let Some(wait) = st.rate.delay(speed, Instant::now()) {
                 // Pause, cancel and set-speed notify, so the sleep ends at
                 // once for them.
-                st = self.wait(st, Some(wait));
+                st = self.serve_or_wait(st, Some(wait));
                 continue;
             }
             st.busy = true;
@@ -292,7 +296,7 @@ impl Job {
         st.parked = Some(resume_to);
         self.transition(&mut st, parked);
         while st.parked.is_some() && st.should_pause() && !st.cancelled {
-            st = self.wait(st, None);
+            st = self.serve_or_wait(st, None);
         }
         self.unpark(&mut st);
         st
@@ -312,6 +316,24 @@ impl Job {
             // Time spent paused is not credit for a burst afterwards.
             st.rate.restart(Instant::now());
         }
+    }
+
+    /// Waits as [`Job::wait`] does, but a driver with work others must not
+    /// wait for (a hosted job's copy-before-write) does it meanwhile, in
+    /// slices short enough that a command is seen soon.
+    fn serve_or_wait<'a>(
+        &'a self,
+        st: MutexGuard<'a, JobState>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, JobState> {
+        let slice = timeout.map_or(SERVE_SLICE, |t| t.min(SERVE_SLICE));
+        drop(st);
+        let served = lock(&self.driver).serve(slice);
+        let st = self.state();
+        if served {
+            return st;
+        }
+        self.wait(st, timeout)
     }
 
     /// Waits for a notification, or at most `timeout`.
