@@ -58,6 +58,10 @@ pub enum BitmapError {
     /// A backup (or an export) is using it.
     #[error("Bitmap '{0}' is currently in use by another operation and cannot be used")]
     Busy(String),
+    /// `persistent: true`: no driver of ours stores bitmaps in its image
+    /// (QEMU's words for raw; qcow2's bitmap extension is not written).
+    #[error("Can't store persistent bitmaps to {0}: Operation not supported")]
+    CannotPersist(String),
     /// Two bitmaps of different sizes cannot be merged.
     #[error("Bitmaps are of different sizes ({0} and {1} bytes) and cannot be merged")]
     SizeMismatch(u64, u64),
@@ -71,6 +75,33 @@ pub fn default_granularity(cluster_size: Option<u64>) -> u64 {
         Some(c) if c > 0 => c.clamp(4096, 65536),
         _ => 65536,
     }
+}
+
+/// `block-dirty-bitmap-add` on `node`: a bitmap over the node's size, of
+/// `granularity` or the node's default.
+pub fn add_to_node(
+    node: &crate::graph::Node,
+    name: &str,
+    granularity: Option<u64>,
+    persistent: bool,
+    disabled: bool,
+) -> Result<(), BitmapError> {
+    if name.is_empty() {
+        return Err(BitmapError::EmptyName);
+    }
+    let driver = node.driver();
+    let granularity = match granularity {
+        Some(g) => {
+            check_granularity(g)?;
+            g
+        }
+        None => default_granularity(driver.image_details().map(|d| d.cluster_size)),
+    };
+    if persistent {
+        return Err(BitmapError::CannotPersist(node.name().into()));
+    }
+    node.bitmaps()
+        .add(name, driver.size(), granularity, persistent, disabled)
 }
 
 /// Checks a granularity the user gave.

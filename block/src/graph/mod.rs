@@ -196,6 +196,8 @@ pub struct NodeInfo {
     pub references: Vec<Holder>,
     /// Who holds the lease.
     pub lease: Option<Holder>,
+    /// Its dirty bitmaps, newest first.
+    pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
 }
 
 /// A block graph.
@@ -692,6 +694,7 @@ fn info_of(node: &Node, flat: bool) -> NodeInfo {
             .collect(),
         references: node.holders(),
         lease: node.lease_holder(),
+        bitmaps: node.bitmaps().info(),
     }
 }
 

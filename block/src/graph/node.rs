@@ -12,6 +12,7 @@ use base::sync::lock;
 
 use super::files::FileClaim;
 use super::{GraphShared, Holder};
+use crate::bitmap::Bitmaps;
 use crate::driver::{Child, Driver};
 
 /// Ids for references and leases, so each can remove exactly itself.
@@ -34,6 +35,8 @@ pub struct Node {
     refs: Mutex<Vec<(u64, Holder)>>,
     pub(crate) lease: Mutex<Option<(u64, Holder)>>,
     pub(crate) graph: Arc<GraphShared>,
+    /// Its named dirty bitmaps.
+    bitmaps: Arc<Bitmaps>,
 }
 
 impl Node {
@@ -54,6 +57,7 @@ impl Node {
             refs: Mutex::new(Vec::new()),
             lease: Mutex::new(None),
             graph,
+            bitmaps: Arc::default(),
         })
     }
 
@@ -92,6 +96,11 @@ impl Node {
     /// The driver serving this layer.
     pub fn driver(&self) -> &dyn Driver<NodeRef> {
         self.driver.as_ref()
+    }
+
+    /// Its named dirty bitmaps, which every writer of the node marks.
+    pub fn bitmaps(&self) -> &Arc<Bitmaps> {
+        &self.bitmaps
     }
 
     /// Who holds references to it, in the order they took them.
