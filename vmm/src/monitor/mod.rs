@@ -2,12 +2,14 @@
 //! graph and its jobs. The protocol itself is in `qmp/`.
 //!
 //! - `machine.rs`: version, run state (`stop`, `cont`), `quit`.
+//! - `bitmap.rs`: dirty bitmaps (`block-dirty-bitmap-*`).
 //! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
 //! - `jobs.rs`: `blockdev-backup`, the `job-*` verbs, the job queries.
 //! - `stats.rs`: `query-blockstats`, `block-latency-histogram-set`.
 //! - `snapshot.rs`: external snapshots (`blockdev-snapshot`,
 //!   `blockdev-snapshot-sync`).
 
+mod bitmap;
 mod block;
 mod jobs;
 mod machine;
@@ -39,6 +41,11 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "blockdev-backup",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
     "query-jobs",
     "query-block-jobs",
     "job-pause",
@@ -138,6 +145,11 @@ impl Commands for Monitor {
             "blockdev-snapshot" => snapshot::blockdev_snapshot(self, args),
             "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(self, args),
             "blockdev-backup" => jobs::blockdev_backup(self, args),
+            "block-dirty-bitmap-add" => bitmap::add(self, args),
+            "block-dirty-bitmap-remove" => bitmap::remove(self, args),
+            "block-dirty-bitmap-clear" => bitmap::clear(self, args),
+            "block-dirty-bitmap-enable" => bitmap::set_enabled(self, args, true),
+            "block-dirty-bitmap-disable" => bitmap::set_enabled(self, args, false),
             "query-jobs" => jobs::query_jobs(self, args),
             "query-block-jobs" => jobs::query_block_jobs(self, args),
             "job-pause" | "job-resume" | "job-cancel" | "job-finalize" | "job-dismiss" => {
