@@ -106,9 +106,7 @@ pub fn add_to_node(
 
 /// Checks a granularity the user gave.
 pub fn check_granularity(granularity: u64) -> Result<(), BitmapError> {
-    if granularity < MIN_GRANULARITY
-        || granularity > MAX_GRANULARITY
-        || !granularity.is_power_of_two()
+    if !(MIN_GRANULARITY..=MAX_GRANULARITY).contains(&granularity) || !granularity.is_power_of_two()
     {
         return Err(BitmapError::Granularity);
     }
@@ -528,8 +526,8 @@ impl Bitmaps {
         Ok(Self::find(&mut entries, name)?.bitmap.clone())
     }
 
-    /// What `query-block` shows, newest first; a frozen bitmap's
-    /// successor comes just before it, unnamed, as in QEMU.
+    /// What `query-block` shows, newest first; frozen bitmaps' successors
+    /// come first, unnamed, as in QEMU (they are the newest).
     pub fn info(&self) -> Vec<BitmapInfo> {
         let entries = lock(&self.entries);
         let mut out = Vec::new();
@@ -544,6 +542,8 @@ impl Bitmaps {
                     persistent: false,
                 });
             }
+        }
+        for e in entries.iter() {
             out.push(BitmapInfo {
                 name: Some(e.name.clone()),
                 count: e.bitmap.count(),

@@ -8,7 +8,7 @@ use block::{Holder, NodeRef};
 use serde_json::{json, Value};
 
 use super::Monitor;
-use crate::qmp::{expects, invalid_type};
+use crate::qmp::expects;
 use crate::qmp::{Args, QmpError};
 
 /// QEMU's `BlockDirtyInfo` list; `None` (the field left out) for a node
@@ -52,7 +52,8 @@ pub(super) fn add(m: &Monitor, mut args: Args) -> Result<Value, QmpError> {
             Some(g) if g <= u64::from(u32::MAX) => Some(g),
             _ => return Err(expects("granularity", "uint32_t")),
         },
-        Some(_) => return Err(invalid_type("granularity", "integer")),
+        // QEMU words a non-number this way too.
+        Some(_) => return Err(expects("granularity", "uint64")),
     };
     let persistent = args.opt_bool("persistent")?.unwrap_or(false);
     let disabled = args.opt_bool("disabled")?.unwrap_or(false);
