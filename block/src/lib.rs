@@ -15,6 +15,7 @@
 //! take leases and run on their own threads through QEMU's job state
 //! machine. This crate knows nothing of KVM or virtio.
 
+pub mod bitmap;
 pub mod driver;
 pub mod error;
 pub mod export;

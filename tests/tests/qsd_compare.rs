@@ -1072,3 +1072,219 @@ fn nbd_export_commands_and_errors_match_qsd() {
     c.same("query-block-exports", json!({}));
     c.finish(name);
 }
+
+impl Compare {
+    /// `query-named-block-nodes` on both: node `node`'s `dirty-bitmaps`
+    /// (absent with none) must be equal, every field.
+    fn same_bitmaps(&mut self, node: &str) {
+        let w = self.next_window();
+        let args = json!({});
+        let pick = |r: &Reply| -> Value {
+            let Ok(Value::Array(nodes)) = r else {
+                return json!("query failed");
+            };
+            nodes
+                .iter()
+                .find(|n| n["node-name"] == node)
+                .map(|n| n.get("dirty-bitmaps").cloned().unwrap_or(Value::Null))
+                .unwrap_or(json!("no such node"))
+        };
+        let a = pick(&self.qsd.execute(w, "query-named-block-nodes", &args));
+        let b = pick(&self.ours.execute(w, "query-named-block-nodes", &args));
+        if a != b {
+            self.diff(
+                &format!("dirty-bitmaps of '{node}'"),
+                &a.to_string(),
+                &b.to_string(),
+                "values",
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn dirty_bitmap_commands_and_errors_match_qsd() {
+    let name = "qsd-bitmaps";
+    let mut c = Compare::start(name);
+    c.same(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src", "file": {"driver": "file", "node-name": "srcf", "filename": "$src"}}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "dst", "file": {"driver": "file", "filename": "$dst"}}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "sink", "size": SIZE}),
+    );
+    c.same_bitmaps("src");
+
+    // Adding: defaults, each argument, and every refusal.
+    let add = |name: &str| json!({"node": "src", "name": name});
+    c.same("block-dirty-bitmap-add", add("b0"));
+    c.same("block-dirty-bitmap-add", add("b0"));
+    c.same("block-dirty-bitmap-add", add(""));
+    c.same("block-dirty-bitmap-add", add(&"x".repeat(1024)));
+    c.same("block-dirty-bitmap-add", add(&"x".repeat(1023)));
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "nope", "name": "b"}),
+    );
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "nope", "name": ""}),
+    );
+    for g in [
+        json!(256),
+        json!(3000),
+        json!(1u64 << 32),
+        json!(-1),
+        json!("big"),
+    ] {
+        c.same(
+            "block-dirty-bitmap-add",
+            json!({"node": "src", "name": "g", "granularity": g}),
+        );
+    }
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "g512", "granularity": 512}),
+    );
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "g2g", "granularity": 1u64 << 31}),
+    );
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "off", "disabled": true}),
+    );
+    for node in ["src", "srcf", "sink"] {
+        c.same(
+            "block-dirty-bitmap-add",
+            json!({"node": node, "name": "p", "persistent": true}),
+        );
+    }
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "sink", "name": "s"}),
+    );
+    c.same(
+        "block-dirty-bitmap-add",
+        json!({"node": "src", "name": "b9", "bogus": 1}),
+    );
+    c.same("block-dirty-bitmap-add", json!({"node": "src"}));
+    c.same_bitmaps("src");
+    c.same_bitmaps("sink");
+    c.same_bitmaps("srcf");
+
+    // The others: unknown node, unknown bitmap, then each verb.
+    for verb in [
+        "block-dirty-bitmap-remove",
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable",
+    ] {
+        c.same(verb, json!({"node": "nope", "name": "b0"}));
+        c.same(verb, json!({"node": "src", "name": "nope"}));
+        c.same(verb, json!({"node": "src"}));
+    }
+    c.same(
+        "block-dirty-bitmap-disable",
+        json!({"node": "src", "name": "b0"}),
+    );
+    c.same(
+        "block-dirty-bitmap-disable",
+        json!({"node": "src", "name": "b0"}),
+    );
+    c.same_bitmaps("src");
+    c.same(
+        "block-dirty-bitmap-enable",
+        json!({"node": "src", "name": "b0"}),
+    );
+    c.same(
+        "block-dirty-bitmap-clear",
+        json!({"node": "src", "name": "off"}),
+    );
+    c.same(
+        "block-dirty-bitmap-remove",
+        json!({"node": "src", "name": "x".repeat(1023)}),
+    );
+    c.same_bitmaps("src");
+
+    // blockdev-backup's checks of sync, bitmap and bitmap-mode.
+    let b = |sync: &str, extra: Value| {
+        let mut v = json!({"job-id": "j0", "device": "src", "target": "sink", "sync": sync});
+        if let Value::Object(extra) = extra {
+            v.as_object_mut().unwrap().extend(extra);
+        }
+        v
+    };
+    for args in [
+        b("incremental", json!({})),
+        b("bitmap", json!({})),
+        b("bitmap", json!({"bitmap": "b0"})),
+        b("bitmap", json!({"bitmap": "nope"})),
+        b("bitmap", json!({"bitmap": "nope", "bitmap-mode": "never"})),
+        b(
+            "incremental",
+            json!({"bitmap": "b0", "bitmap-mode": "never"}),
+        ),
+        b(
+            "incremental",
+            json!({"bitmap": "b0", "bitmap-mode": "always"}),
+        ),
+        b("full", json!({"bitmap-mode": "always"})),
+        b("full", json!({"bitmap": "b0"})),
+        b("full", json!({"bitmap": "b0", "bitmap-mode": "never"})),
+        b(
+            "bitmap",
+            json!({"bitmap": "b0", "bitmap-mode": "sometimes"}),
+        ),
+        b("bitmap", json!({"bitmap": 5, "bitmap-mode": "never"})),
+    ] {
+        c.same("blockdev-backup", args);
+    }
+
+    // A backup holding b0 frozen: busy for every verb and for another
+    // backup; its successor shows, unnamed.
+    let job = "j1";
+    let m = c.mark();
+    let mut args = b("full", json!({"bitmap": "b0", "bitmap-mode": "on-success"}));
+    args["job-id"] = json!(job);
+    args["speed"] = json!(SLOW);
+    if c.started(args).is_some() {
+        c.same_bitmaps("src");
+        for verb in [
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+        ] {
+            c.same(verb, json!({"node": "src", "name": "b0"}));
+        }
+        let mut other = b("bitmap", json!({"bitmap": "b0", "bitmap-mode": "never"}));
+        other["job-id"] = json!("j2");
+        other["target"] = json!("dst");
+        c.same("blockdev-backup", other);
+        c.same("job-cancel", json!({ "id": job }));
+        if c.reach(job, "null", m).is_some() {
+            c.same_job_events(job, m);
+        }
+        c.same_bitmaps("src");
+    }
+    // Free again: an incremental backup of a clean bitmap copies nothing.
+    let m = c.mark();
+    let mut args = b("incremental", json!({"bitmap": "b0"}));
+    args["job-id"] = json!("j3");
+    if c.started(args).is_some() && c.reach("j3", "null", m).is_some() {
+        c.same_job_events("j3", m);
+    }
+    c.same(
+        "block-dirty-bitmap-remove",
+        json!({"node": "src", "name": "b0"}),
+    );
+    c.same_bitmaps("src");
+    c.finish(name);
+}

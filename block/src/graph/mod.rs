@@ -201,6 +201,8 @@ pub struct NodeInfo {
     pub lease: Option<Holder>,
     /// Whom the lease holder hosts (QMP's `hosted`).
     pub hosted: Vec<Holder>,
+    /// Its dirty bitmaps, newest first.
+    pub bitmaps: Vec<crate::bitmap::BitmapInfo>,
 }
 
 /// A block graph.
@@ -691,6 +693,7 @@ fn info_of(node: &Node, flat: bool) -> NodeInfo {
         references: node.holders(),
         lease: node.lease_holder(),
         hosted: node.hosted(),
+        bitmaps: node.bitmaps().info(),
     }
 }
 

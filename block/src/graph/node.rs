@@ -12,6 +12,7 @@ use base::sync::lock;
 
 use super::files::FileClaim;
 use super::{GraphShared, Holder};
+use crate::bitmap::Bitmaps;
 use crate::driver::{Child, Driver};
 
 /// Ids for references and leases, so each can remove exactly itself.
@@ -36,6 +37,8 @@ pub struct Node {
     /// What the lease holder offers its guests, while it hosts.
     pub(crate) host: Mutex<Option<Arc<super::Host>>>,
     pub(crate) graph: Arc<GraphShared>,
+    /// Its named dirty bitmaps.
+    bitmaps: Arc<Bitmaps>,
 }
 
 impl Node {
@@ -57,6 +60,7 @@ impl Node {
             lease: Mutex::new(None),
             host: Mutex::new(None),
             graph,
+            bitmaps: Arc::default(),
         })
     }
 
@@ -95,6 +99,11 @@ impl Node {
     /// The driver serving this layer.
     pub fn driver(&self) -> &dyn Driver<NodeRef> {
         self.driver.as_ref()
+    }
+
+    /// Its named dirty bitmaps, which every writer of the node marks.
+    pub fn bitmaps(&self) -> &Arc<Bitmaps> {
+        &self.bitmaps
     }
 
     /// Who holds references to it, in the order they took them.

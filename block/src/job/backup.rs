@@ -1,5 +1,8 @@
-//! The backup job (`blockdev-backup`, `sync=full`): copies every byte of
-//! a source node to a target node of the same size. It holds both nodes'
+//! The backup job (`blockdev-backup`): copies a source node to a target
+//! node of the same size, every byte (`sync=full`) or only the extents a
+//! dirty bitmap marks (`sync=bitmap`, `sync=incremental`; the bitmap is
+//! frozen while the job runs and settled when it ends, see
+//! [`crate::bitmap`]). The copy loop takes what to copy as a [`CopySet`]. It holds both nodes'
 //! leases while it runs, so nobody writes the source under the copy and
 //! nobody else writes the target; it only ever reads the source, so a
 //! failed or cancelled backup leaves the source as it was.
@@ -18,6 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::cbw::{Cbw, GRANULE};
 use super::{IoOperation, JobDriver, JobFailure, Step};
+use crate::bitmap::{BitmapError, BitmapSyncMode, DirtyBitmap, Frozen};
 use crate::error::BlockError;
 use crate::graph::{Access, Holder, Host, HostedRead, Lease, NodeRef};
 use crate::io::AsyncIo;
@@ -64,6 +68,137 @@ pub enum BackupError {
     /// `sync=none` on a node no running guest's dataplane hosts.
     #[error("sync=none copies what a running guest is about to overwrite: node '{0}' must be served by a running guest's disk with live-jobs=on")]
     NeedsLiveGuest(String),
+    /// The sync bitmap is missing or busy.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
+}
+
+/// Which bytes a backup copies (QMP's `sync`, once QEMU's checks have
+/// turned `incremental` into `bitmap` with `on-success`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Every byte.
+    Full,
+    /// The extents the sync bitmap marks as the job starts.
+    Bitmap,
+    /// Only what the guest is about to overwrite, until cancelled
+    /// (`none`: a point-in-time view for fleecing). Needs a running guest
+    /// whose dataplane hosts the job.
+    None,
+}
+
+/// The dirty bitmap a backup uses (QMP's `bitmap` and `bitmap-mode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncBitmap {
+    /// A bitmap of the source node.
+    pub name: String,
+    /// What becomes of it when the job ends.
+    pub mode: BitmapSyncMode,
+}
+
+/// What the copy loop copies: the whole node, or the extents of a frozen
+/// bitmap, in order.
+#[derive(Debug, Clone)]
+pub enum CopySet {
+    /// Bytes `[0, len)`.
+    All(u64),
+    /// The dirty extents of this bitmap.
+    Dirty(DirtyBitmap),
+}
+
+impl CopySet {
+    /// The bytes to copy.
+    pub fn total(&self) -> u64 {
+        match self {
+            CopySet::All(len) => *len,
+            CopySet::Dirty(b) => b.extents().map(|(_, len)| len).sum(),
+        }
+    }
+
+    /// The next piece to copy at or after `from`, at most `max` bytes.
+    pub fn next_chunk(&self, from: u64, max: u64) -> Option<(u64, u64)> {
+        let (start, end) = match self {
+            CopySet::All(len) => (from, *len),
+            // An extent may begin before `from` when a granule is larger
+            // than a chunk: its first part is copied already.
+            CopySet::Dirty(b) => {
+                let (offset, len) = b.extents_from(from).next()?;
+                (offset.max(from), offset + len)
+            }
+        };
+        (start < end).then(|| (start, (end - start).min(max)))
+    }
+}
+
+/// QEMU's checks of `sync`, `bitmap` and `bitmap-mode` (`sync` being
+/// `full`, `incremental` or `bitmap`), against the source's bitmaps:
+/// what to copy and which bitmap to freeze.
+pub fn check_sync(
+    sync: &str,
+    bitmap: Option<&str>,
+    mode: Option<BitmapSyncMode>,
+    source: &NodeRef,
+) -> Result<(SyncMode, Option<SyncBitmap>), SyncError> {
+    if matches!(sync, "bitmap" | "incremental") && bitmap.is_none() {
+        return Err(SyncError::NoBitmap(sync.into()));
+    }
+    let Some(name) = bitmap else {
+        if mode.is_some() {
+            return Err(SyncError::ModeWithoutBitmap);
+        }
+        return Ok((SyncMode::Full, None));
+    };
+    if !source.bitmaps().contains(name) {
+        return Err(SyncError::BitmapNotFound(name.into()));
+    }
+    let mode = match (sync, mode) {
+        ("incremental", None | Some(BitmapSyncMode::OnSuccess)) => BitmapSyncMode::OnSuccess,
+        ("incremental", Some(_)) => return Err(SyncError::IncrementalMode),
+        (_, None) => return Err(SyncError::NoMode),
+        (_, Some(mode)) => mode,
+    };
+    source.bitmaps().check_usable(name)?;
+    let sync = if sync == "full" {
+        if mode == BitmapSyncMode::Never {
+            return Err(SyncError::Useless(mode.as_str(), "full"));
+        }
+        SyncMode::Full
+    } else {
+        SyncMode::Bitmap
+    };
+    Ok((
+        sync,
+        Some(SyncBitmap {
+            name: name.into(),
+            mode,
+        }),
+    ))
+}
+
+/// Why `sync`, `bitmap` and `bitmap-mode` do not go together; QEMU's words.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    /// `sync=bitmap` or `incremental` without `bitmap`.
+    #[error("must provide a valid bitmap name for '{0}' sync mode")]
+    NoBitmap(String),
+    /// `bitmap-mode` without `bitmap`.
+    #[error("Cannot specify bitmap sync mode without a bitmap")]
+    ModeWithoutBitmap,
+    /// The source has no such bitmap.
+    #[error("Bitmap '{0}' could not be found")]
+    BitmapNotFound(String),
+    /// `bitmap` without `bitmap-mode` (only `incremental` implies one).
+    #[error("Bitmap sync mode must be given when providing a bitmap")]
+    NoMode,
+    /// `incremental` with a mode other than `on-success`.
+    #[error("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")]
+    IncrementalMode,
+    /// `bitmap-mode=never` with `sync=full`.
+    #[error("Bitmap sync mode '{0}' has no meaningful effect when combined with sync mode '{1}'")]
+    Useless(&'static str, &'static str),
+    /// The bitmap is busy.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
 }
 
 /// A buffer aligned for O_DIRECT, without unsafe: a larger Vec, used from
@@ -117,15 +252,6 @@ struct Fleece {
     /// Out on the target's engine, by index.
     out: Vec<Option<HostedRead>>,
 }
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sync {
-    /// Everything (`full`).
-    Full,
-    /// Only what the guest is about to overwrite, until cancelled
-    /// (`none`: a point-in-time view for fleecing). Needs a running guest
-    /// whose dataplane hosts the job.
-    None,
-}
 
 /// Where one chunk buffer is in its cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,11 +271,19 @@ struct SlotIovecs([[libc::iovec; 1]; SLOTS]);
 // the kernel, which does not care which thread owns the struct.
 unsafe impl Send for SlotIovecs {}
 
-/// A full copy of one node to another.
+/// A copy of one node, or of its dirty extents, to another.
 pub struct Backup {
     /// Until `clean`.
     running: Option<Running>,
+    /// What to copy.
+    copy: CopySet,
+    /// Its bytes.
     len: u64,
+    /// The sync bitmap, frozen until the job ends.
+    frozen: Option<Frozen>,
+    /// With a sync bitmap: what is still to copy, at its granularity, for
+    /// `bitmap-mode=always` after a failure.
+    not_copied: Option<DirtyBitmap>,
     /// Where the next read starts.
     next_read: u64,
     /// Bytes written to the target so far.
@@ -168,7 +302,7 @@ pub struct Backup {
     io_timeout: Duration,
     /// Bytes per read: [`CHUNK`], or the granule of copy-before-write.
     chunk: usize,
-    sync: Sync,
+    sync: SyncMode,
     /// Serving copy-before-write only (paused or held back by the speed
     /// limit): no background reads start.
     serving: bool,
@@ -198,29 +332,76 @@ fn failure(op: IoOperation, result: i32) -> JobFailure {
 }
 
 impl Backup {
-    /// Takes both leases for job `job` (refused at once if anyone holds
-    /// either) and opens an engine on each.
+    /// A full copy (`sync=full` without a bitmap): takes both leases for
+    /// job `job` (refused at once if anyone holds either) and opens an
+    /// engine on each.
     pub fn new(job: &str, source: &NodeRef, target: &NodeRef) -> Result<Self, BackupError> {
-        Self::with_engines(job, source, target, |lease, depth| lease.open_io(depth))
+        Self::with_sync(job, source, target, SyncMode::Full, None)
+    }
+
+    /// As [`Backup::new`], copying what `sync` says and, with `bitmap`,
+    /// freezing that bitmap of the source (see [`check_sync`]).
+    pub fn with_sync(
+        job: &str,
+        source: &NodeRef,
+        target: &NodeRef,
+        sync: SyncMode,
+        bitmap: Option<SyncBitmap>,
+    ) -> Result<Self, BackupError> {
+        let mut backup =
+            Self::with_engines(job, source, target, |lease, depth| lease.open_io(depth))?;
+        backup.sync_with(source, sync, bitmap)?;
+        Ok(backup)
+    }
+
+    /// Freezes the sync bitmap and sets what to copy; called once both
+    /// leases are held, so no write of the source slips between the
+    /// freeze and the copy.
+    fn sync_with(
+        &mut self,
+        source: &NodeRef,
+        sync: SyncMode,
+        bitmap: Option<SyncBitmap>,
+    ) -> Result<(), BackupError> {
+        let Some(bitmap) = bitmap else {
+            debug_assert_eq!(sync, SyncMode::Full, "sync=bitmap needs a bitmap");
+            return Ok(());
+        };
+        let frozen = source.bitmaps().freeze(&bitmap.name, bitmap.mode)?;
+        let mut not_copied = frozen.bitmap().clone();
+        if sync == SyncMode::Bitmap {
+            self.copy = CopySet::Dirty(frozen.bitmap().clone());
+            self.len = self.copy.total();
+        } else {
+            not_copied.fill();
+        }
+        self.not_copied = Some(not_copied);
+        self.frozen = Some(frozen);
+        Ok(())
     }
 
     /// A backup that may run on a running guest: if the source's lease
     /// holder hosts jobs (`live-jobs=on`), its reads go through the holder
     /// and every write the holder is about to make waits until the old
-    /// data is read (copy-before-write). With `Sync::None` only that is
+    /// data is read (copy-before-write). With `SyncMode::None` only that is
     /// copied, until the job is cancelled.
     pub fn live(
         job: &str,
         source: &NodeRef,
         target: &NodeRef,
-        sync: Sync,
+        sync: SyncMode,
+        bitmap: Option<SyncBitmap>,
     ) -> Result<Self, BackupError> {
         let mut backup = Self::with_access(job, source, target, true, |access, depth| {
             access.open_io(depth)
         })?;
+        if sync != SyncMode::None {
+            backup.sync_with(source, sync, bitmap)?;
+        }
+        let copy = backup.copy.clone();
         let running = backup.running.as_mut().expect("just made");
         // Fleecing: the target's backing node is the source.
-        let fleecing = sync == Sync::None
+        let fleecing = sync == SyncMode::None
             && target
                 .driver()
                 .backing()
@@ -236,11 +417,29 @@ impl Backup {
                 let granule = GRANULE
                     .max(u64::from(target.driver().io_alignment()))
                     .max(cluster);
-                let cbw =
-                    Cbw::start(host, backup.len, granule).map_err(|e| BlockError::Options {
-                        node: source.name().into(),
-                        reason: format!("cannot hook into its writes: {e}"),
-                    })?;
+                // A copy of a bitmap's extents copies whole granules, and
+                // holds only writes to those.
+                if let CopySet::Dirty(b) = &copy {
+                    if b.granularity() % granule != 0 {
+                        return Err(BlockError::Options {
+                            node: source.name().into(),
+                            reason: format!(
+                                "a backup of a running guest's dirty bitmap needs a granularity that is a multiple of {granule} bytes (the bitmap's is {})",
+                                b.granularity()
+                            ),
+                        }
+                        .into());
+                    }
+                }
+                let size = source.driver().size();
+                let cbw = Cbw::start(host, size, granule, |g| match &copy {
+                    CopySet::Dirty(b) => b.is_dirty(g * granule),
+                    CopySet::All(_) => true,
+                })
+                .map_err(|e| BlockError::Options {
+                    node: source.name().into(),
+                    reason: format!("cannot hook into its writes: {e}"),
+                })?;
                 watch_fd(&running.wait, cbw.wake(), 2).map_err(|e| BlockError::Options {
                     node: source.name().into(),
                     reason: format!("cannot wait for the backup's I/O: {e}"),
@@ -261,13 +460,13 @@ impl Backup {
                     });
                 }
             }
-            None if sync == Sync::None => {
+            None if sync == SyncMode::None => {
                 return Err(BackupError::NeedsLiveGuest(source.name().into()));
             }
             None => {}
         }
         backup.sync = sync;
-        if sync == Sync::None {
+        if sync == SyncMode::None {
             // Nothing to copy but what writes are about to change.
             backup.next_read = backup.len;
         }
@@ -337,7 +536,10 @@ impl Backup {
                 source: source_access,
                 target: target_lease,
             }),
+            copy: CopySet::All(source_size),
             len: source_size,
+            frozen: None,
+            not_copied: None,
             next_read: 0,
             written: 0,
             slots: [Slot::Free; SLOTS],
@@ -354,7 +556,7 @@ impl Backup {
             last_completion: Instant::now(),
             io_timeout: IO_TIMEOUT,
             chunk: CHUNK,
-            sync: Sync::Full,
+            sync: SyncMode::Full,
             serving: false,
             served: 0,
             serve_error: None,
@@ -374,9 +576,13 @@ impl Backup {
         for (i, slot) in self.slots.iter_mut().enumerate() {
             // Reads held writes wait for come first.
             if *slot == Slot::Free {
-                if let Some(g) = io.cbw.as_ref().and_then(Cbw::next_wanted) {
+                if let Some((g, size)) = io
+                    .cbw
+                    .as_ref()
+                    .and_then(|c| Some((c.next_wanted()?, c.source_size())))
+                {
                     let offset = g * chunk;
-                    let len = (self.len - offset).min(chunk) as usize;
+                    let len = (size - offset).min(chunk) as usize;
                     self.iovecs.0[i] = [self.buffers[i].iovec(len)];
                     let iov = &self.iovecs.0[i];
                     // SAFETY: as for the reads below.
@@ -389,26 +595,29 @@ impl Backup {
             }
             // Granules already read for a held write need no second read.
             if let Some(cbw) = io.cbw.as_ref() {
-                while self.next_read < self.len && !cbw.unread(self.next_read / chunk) {
-                    self.next_read += chunk;
+                while let Some((offset, _)) = self.copy.next_chunk(self.next_read, chunk) {
+                    if cbw.unread(offset / chunk) {
+                        break;
+                    }
+                    self.next_read = offset + chunk;
                 }
             }
             match *slot {
-                Slot::Free if self.next_read < self.len && !self.serving => {
-                    let len = (self.len - self.next_read).min(chunk) as usize;
+                Slot::Free if !self.serving => {
+                    let Some((offset, len)) = self.copy.next_chunk(self.next_read, chunk) else {
+                        continue;
+                    };
+                    let len = len as usize;
                     self.iovecs.0[i] = [self.buffers[i].iovec(len)];
                     let iov = &self.iovecs.0[i];
                     // SAFETY: the iovec (kept in `self.iovecs`) points into
                     // buffer i, owned by `self`; slot i stays Reading (so
                     // nothing else touches either) until its completion is
                     // reaped, and `drain` reaps every one before they go.
-                    unsafe { io.src.read_vectored(self.next_read, iov, i as u64) }
+                    unsafe { io.src.read_vectored(offset, iov, i as u64) }
                         .map_err(|e| queue(IoOperation::Read, e))?;
-                    *slot = Slot::Reading {
-                        offset: self.next_read,
-                        len,
-                    };
-                    self.next_read += len as u64;
+                    *slot = Slot::Reading { offset, len };
+                    self.next_read = offset + len as u64;
                     self.in_flight += 1;
                 }
                 Slot::Full { offset, len } if self.write_budget >= len as u64 => {
@@ -558,6 +767,9 @@ impl Backup {
                         if let Some(cbw) = io.cbw.as_ref() {
                             cbw.written(offset / self.chunk as u64);
                         }
+                        if let Some(rest) = &mut self.not_copied {
+                            rest.unmark(offset, len as u64);
+                        }
                     } else {
                         error.get_or_insert(failure(IoOperation::Write, c.result));
                     }
@@ -664,7 +876,7 @@ impl JobDriver for Backup {
         let mut done = std::mem::take(&mut self.served);
         // Reads run ahead across steps; writes stay within the step.
         self.write_budget = STEP_BYTES;
-        if self.sync == Sync::None {
+        if self.sync == SyncMode::None {
             // Copies what writes are about to change, until cancelled; a
             // step waits about a second for that, then lets the runtime
             // look at pause and cancel.
@@ -718,6 +930,12 @@ impl JobDriver for Backup {
         Ok(Step::Progress(done))
     }
 
+    fn serves(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|r| r.cbw.is_some() || r.fleece.is_some())
+    }
+
     fn serve(&mut self, wait: Duration) -> bool {
         let hosted = self
             .running
@@ -743,6 +961,18 @@ impl JobDriver for Backup {
             }
         }
         true
+    }
+
+    fn commit(&mut self) {
+        if let Some(frozen) = self.frozen.take() {
+            frozen.finish(true, None);
+        }
+    }
+
+    fn abort(&mut self) {
+        if let Some(frozen) = self.frozen.take() {
+            frozen.finish(false, self.not_copied.as_ref());
+        }
     }
 
     fn clean(&mut self) {
@@ -1183,6 +1413,275 @@ mod tests {
         );
         assert_eq!(jobs.info("b4").unwrap().error, None);
         assert!(dst.bytes() == src.bytes());
+    }
+
+    const K64: u64 = 64 << 10;
+
+    /// Writes `len` bytes of a fresh pattern at `offset` of `image`, as a
+    /// guest would, and marks them as the dataplane does.
+    fn guest_write(image: &Image, node: &NodeRef, offset: u64, len: usize, seed: u8) {
+        use std::os::unix::fs::FileExt;
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.0)
+            .unwrap();
+        file.write_all_at(&data, offset).unwrap();
+        node.bitmaps().mark(offset, len as u64);
+    }
+
+    fn add_bitmap(node: &NodeRef) {
+        crate::bitmap::add_to_node(node, "b", Some(K64), false, false).unwrap();
+    }
+
+    fn dirty(node: &NodeRef) -> Vec<(u64, u64)> {
+        node.bitmaps().snapshot("b").unwrap().extents().collect()
+    }
+
+    fn run_to_end(jobs: &JobManager, id: &str, backup: Backup) -> crate::job::JobInfo {
+        launch(jobs, id, backup, 0);
+        jobs.wait_for(id, JobStatus::Concluded, Duration::from_secs(30))
+            .unwrap();
+        jobs.info(id).unwrap()
+    }
+
+    fn sync_bitmap(mode: BitmapSyncMode) -> Option<SyncBitmap> {
+        Some(SyncBitmap {
+            name: "b".into(),
+            mode,
+        })
+    }
+
+    #[test]
+    fn an_incremental_backup_copies_exactly_the_dirty_extents() {
+        let len = 8 * CHUNK;
+        let src = Image::new("inc-src", len, 17);
+        let dst = Image::new("inc-dst", len, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let source = graph.get("src", job("i0")).unwrap();
+        let target = graph.get("dst", job("i0")).unwrap();
+        add_bitmap(&source);
+        // One byte, a range across two granules and past a chunk, and the
+        // disk's last sector.
+        guest_write(&src, &source, K64 + 7, 1, 1);
+        guest_write(&src, &source, (1 << 20) - 100, 200_000, 2);
+        guest_write(&src, &source, len as u64 - 512, 512, 3);
+        let expected_extents = [
+            (K64, K64),
+            ((1 << 20) - K64, 5 * K64),
+            (len as u64 - K64, K64),
+        ];
+        assert_eq!(dirty(&source), expected_extents);
+        let count = source.bitmaps().info()[0].count;
+        assert_eq!(count, 7 * K64);
+
+        let backup = Backup::with_sync(
+            "i0",
+            &source,
+            &target,
+            SyncMode::Bitmap,
+            sync_bitmap(BitmapSyncMode::OnSuccess),
+        )
+        .unwrap();
+        let info = run_to_end(&JobManager::new(), "i0", backup);
+        assert_eq!(info.error, None);
+        assert_eq!((info.current_progress, info.total_progress), (count, count));
+        // The dirty extents hold the source's bytes; the rest is untouched.
+        let (s, d) = (src.bytes(), dst.bytes());
+        let mut expected = vec![0u8; len];
+        for (offset, n) in expected_extents {
+            let r = offset as usize..(offset + n) as usize;
+            expected[r.clone()].copy_from_slice(&s[r]);
+        }
+        assert!(d == expected, "only the dirty extents were copied");
+        assert_eq!(dirty(&source), [], "on success the bitmap starts afresh");
+        assert!(!source.bitmaps().info()[0].busy);
+    }
+
+    #[test]
+    fn a_full_backup_with_a_bitmap_copies_everything_and_clears_it() {
+        let len = 2 * CHUNK;
+        let src = Image::new("fullbm-src", len, 19);
+        let dst = Image::new("fullbm-dst", len, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let source = graph.get("src", job("i1")).unwrap();
+        let target = graph.get("dst", job("i1")).unwrap();
+        add_bitmap(&source);
+        guest_write(&src, &source, 0, 4096, 4);
+        let backup = Backup::with_sync(
+            "i1",
+            &source,
+            &target,
+            SyncMode::Full,
+            sync_bitmap(BitmapSyncMode::OnSuccess),
+        )
+        .unwrap();
+        let info = run_to_end(&JobManager::new(), "i1", backup);
+        assert_eq!((info.error, info.total_progress), (None, len as u64));
+        assert!(dst.bytes() == src.bytes());
+        assert_eq!(dirty(&source), []);
+    }
+
+    /// A bitmap backup in `mode` of a source whose file shrinks to 2 MiB
+    /// under it, dirty at 0 and at 3 MiB: reading 3 MiB fails. The
+    /// bitmap's extents after the job.
+    fn failing_bitmap_backup(name: &str, mode: BitmapSyncMode) -> Vec<(u64, u64)> {
+        let len = 4 * CHUNK;
+        let src = Image::new(&format!("{name}-src"), len, 23);
+        let dst = Image::new(&format!("{name}-dst"), len, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let source = graph.get("src", job(name)).unwrap();
+        let target = graph.get("dst", job(name)).unwrap();
+        add_bitmap(&source);
+        guest_write(&src, &source, 0, 4096, 5);
+        guest_write(&src, &source, 3 << 20, 4096, 6);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.0)
+            .unwrap()
+            .set_len(2 * CHUNK as u64)
+            .unwrap();
+        let backup =
+            Backup::with_sync(name, &source, &target, SyncMode::Bitmap, sync_bitmap(mode)).unwrap();
+        let info = run_to_end(&JobManager::new(), name, backup);
+        assert_eq!(info.error.as_deref(), Some("Input/output error"));
+        let copied = dst.bytes()[..4096] != [0u8; 4096][..];
+        let after = dirty(&source);
+        assert!(after.contains(&(3 << 20, K64)), "{after:?}");
+        // Only `always` may forget a granule, and only one it copied.
+        if after.len() == 1 {
+            assert!(
+                mode == BitmapSyncMode::Always && copied,
+                "{mode:?} {after:?}"
+            );
+        }
+        after
+    }
+
+    #[test]
+    fn a_failed_bitmap_backup_loses_no_dirty_extent_it_did_not_copy() {
+        for mode in [BitmapSyncMode::OnSuccess, BitmapSyncMode::Never] {
+            assert_eq!(
+                failing_bitmap_backup(&format!("fail-{}", mode.as_str()), mode),
+                [(0, K64), (3 << 20, K64)]
+            );
+        }
+        failing_bitmap_backup("fail-always", BitmapSyncMode::Always);
+    }
+
+    #[test]
+    fn bitmap_mode_never_leaves_the_bitmap_as_it_was() {
+        let len = CHUNK;
+        let src = Image::new("never-src", len, 29);
+        let dst = Image::new("never-dst", len, 0);
+        let graph = Graph::new();
+        file_node(&graph, "src", &src);
+        file_node(&graph, "dst", &dst);
+        let source = graph.get("src", job("i2")).unwrap();
+        let target = graph.get("dst", job("i2")).unwrap();
+        add_bitmap(&source);
+        guest_write(&src, &source, 2 * K64, 10, 7);
+        let backup = Backup::with_sync(
+            "i2",
+            &source,
+            &target,
+            SyncMode::Bitmap,
+            sync_bitmap(BitmapSyncMode::Never),
+        )
+        .unwrap();
+        let info = run_to_end(&JobManager::new(), "i2", backup);
+        assert_eq!((info.error, info.total_progress), (None, K64));
+        assert_eq!(dirty(&source), [(2 * K64, K64)]);
+    }
+
+    #[test]
+    fn sync_arguments_are_checked_as_qemu_checks_them() {
+        let graph = Graph::new();
+        graph
+            .add(NodeOptions {
+                node_name: Some("n".into()),
+                read_only: false,
+                driver: DriverOptions::Null { size: 1 << 20 },
+            })
+            .unwrap();
+        let node = graph.get("n", job("c")).unwrap();
+        add_bitmap(&node);
+        use BitmapSyncMode::*;
+        let check =
+            |sync, bitmap, mode| check_sync(sync, bitmap, mode, &node).map_err(|e| e.to_string());
+        let err = |sync, bitmap, mode| check(sync, bitmap, mode).unwrap_err();
+        assert_eq!(
+            err("incremental", None, None),
+            "must provide a valid bitmap name for 'incremental' sync mode"
+        );
+        assert_eq!(
+            err("bitmap", None, Some(Always)),
+            "must provide a valid bitmap name for 'bitmap' sync mode"
+        );
+        assert_eq!(
+            err("full", None, Some(Always)),
+            "Cannot specify bitmap sync mode without a bitmap"
+        );
+        assert_eq!(
+            err("bitmap", Some("x"), None),
+            "Bitmap 'x' could not be found"
+        );
+        assert_eq!(
+            err("bitmap", Some("b"), None),
+            "Bitmap sync mode must be given when providing a bitmap"
+        );
+        assert_eq!(
+            err("full", Some("b"), None),
+            "Bitmap sync mode must be given when providing a bitmap"
+        );
+        assert_eq!(
+            err("incremental", Some("b"), Some(Never)),
+            "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
+        );
+        assert_eq!(
+            err("full", Some("b"), Some(Never)),
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'"
+        );
+        let on_success = sync_bitmap(OnSuccess);
+        assert_eq!(
+            check("incremental", Some("b"), None),
+            Ok((SyncMode::Bitmap, on_success.clone()))
+        );
+        assert_eq!(
+            check("full", Some("b"), Some(OnSuccess)),
+            Ok((SyncMode::Full, on_success))
+        );
+        assert_eq!(check("full", None, None), Ok((SyncMode::Full, None)));
+        let frozen = node.bitmaps().freeze("b", Always).unwrap();
+        assert_eq!(
+            err("bitmap", Some("b"), Some(Always)),
+            "Bitmap 'b' is currently in use by another operation and cannot be used"
+        );
+        drop(frozen);
+    }
+
+    #[test]
+    fn copy_sets_give_chunks_in_order() {
+        assert_eq!(CopySet::All(10).next_chunk(0, 4), Some((0, 4)));
+        assert_eq!(CopySet::All(10).next_chunk(8, 4), Some((8, 2)));
+        assert_eq!(CopySet::All(10).next_chunk(10, 4), None);
+        // A 2 MiB granule larger than the chunk: copied a chunk at a time.
+        let mut b = DirtyBitmap::new(8 << 20, 2 << 20).unwrap();
+        b.mark(2 << 20, 1);
+        let set = CopySet::Dirty(b);
+        assert_eq!(set.total(), 2 << 20);
+        let mb = 1 << 20;
+        assert_eq!(set.next_chunk(0, mb), Some((2 * mb, mb)));
+        assert_eq!(set.next_chunk(3 * mb, mb), Some((3 * mb, mb)));
+        assert_eq!(set.next_chunk(4 * mb, mb), None);
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Cbw {
     state: Arc<Mutex<State>>,
     host: Arc<Host>,
     hook: u64,
+    /// The source's size.
+    len: u64,
     /// Signalled when a held write wants granules read.
     wake: Arc<EventFd>,
     granule: u64,
@@ -79,11 +81,20 @@ impl BeforeWrite for Hook {
 
 impl Cbw {
     /// Hooks into `host`'s writes to a node of `len` bytes, in granules of
-    /// `granule` bytes (a multiple of [`GRANULE`]).
-    pub fn start(host: Arc<Host>, len: u64, granule: u64) -> std::io::Result<Self> {
+    /// `granule` bytes (a multiple of [`GRANULE`]); only granules `needed`
+    /// says are part of the copy hold writes (a bitmap's extents).
+    pub fn start(
+        host: Arc<Host>,
+        len: u64,
+        granule: u64,
+        needed: impl Fn(u64) -> bool,
+    ) -> std::io::Result<Self> {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let granules = (0..len.div_ceil(granule))
+            .map(|g| if needed(g) { NOT_READ } else { WRITTEN })
+            .collect();
         let state = Arc::new(Mutex::new(State {
-            granules: vec![NOT_READ; len.div_ceil(granule) as usize],
+            granules,
             tickets: Vec::new(),
             wanted: Vec::new(),
         }));
@@ -98,9 +109,15 @@ impl Cbw {
             state,
             host,
             hook,
+            len,
             wake,
             granule,
         })
+    }
+
+    /// The source's size.
+    pub fn source_size(&self) -> u64 {
+        self.len
     }
 
     /// Bytes per granule.

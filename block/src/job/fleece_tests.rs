@@ -171,7 +171,7 @@ fn a_fleecing_reader_sees_the_source_as_it_was_while_a_writer_races_it() {
     };
     let source = graph.get("src", job.clone()).unwrap();
     let target = graph.get("fleece", job).unwrap();
-    let backup = Backup::live("fleece0", &source, &target, Sync::None).unwrap();
+    let backup = Backup::live("fleece0", &source, &target, SyncMode::None, None).unwrap();
     let jobs = JobManager::new();
     let events: crate::job::EventSink = Arc::new(|_| {});
     jobs.create("fleece0", Box::new(backup), JobOptions::default(), events)

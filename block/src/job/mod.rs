@@ -57,6 +57,12 @@ pub trait JobDriver: Send + 'static {
     /// step should take well under a second.
     fn step(&mut self) -> Result<Step, JobFailure>;
 
+    /// Whether the job has work others must not wait for (see
+    /// [`JobDriver::serve`]); asked once, as the job starts.
+    fn serves(&self) -> bool {
+        false
+    }
+
     /// While the job waits (paused, or held back by its speed limit),
     /// serves for about `wait` what others must not wait for: a hosted
     /// job's copy-before-write and the reads it hosts. False if the job

@@ -223,9 +223,10 @@ impl Job {
     /// The work thread: steps the driver until it is done, fails or is
     /// cancelled, honouring pause and the speed limit between steps.
     fn run(self: Arc<Self>) {
+        let serves = lock(&self.driver).serves();
         let mut st = self.state();
         let failure = loop {
-            st = self.pause_point(st);
+            st = self.pause_point(st, serves);
             if st.cancelled {
                 break None;
             }
@@ -233,7 +234,7 @@ impl Job {
             if let Some(wait) = st.rate.delay(speed, Instant::now()) {
                 // Pause, cancel and set-speed notify, so the sleep ends at
                 // once for them.
-                st = self.serve_or_wait(st, Some(wait));
+                st = self.serve_or_wait(st, Some(wait), serves);
                 continue;
             }
             st.busy = true;
@@ -287,7 +288,11 @@ impl Job {
 
     /// Holds the job in `paused` while it should pause and is not
     /// cancelled (QEMU's `job_pause_point`).
-    fn pause_point<'a>(&'a self, mut st: MutexGuard<'a, JobState>) -> MutexGuard<'a, JobState> {
+    fn pause_point<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, JobState>,
+        serves: bool,
+    ) -> MutexGuard<'a, JobState> {
         if !st.should_pause() || st.cancelled {
             return st;
         }
@@ -296,7 +301,7 @@ impl Job {
         st.parked = Some(resume_to);
         self.transition(&mut st, parked);
         while st.parked.is_some() && st.should_pause() && !st.cancelled {
-            st = self.serve_or_wait(st, None);
+            st = self.serve_or_wait(st, None, serves);
         }
         self.unpark(&mut st);
         st
@@ -321,19 +326,25 @@ impl Job {
     /// Waits as [`Job::wait`] does, but a driver with work others must not
     /// wait for (a hosted job's copy-before-write) does it meanwhile, in
     /// slices short enough that a command is seen soon.
+    /// A driver that does not serve waits on the state's condvar as ever,
+    /// without letting go of the lock between its caller's check and the
+    /// wait (a command's notification could be lost there); one that
+    /// serves never sleeps on the condvar, and its caller checks again.
     fn serve_or_wait<'a>(
         &'a self,
         st: MutexGuard<'a, JobState>,
         timeout: Option<Duration>,
+        serves: bool,
     ) -> MutexGuard<'a, JobState> {
+        if !serves {
+            return self.wait(st, timeout);
+        }
         let slice = timeout.map_or(SERVE_SLICE, |t| t.min(SERVE_SLICE));
         drop(st);
-        let served = lock(&self.driver).serve(slice);
-        let st = self.state();
-        if served {
-            return st;
+        if !lock(&self.driver).serve(slice) {
+            std::thread::sleep(slice);
         }
-        self.wait(st, timeout)
+        self.state()
     }
 
     /// Waits for a notification, or at most `timeout`.

@@ -42,6 +42,9 @@ fn node_json(n: &NodeInfo) -> Value {
     if let Some(backing) = &n.backing_file {
         v["backing_file"] = json!(backing);
     }
+    if let Some(bitmaps) = super::bitmap::dirty_bitmaps_json(&n.bitmaps) {
+        v["dirty-bitmaps"] = bitmaps;
+    }
     v
 }
 

@@ -1,7 +1,8 @@
 //! Block jobs over QMP: `blockdev-backup`, the `job-*` verbs,
 //! `block-job-set-speed`, the queries, and the events jobs send.
 
-use block::job::backup::{Backup, Sync};
+use block::bitmap::BitmapSyncMode;
+use block::job::backup::{self, Backup, SyncMode};
 use block::job::{JobError, JobEvent, JobInfo, JobManager, JobOptions};
 use block::{BlockError, Holder};
 use serde_json::{json, Value};
@@ -71,8 +72,9 @@ fn block_job_error(e: JobError) -> QmpError {
     }
 }
 
-/// `blockdev-backup`: only `sync=full`; the job takes both nodes' leases
-/// at once, or is refused naming who holds one.
+/// `blockdev-backup`: `sync=full`, `incremental` or `bitmap` (with
+/// `bitmap`, `bitmap-mode`); the job takes both nodes' leases at once, or
+/// is refused naming who holds one.
 pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpError> {
     let device = args.str("device")?;
     let target = args.str("target")?;
@@ -81,6 +83,15 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     let speed = args.opt_i64("speed")?.unwrap_or(0);
     let auto_finalize = args.opt_bool("auto-finalize")?.unwrap_or(true);
     let auto_dismiss = args.opt_bool("auto-dismiss")?.unwrap_or(true);
+    let bitmap = args.opt_str("bitmap")?;
+    let bitmap_mode = match args.opt_str("bitmap-mode")? {
+        Some(value) => Some(value.parse::<BitmapSyncMode>().map_err(|_| {
+            QmpError::generic(format!(
+                "Parameter 'bitmap-mode' does not accept value '{value}'"
+            ))
+        })?),
+        None => None,
+    };
     for policy in ["on-source-error", "on-target-error"] {
         if let Some(value) = args.opt_str(policy)? {
             if value != "report" {
@@ -96,12 +107,11 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
         ));
     }
     args.finish()?;
-    let mode = match sync.as_str() {
-        "full" => Sync::Full,
-        "none" => Sync::None,
-        "top" | "incremental" | "bitmap" => {
+    match sync.as_str() {
+        "full" | "incremental" | "bitmap" | "none" => {}
+        "top" => {
             return Err(QmpError::generic(format!(
-                "Sync mode '{sync}' is not supported: backup jobs copy everything (sync=full) or what the guest is about to overwrite (sync=none)"
+                "Sync mode '{sync}' is not supported: backup jobs copy everything (sync=full), a dirty bitmap's extents (sync=incremental, sync=bitmap) or what a running guest is about to overwrite (sync=none)"
             )))
         }
         other => {
@@ -109,7 +119,7 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
                 "Parameter 'sync' does not accept value '{other}'"
             )))
         }
-    };
+    }
     let Some(node) = m.graph.nodes().into_iter().find(|n| n.name == device) else {
         return Err(block_error(BlockError::NotFound { name: device }));
     };
@@ -130,9 +140,20 @@ pub(super) fn blockdev_backup(m: &Monitor, mut args: Args) -> Result<Value, QmpE
     let holder = Holder::Job { id: job_id.clone() };
     let source = m.graph.get(&device, holder.clone()).map_err(block_error)?;
     let target = m.graph.get(&target, holder).map_err(block_error)?;
+    let (mode, bitmap) = if sync == "none" {
+        if bitmap.is_some() || bitmap_mode.is_some() {
+            return Err(QmpError::generic(
+                "Bitmaps cannot be used with sync mode 'none'",
+            ));
+        }
+        (SyncMode::None, None)
+    } else {
+        backup::check_sync(&sync, bitmap.as_deref(), bitmap_mode, &source)
+            .map_err(|e| QmpError::generic(e.to_string()))?
+    };
     // Through the source's holder where it hosts jobs (a running guest's
     // disk with live-jobs=on); else with both nodes to itself.
-    let backup = Backup::live(&job_id, &source, &target, mode)
+    let backup = Backup::live(&job_id, &source, &target, mode, bitmap)
         .map_err(|e| QmpError::generic(e.to_string()))?;
     let options = JobOptions {
         auto_finalize,

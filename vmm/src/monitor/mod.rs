@@ -2,6 +2,7 @@
 //! graph and its jobs. The protocol itself is in `qmp/`.
 //!
 //! - `machine.rs`: version, run state (`stop`, `cont`), `quit`.
+//! - `bitmap.rs`: dirty bitmaps (`block-dirty-bitmap-*`).
 //! - `block.rs`: nodes (`blockdev-add`, `blockdev-del`, the queries).
 //! - `jobs.rs`: `blockdev-backup`, the `job-*` verbs, the job queries.
 //! - `stats.rs`: `query-blockstats`, `block-latency-histogram-set`.
@@ -9,6 +10,7 @@
 //!   `blockdev-snapshot-sync`).
 //! - `export.rs`: the NBD server and block exports.
 
+mod bitmap;
 mod block;
 mod export;
 mod jobs;
@@ -41,6 +43,11 @@ const COMMANDS: &[&str] = &[
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
     "blockdev-backup",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
     "query-jobs",
     "query-block-jobs",
     "job-pause",
@@ -149,6 +156,11 @@ impl Commands for Monitor {
             "blockdev-snapshot" => snapshot::blockdev_snapshot(self, args),
             "blockdev-snapshot-sync" => snapshot::blockdev_snapshot_sync(self, args),
             "blockdev-backup" => jobs::blockdev_backup(self, args),
+            "block-dirty-bitmap-add" => bitmap::add(self, args),
+            "block-dirty-bitmap-remove" => bitmap::remove(self, args),
+            "block-dirty-bitmap-clear" => bitmap::clear(self, args),
+            "block-dirty-bitmap-enable" => bitmap::set_enabled(self, args, true),
+            "block-dirty-bitmap-disable" => bitmap::set_enabled(self, args, false),
             "query-jobs" => jobs::query_jobs(self, args),
             "query-block-jobs" => jobs::query_block_jobs(self, args),
             "job-pause" | "job-resume" | "job-cancel" | "job-finalize" | "job-dismiss" => {

@@ -25,6 +25,12 @@
 //! on the thread no longer looks at any queue: it only finishes what is in
 //! flight and sleeps until it is stopped, which the driver's reset does.
 //!
+//! Every write, WRITE_ZEROES and DISCARD is marked in the node's dirty
+//! bitmaps when it completes (failed or not: it may have changed part of
+//! its range), never before its data landed, so a backup freezing a
+//! bitmap meanwhile loses nothing (see `block::bitmap`). With no bitmap
+//! recording, that costs one atomic load per request.
+//!
 //! Reads and writes pass the device's throttle gate (`throttle.rs`) before
 //! they reach the engine: one over the limits waits there, in order, until
 //! a timer says its turn has come; a stopping dataplane serves them all.
@@ -33,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use block::bitmap::Bitmaps;
 use block::graph::Host;
 use block::throttle::Direction;
 use block::AsyncIo;
@@ -120,6 +127,8 @@ struct InFlight {
     failed: bool,
     /// What `query-blockstats` counts when it ends.
     account: Option<stats::Started>,
+    /// The byte ranges it writes, marked in the dirty bitmaps at the end.
+    written: Vec<(u64, u64)>,
 }
 
 pub(crate) struct Dataplane {
@@ -165,6 +174,10 @@ pub(crate) struct Dataplane {
     deferred: Vec<(Vec<u64>, usize, u16, Request)>,
     /// The tickets of the write being started (kept for its allocation).
     tickets: Vec<u64>,
+    /// The node's dirty bitmaps, marked as writes complete.
+    bitmaps: Arc<Bitmaps>,
+    /// Range lists of finished writes, emptied, for the next ones.
+    spare_written: Vec<Vec<(u64, u64)>>,
 }
 
 /// Empty poll rounds between two clock readings: a round costs a few
@@ -232,6 +245,8 @@ impl Dataplane {
             hosting: None,
             deferred: Vec::new(),
             tickets: Vec::new(),
+            bitmaps: Arc::default(),
+            spare_written: Vec::new(),
         }
     }
 
@@ -239,6 +254,12 @@ impl Dataplane {
     /// before every write.
     pub fn with_host(mut self, host: Arc<Host>) -> Self {
         self.hosting = Some(Hosting::new(host));
+        self
+    }
+
+    /// Marks completed writes in `bitmaps` (the served node's).
+    pub fn with_bitmaps(mut self, bitmaps: Arc<Bitmaps>) -> Self {
+        self.bitmaps = bitmaps;
         self
     }
 
@@ -793,6 +814,7 @@ impl Dataplane {
             failed: false,
             account: stats::of_request(req)
                 .map(|(kind, offset, bytes)| self.stats.start(kind, offset, bytes)),
+            written: Vec::new(),
         };
         match &req.kind {
             RequestKind::GetId => {
@@ -840,6 +862,19 @@ impl Dataplane {
                 entry.pending = segs.len() as u32;
             }
             RequestKind::Flush => {}
+        }
+        // Kept for every write, whether or not a bitmap records now: one
+        // may be added before it completes.
+        match &req.kind {
+            RequestKind::Out => {
+                entry.written = self.spare_written.pop().unwrap_or_default();
+                entry.written.push((offset, req.data_len));
+            }
+            RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
+                entry.written = self.spare_written.pop().unwrap_or_default();
+                entry.written.extend(segs.iter().map(|s| (s.offset, s.len)));
+            }
+            _ => {}
         }
         let slot = self.slot(entry);
         let tag = slot as u64;
@@ -919,6 +954,15 @@ impl Dataplane {
         let mut iovecs = std::mem::take(&mut entry.iovecs);
         iovecs.clear();
         self.spare_iovecs.push(iovecs);
+        if !entry.written.is_empty() {
+            if self.bitmaps.is_recording() {
+                for &(offset, len) in &entry.written {
+                    self.bitmaps.mark(offset, len);
+                }
+            }
+            entry.written.clear();
+            self.spare_written.push(std::mem::take(&mut entry.written));
+        }
         if let Some(started) = entry.account {
             self.stats.done(started, !entry.failed);
         }

@@ -320,9 +320,12 @@ impl Block {
             .iter()
             .map(|q| u32::from(q.queue.size()))
             .sum();
-        let engine = self
+        let (engine, bitmaps) = self
             .take_lease()
-            .and_then(|lease| lease.open_io(entries.clamp(1, 4096)))
+            .and_then(|lease| {
+                let engine = lease.open_io(entries.clamp(1, 4096))?;
+                Ok((engine, lease.node().bitmaps().clone()))
+            })
             .map_err(|e| e.to_string())?;
         let stop = Arc::new(StopSignal::new().map_err(|e| e.to_string())?);
         let stop_for_thread = stop.clone();
@@ -342,7 +345,8 @@ impl Block {
                 let dataplane =
                     Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
                         .with_throttle(throttle)
-                        .with_stats(stats);
+                        .with_stats(stats)
+                        .with_bitmaps(bitmaps);
                 match host {
                     Some(host) => dataplane.with_host(host),
                     None => dataplane,

@@ -463,6 +463,77 @@ fn requests_are_accounted_by_kind_and_refusals_as_invalid() {
     assert_eq!(stats.wr_highest_offset(), 1 << 20);
 }
 
+/// The dirty extents of bitmap `b`.
+fn dirty(bitmaps: &block::bitmap::Bitmaps) -> Vec<(u64, u64)> {
+    bitmaps.snapshot("b").unwrap().extents().collect()
+}
+
+#[test]
+fn writes_zeroes_and_discards_are_marked_when_they_complete_reads_never() {
+    let m = mem();
+    let bitmaps = Arc::new(block::bitmap::Bitmaps::new());
+    // 512-byte granules over the 1 MiB disk: exact ranges.
+    bitmaps.add("b", 1 << 20, 512, false, false).unwrap();
+    let (engine, state) = Held::new(0, false);
+    let mut driver = Driver::new(&m);
+    let (dp, _, _) = dataplane(&m, &driver, Box::new(engine));
+    let mut dp = dp.with_bitmaps(bitmaps.clone());
+    // (type, sector, data address, data length, data flags), each its own
+    // three descriptors.
+    segments(&m, DATA, &[(100, 2, 0), (300, 1, 0)]);
+    segments(&m, DATA + 64, &[(500, 4, 1)]);
+    let requests = [
+        (T_OUT, 8, DATA + 4096, 1024, 0),
+        (T_IN, 40, DATA + 8192, 512, W),
+        (T_DISCARD, 0, DATA, 32, 0),
+        (T_WRITE_ZEROES, 0, DATA + 64, 16, 0),
+    ];
+    for (i, &(kind, sector, data, len, flags)) in requests.iter().enumerate() {
+        let at = HDR + 64 * i as u64;
+        header(&m, at, kind, sector);
+        let head = 3 * i as u16;
+        driver.chain(
+            head,
+            &[(at, 16, 0), (data, len, flags), (STATUS + i as u64, 1, W)],
+        );
+        driver.post(head);
+    }
+    dp.service();
+    assert_eq!(state.lock().unwrap().submitted.len(), 5, "all submitted");
+    assert_eq!(dirty(&bitmaps), [], "nothing marked before it lands");
+    state.lock().unwrap().complete = true;
+    assert!(dp.drain());
+    assert_eq!(driver.used_idx(&m), 4);
+    assert_eq!(
+        dirty(&bitmaps),
+        [
+            (8 * 512, 1024),
+            (100 * 512, 1024),
+            (300 * 512, 512),
+            (500 * 512, 2048)
+        ],
+        "the read at sector 40 is not marked"
+    );
+}
+
+#[test]
+fn a_bitmap_added_while_a_write_is_in_flight_records_it() {
+    let m = mem();
+    let bitmaps = Arc::new(block::bitmap::Bitmaps::new());
+    let (engine, state) = Held::new(0, false);
+    let mut driver = Driver::new(&m);
+    let (dp, _, _) = dataplane(&m, &driver, Box::new(engine));
+    let mut dp = dp.with_bitmaps(bitmaps.clone());
+    header(&m, HDR, T_OUT, 16);
+    driver.chain(0, &[(HDR, 16, 0), (DATA, 512, 0), (STATUS, 1, W)]);
+    driver.post(0);
+    dp.service();
+    bitmaps.add("b", 1 << 20, 512, false, false).unwrap();
+    state.lock().unwrap().complete = true;
+    assert!(dp.drain());
+    assert_eq!(dirty(&bitmaps), [(16 * 512, 512)]);
+}
+
 #[test]
 fn a_merged_data_and_status_descriptor_is_served_in_full() {
     let m = mem();
