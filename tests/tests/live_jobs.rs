@@ -241,3 +241,87 @@ fn a_paused_live_backup_does_not_hold_up_the_guest() {
     qmp.ok("quit", json!({}));
     vm.wait();
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn an_incremental_backup_of_a_running_guest_adds_up_with_the_full_one() {
+    let disk = TempDisk::patterned("live-inc-src", DISK);
+    let full = TempDisk::new("live-inc-full", DISK);
+    let overlay = temp_path("live-inc.qcow2");
+    let path = temp_path("live-inc.qmp");
+    let vm = boot(&guest(&disk, &path));
+    let mut qmp = Qmp::connect(&path);
+    expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
+
+    // A full backup and a bitmap from the same moment.
+    qmp.ok("stop", json!({}));
+    qmp.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "drive0", "name": "b0"}),
+    );
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "full", "filename": full.path}),
+    );
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "j1", "device": "drive0", "target": "full", "sync": "full"}),
+    );
+    qmp.ok("cont", json!({}));
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60), |d| {
+        d["device"] == "j1"
+    });
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.ok("blockdev-del", json!({"node-name": "full"}));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The incremental one, started at a stop for a reference, runs while
+    // the guest writes on (at 4 MiB/s, so writes meet it).
+    qmp.ok("stop", json!({}));
+    let reference = std::fs::read(&disk.path).unwrap();
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&full.path)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img runs (scripts/test.sh installs qemu-utils)");
+    assert!(status.success());
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "inc",
+               "file": {"driver": "file", "filename": overlay}}),
+    );
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "j2", "device": "drive0", "target": "inc",
+               "sync": "incremental", "bitmap": "b0", "speed": 4 << 20}),
+    );
+    qmp.ok("cont", json!({}));
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(120), |d| {
+        d["device"] == "j2"
+    });
+    assert!(done["data"].get("error").is_none(), "{done}");
+    qmp.ok("blockdev-del", json!({"node-name": "inc"}));
+    let raw = temp_path("live-inc.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&overlay)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let sum = std::fs::read(&raw).unwrap();
+    assert!(
+        sum == reference,
+        "the full backup plus the incremental one is the disk at the incremental's start"
+    );
+    let now = std::fs::read(&disk.path).unwrap();
+    assert!(
+        now != reference,
+        "the guest wrote during the incremental backup"
+    );
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&overlay);
+    qmp.ok("quit", json!({}));
+    vm.wait();
+}
