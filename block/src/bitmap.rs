@@ -172,6 +172,24 @@ impl DirtyBitmap {
         self.words[(g / 64) as usize] & (1 << (g % 64)) != 0
     }
 
+    /// Whether the byte at `offset` is dirty, and how many bytes from
+    /// there (at least 1 when `len` is, at most `len`) are alike: the run
+    /// an NBD `qemu:dirty-bitmap:` extent reports. Bytes past the end
+    /// are clean.
+    pub fn extent(&self, offset: u64, len: u64) -> (bool, u64) {
+        if offset >= self.size {
+            return (false, len);
+        }
+        let g = offset >> self.shift;
+        let dirty = self.is_dirty(offset);
+        let end = self.find(g, !dirty);
+        if !dirty && end >= self.granules() {
+            return (false, len);
+        }
+        let stop = (end << self.shift).min(self.size);
+        (dirty, (stop - offset).min(len))
+    }
+
     /// Marks every granule `[offset, offset + len)` touches; bytes past
     /// the end are ignored.
     pub fn mark(&mut self, offset: u64, len: u64) {
@@ -610,6 +628,16 @@ impl Claim {
         self.bitmaps
             .snapshot(&self.name)
             .expect("a claimed bitmap cannot be removed")
+    }
+
+    /// [`DirtyBitmap::extent`] of the bitmap as it is now: the state of
+    /// `offset` and how far it runs, within `len`.
+    pub fn extent(&self, offset: u64, len: u64) -> (bool, u64) {
+        let mut entries = lock(&self.bitmaps.entries);
+        Bitmaps::find(&mut entries, &self.name)
+            .expect("a claimed bitmap cannot be removed")
+            .bitmap
+            .extent(offset, len)
     }
 }
 
