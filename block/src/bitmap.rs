@@ -1,6 +1,6 @@
 //! Dirty bitmaps: which parts of a node were written since a point in
-//! time, at a granularity, for incremental backups (and later mirror,
-//! block migration, NBD's `qemu:dirty-bitmap:` context).
+//! time, at a granularity, for incremental backups and NBD's
+//! `qemu:dirty-bitmap:` contexts (an export reads a claimed bitmap live).
 //!
 //! ```text
 //!  node ── Bitmaps (one per node, `NodeRef::bitmaps()`)
@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Whoever writes a node marks what it wrote once the write has landed
-//! (the virtio-blk dataplane at each write's completion, as QEMU does in
+//! (the virtio-blk dataplane and writable NBD exports at each write's
+//! completion, as QEMU does in
 //! `bdrv_co_write_req_finish`): a mark before the data lands could be
 //! copied by a backup reading the old data, and then be lost with the
 //! frozen bitmap. A write that failed is marked too: it may have changed

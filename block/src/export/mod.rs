@@ -14,6 +14,10 @@
 //! node's in-use lease, for read-only exports too (the lease is
 //! exclusive), so exporting a node a running guest's dataplane holds is
 //! refused naming the dataplane.
+//!
+//! Dirty bitmaps an export offers (`qemu:dirty-bitmap:NAME`) are claimed
+//! when it is added ([`BitmapSpec`], QEMU's lookups and checks) and stay
+//! busy until the export is dropped, after its last client.
 
 pub mod nbd;
 
