@@ -1,6 +1,6 @@
 //! Dirty bitmaps: which parts of a node were written since a point in
-//! time, at a granularity, for incremental backups (and later mirror,
-//! block migration, NBD's `qemu:dirty-bitmap:` context).
+//! time, at a granularity, for incremental backups and NBD's
+//! `qemu:dirty-bitmap:` contexts (an export reads a claimed bitmap live).
 //!
 //! ```text
 //!  node ── Bitmaps (one per node, `NodeRef::bitmaps()`)
@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Whoever writes a node marks what it wrote once the write has landed
-//! (the virtio-blk dataplane at each write's completion, as QEMU does in
+//! (the virtio-blk dataplane and writable NBD exports at each write's
+//! completion, as QEMU does in
 //! `bdrv_co_write_req_finish`): a mark before the data lands could be
 //! copied by a backup reading the old data, and then be lost with the
 //! frozen bitmap. A write that failed is marked too: it may have changed
@@ -170,6 +171,24 @@ impl DirtyBitmap {
         }
         let g = offset >> self.shift;
         self.words[(g / 64) as usize] & (1 << (g % 64)) != 0
+    }
+
+    /// Whether the byte at `offset` is dirty, and how many bytes from
+    /// there (at least 1 when `len` is, at most `len`) are alike: the run
+    /// an NBD `qemu:dirty-bitmap:` extent reports. Bytes past the end
+    /// are clean.
+    pub fn extent(&self, offset: u64, len: u64) -> (bool, u64) {
+        if offset >= self.size {
+            return (false, len);
+        }
+        let g = offset >> self.shift;
+        let dirty = self.is_dirty(offset);
+        let end = self.find(g, !dirty);
+        if !dirty && end >= self.granules() {
+            return (false, len);
+        }
+        let stop = (end << self.shift).min(self.size);
+        (dirty, (stop - offset).min(len))
     }
 
     /// Marks every granule `[offset, offset + len)` touches; bytes past
@@ -610,6 +629,16 @@ impl Claim {
         self.bitmaps
             .snapshot(&self.name)
             .expect("a claimed bitmap cannot be removed")
+    }
+
+    /// [`DirtyBitmap::extent`] of the bitmap as it is now: the state of
+    /// `offset` and how far it runs, within `len`.
+    pub fn extent(&self, offset: u64, len: u64) -> (bool, u64) {
+        let mut entries = lock(&self.bitmaps.entries);
+        Bitmaps::find(&mut entries, &self.name)
+            .expect("a claimed bitmap cannot be removed")
+            .bitmap
+            .extent(offset, len)
     }
 }
 

@@ -1288,3 +1288,141 @@ fn dirty_bitmap_commands_and_errors_match_qsd() {
     c.same_bitmaps("src");
     c.finish(name);
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn nbd_export_bitmaps_match_qsd() {
+    let name = "qsd-nbd-bitmaps";
+    let mut c = Compare::start(name);
+    for (side, tag) in [(&mut c.qsd, "qsd"), (&mut c.ours, "ours")] {
+        side.files
+            .insert("sock", temp_path(&format!("{name}-{tag}.nbd")));
+    }
+    c.same(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "src", "file": {"driver": "file", "node-name": "srcf", "filename": "$src"}}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "dst", "file": {"driver": "file", "filename": "$dst"}}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "big", "size": 2 * SIZE}),
+    );
+    c.same(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "ro", "size": SIZE, "read-only": true}),
+    );
+    for (node, bitmap, disabled) in [
+        ("src", "b0", false),
+        ("src", "off", true),
+        ("srcf", "fb", false),
+        ("big", "bb", false),
+        ("ro", "rb", false),
+    ] {
+        c.same(
+            "block-dirty-bitmap-add",
+            json!({"node": node, "name": bitmap, "disabled": disabled}),
+        );
+    }
+    c.same(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": "$sock"}}}),
+    );
+    let export = |id: &str, node: &str, writable: bool, bitmaps: Value| {
+        json!({"type": "nbd", "id": id, "name": id, "node-name": node,
+               "writable": writable, "bitmaps": bitmaps})
+    };
+    // Refused: each lookup, the read-only rule, the argument's shapes; and
+    // the export's own checks come before the bitmaps'.
+    for args in [
+        export("e0", "src", false, json!(["nope"])),
+        export("e0", "src", false, json!(["b0"])),
+        export("e0", "src", false, json!(["fb"])),
+        export("e0", "src", false, json!([{"node": "nope", "name": "b0"}])),
+        export("e0", "src", false, json!([{"node": "src", "name": "nope"}])),
+        export("e0", "src", false, json!([{"node": "src"}])),
+        export("e0", "src", false, json!([{"name": "b0"}])),
+        export(
+            "e0",
+            "src",
+            false,
+            json!([{"node": "src", "name": "b0", "x": 1}]),
+        ),
+        export("e0", "src", false, json!([5])),
+        export("e0", "src", false, json!("b0")),
+        export("e0", "nope", false, json!(["nope"])),
+        export("e0", "ro", true, json!(["nope"])),
+        export("e0", "big", false, json!(["off"])),
+        export("e0", "src", true, json!(["b0", "nope"])),
+    ] {
+        c.same("block-export-add", args);
+    }
+    c.same_bitmaps("src");
+    // Accepted: an enabled bitmap named by node on a read-only export,
+    // another node's bitmap of another size, a name twice, a read-only
+    // node's enabled bitmap; each busy while exported.
+    c.same(
+        "block-export-add",
+        export("e1", "src", false, json!([{"node": "src", "name": "b0"}])),
+    );
+    c.same(
+        "block-export-add",
+        export("e2", "dst", false, json!([{"node": "big", "name": "bb"}])),
+    );
+    c.same("block-export-add", export("e3", "ro", false, json!(["rb"])));
+    c.same_bitmaps("src");
+    c.same_bitmaps("big");
+    c.same_bitmaps("ro");
+    for verb in [
+        "block-dirty-bitmap-remove",
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable",
+    ] {
+        c.same(verb, json!({"node": "src", "name": "b0"}));
+    }
+    // Busy: a bitmap another export offers, even with a good one first.
+    c.same(
+        "nbd-server-add",
+        json!({"device": "big", "name": "w", "bitmap": "bb", "writable": true}),
+    );
+    c.same(
+        "nbd-server-add",
+        json!({"device": "big", "name": "w", "bitmap": {"node": "big", "name": "bb"}}),
+    );
+    c.same(
+        "nbd-server-add",
+        json!({"device": "nope", "bitmap": "nope"}),
+    );
+    c.same("block-export-del", json!({"id": "e1"}));
+    c.same("block-export-del", json!({"id": "e2"}));
+    c.same_bitmaps("src");
+    c.same(
+        "nbd-server-add",
+        json!({"device": "big", "name": "w", "bitmap": "bb", "writable": true}),
+    );
+    c.same(
+        "block-export-add",
+        export("e4", "src", true, json!(["off", "off", "b0"])),
+    );
+    c.same(
+        "block-export-add",
+        export("e5", "dst", true, json!([{"node": "src", "name": "off"}])),
+    );
+    c.same_bitmaps("src");
+    c.same_bitmaps("big");
+    c.same("query-block-exports", json!({}));
+    c.same("nbd-server-stop", json!({}));
+    c.same_bitmaps("src");
+    c.same_bitmaps("big");
+    c.same_bitmaps("ro");
+    // Every refusal here is QEMU's, word for word.
+    assert!(
+        c.desc_notes.is_empty(),
+        "{name}: descriptions differ:\n  {}",
+        c.desc_notes.join("\n  ")
+    );
+    c.finish(name);
+}

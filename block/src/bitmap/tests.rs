@@ -323,3 +323,70 @@ fn a_claimed_bitmap_is_busy_until_the_claim_goes() {
     drop(claim);
     bitmaps.remove("b").unwrap();
 }
+
+/// Every run `extent` reports from 0 in steps, as NBD walks a range.
+fn runs(b: &DirtyBitmap, from: u64, to: u64) -> Vec<(bool, u64)> {
+    let mut out = Vec::new();
+    let mut at = from;
+    while at < to {
+        let (dirty, n) = b.extent(at, to - at);
+        assert!(n >= 1 && n <= to - at, "extent({at}, {}) = {n}", to - at);
+        out.push((dirty, n));
+        at += n;
+    }
+    out
+}
+
+#[test]
+fn extent_runs_match_the_dirty_extents_and_stop_at_the_range() {
+    // 10 granules and a half: the last granule is partial.
+    let size = 10 * K64 + 512;
+    let mut b = DirtyBitmap::new(size, K64).unwrap();
+    assert_eq!(runs(&b, 0, size), [(false, size)]);
+    b.mark(K64 + 1, 1);
+    b.mark(3 * K64, 2 * K64);
+    b.mark(10 * K64, 1);
+    assert_eq!(
+        runs(&b, 0, size),
+        [
+            (false, K64),
+            (true, K64),
+            (false, K64),
+            (true, 2 * K64),
+            (false, 5 * K64),
+            (true, 512),
+        ]
+    );
+    // From the middle of a granule, and cut by the range's end.
+    assert_eq!(
+        runs(&b, K64 + 100, 3 * K64 + 7),
+        [(true, K64 - 100), (false, K64), (true, 7)]
+    );
+    // Past the bitmap's end (a bitmap of a smaller node) all is clean.
+    assert_eq!(b.extent(size, 4096), (false, 4096));
+    let small = DirtyBitmap::new(K64, K64).unwrap();
+    assert_eq!(runs(&small, 0, 4 * K64), [(false, 4 * K64)]);
+    // Exactly what `extents` says, merged.
+    let dirty: Vec<(u64, u64)> = {
+        let mut at = 0;
+        runs(&b, 0, size)
+            .into_iter()
+            .filter_map(|(d, n)| {
+                at += n;
+                d.then_some((at - n, n))
+            })
+            .collect()
+    };
+    assert_eq!(dirty, extents(&b));
+}
+
+#[test]
+fn a_claim_reads_the_live_bitmap() {
+    let bitmaps = Arc::new(Bitmaps::new());
+    bitmaps.add("b", 1 << 20, K64, false, false).unwrap();
+    let claim = bitmaps.claim("b").unwrap();
+    assert_eq!(claim.extent(0, 1 << 20), (false, 1 << 20));
+    bitmaps.mark(2 * K64, 1);
+    assert_eq!(claim.extent(0, 1 << 20), (false, 2 * K64));
+    assert_eq!(claim.extent(2 * K64, 1 << 20), (true, K64));
+}

@@ -14,6 +14,10 @@
 //! node's in-use lease, for read-only exports too (the lease is
 //! exclusive), so exporting a node a running guest's dataplane holds is
 //! refused naming the dataplane.
+//!
+//! Dirty bitmaps an export offers (`qemu:dirty-bitmap:NAME`) are claimed
+//! when it is added ([`BitmapSpec`], QEMU's lookups and checks) and stay
+//! busy until the export is dropped, after its last client.
 
 pub mod nbd;
 
@@ -23,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use base::sync::lock;
 
+use crate::bitmap::{BitmapError, Bitmaps, Claim};
 use crate::driver::Allocation;
 use crate::error::BlockError;
 use crate::graph::{Access, Holder, NodeRef};
@@ -77,6 +82,19 @@ pub enum ExportError {
     /// A writable export of a read-only node.
     #[error("Cannot export read-only node as writable")]
     ReadOnlyNode { node: String },
+    /// No bitmap of this name on the node or down its backing chain.
+    #[error("Bitmap '{name}' is not found")]
+    BitmapNotFound { name: String },
+    /// A read-only export of a bitmap that a writable node still records
+    /// into: clients would see it change under them.
+    #[error("Enabled bitmap '{name}' incompatible with readonly export")]
+    EnabledBitmap { name: String },
+    /// `{"node": ..., "name": ...}` naming a node that does not exist.
+    #[error("Node '{node}' not found")]
+    BitmapNode { node: String },
+    /// The bitmap is missing on the named node, or busy.
+    #[error(transparent)]
+    Bitmap(#[from] BitmapError),
     /// The node could not be used.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -91,6 +109,85 @@ pub trait ExportBitmap: Send + Sync {
     /// Whether the byte at `offset` is dirty, and how many bytes from
     /// there (at least 1, at most `len`) are alike.
     fn extent(&self, offset: u64, len: u64) -> (bool, u64);
+}
+
+impl ExportBitmap for Claim {
+    fn name(&self) -> &str {
+        Claim::name(self)
+    }
+
+    fn extent(&self, offset: u64, len: u64) -> (bool, u64) {
+        Claim::extent(self, offset, len)
+    }
+}
+
+/// A bitmap `block-export-add` names (QAPI's `BlockDirtyBitmapOrStr`).
+pub enum BitmapSpec {
+    /// A name: the exported node's bitmap, or the first found down its
+    /// backing chain.
+    Local(String),
+    /// Bitmap `name` of node `node`, whose bitmaps the caller looked up
+    /// (`None`: no such node).
+    External {
+        node: String,
+        name: String,
+        bitmaps: Option<Arc<Bitmaps>>,
+    },
+}
+
+/// Finds each bitmap `specs` names for an export of `node`, checked in
+/// QEMU's order (found, not enabled on a writable node when the export is
+/// read-only, not busy), then claims them all: busy while the export
+/// lives. A name given twice is offered twice, as QEMU does.
+fn claim_bitmaps(
+    specs: &[BitmapSpec],
+    node: &NodeRef,
+    writable: bool,
+) -> Result<Vec<Arc<dyn ExportBitmap>>, ExportError> {
+    let mut found: Vec<(Arc<Bitmaps>, &str)> = Vec::new();
+    for spec in specs {
+        let (bitmaps, name) = match spec {
+            BitmapSpec::Local(name) => {
+                let mut at = Some(node);
+                let holder = loop {
+                    match at {
+                        Some(n) if n.bitmaps().contains(name) => break n,
+                        Some(n) => at = n.driver().backing(),
+                        None => return Err(ExportError::BitmapNotFound { name: name.clone() }),
+                    }
+                };
+                let enabled = holder
+                    .bitmaps()
+                    .info()
+                    .iter()
+                    .any(|b| b.name.as_deref() == Some(name.as_str()) && b.recording);
+                if !writable && !holder.read_only() && enabled {
+                    return Err(ExportError::EnabledBitmap { name: name.clone() });
+                }
+                (holder.bitmaps().clone(), name.as_str())
+            }
+            BitmapSpec::External {
+                node,
+                name,
+                bitmaps,
+            } => {
+                let bitmaps = bitmaps
+                    .clone()
+                    .ok_or_else(|| ExportError::BitmapNode { node: node.clone() })?;
+                if !bitmaps.contains(name) {
+                    return Err(BitmapError::NotFound(name.clone()).into());
+                }
+                (bitmaps, name.as_str())
+            }
+        };
+        bitmaps.check_usable(name)?;
+        found.push((bitmaps, name));
+    }
+    let mut claimed: Vec<Arc<dyn ExportBitmap>> = Vec::new();
+    for (bitmaps, name) in found {
+        claimed.push(Arc::new(bitmaps.claim(name)?));
+    }
+    Ok(claimed)
 }
 
 /// How an export reaches its node's data. The one place that decides
@@ -142,7 +239,7 @@ pub struct ExportOptions {
     /// Whether clients may write.
     pub writable: bool,
     /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` contexts.
-    pub bitmaps: Vec<Arc<dyn ExportBitmap>>,
+    pub bitmaps: Vec<BitmapSpec>,
 }
 
 /// One export.
@@ -443,6 +540,7 @@ impl Exports {
             id: options.id.clone(),
         };
         let access = ExportAccess::open(node, holder, options.writable)?;
+        let bitmaps = claim_bitmaps(&options.bitmaps, node, options.writable)?;
         let driver = node.driver();
         let export = Export {
             node_name: node.name().to_string(),
@@ -456,7 +554,7 @@ impl Exports {
             name: options.name,
             description: options.description,
             writable: options.writable,
-            bitmaps: options.bitmaps,
+            bitmaps,
             access,
             shutting_down: AtomicBool::new(false),
         };

@@ -112,3 +112,174 @@ fn a_writable_export_of_a_read_only_node_is_refused() {
     assert!(ExportAccess::open(&node, holder, false).is_ok());
     std::fs::remove_file(path).unwrap();
 }
+
+/// A file of `len` bytes that goes with the value.
+struct Temp(std::path::PathBuf);
+
+impl Temp {
+    fn new(tag: &str, len: u64) -> Self {
+        let path = std::env::temp_dir().join(format!("export-{tag}-{}", std::process::id()));
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        Temp(path)
+    }
+}
+
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn with_bitmaps(id: &str, writable: bool, specs: Vec<BitmapSpec>) -> ExportOptions {
+    ExportOptions {
+        bitmaps: specs,
+        ..options(id, writable)
+    }
+}
+
+fn local(name: &str) -> BitmapSpec {
+    BitmapSpec::Local(name.into())
+}
+
+fn busy(node: &NodeRef, name: &str) -> bool {
+    node.bitmaps()
+        .info()
+        .iter()
+        .any(|b| b.name.as_deref() == Some(name) && b.busy)
+}
+
+#[test]
+fn exported_bitmaps_are_found_checked_and_busy_while_the_export_lives() {
+    use crate::driver::qcow2::create::{create, CreateOptions};
+    use crate::graph::{BackingOptions, ChildOptions, DriverOptions, NodeOptions};
+
+    const SIZE: u64 = 1 << 20;
+    let disk = Temp::new("bm-disk", SIZE);
+    let base = Temp::new("bm-base", SIZE);
+    let over = Temp::new("bm-over", 0);
+    create(
+        &std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&over.0)
+            .unwrap(),
+        &CreateOptions::new(SIZE),
+    )
+    .unwrap();
+    let graph = Graph::new();
+    graph
+        .add_disk("d0", false, FileOptions::new(disk.0.clone()))
+        .unwrap();
+    let other = Temp::new("bm-other", SIZE);
+    graph
+        .add_disk("d1", false, FileOptions::new(other.0.clone()))
+        .unwrap();
+    graph
+        .add_disk("base", true, FileOptions::new(base.0.clone()))
+        .unwrap();
+    graph
+        .add(NodeOptions {
+            node_name: Some("over".into()),
+            read_only: false,
+            driver: DriverOptions::Qcow2 {
+                file: ChildOptions::Inline(Box::new(NodeOptions {
+                    node_name: None,
+                    read_only: false,
+                    driver: DriverOptions::File(FileOptions::new(over.0.clone())),
+                })),
+                backing: BackingOptions::Child(ChildOptions::Node("base".into())),
+            },
+        })
+        .unwrap();
+    let d0 = graph.get("d0", Holder::Monitor).unwrap();
+    let base_node = graph.get("base", Holder::Monitor).unwrap();
+    let over_node = graph.get("over", Holder::Monitor).unwrap();
+    d0.bitmaps().add("on", SIZE, 65536, false, false).unwrap();
+    d0.bitmaps().add("off", SIZE, 65536, false, true).unwrap();
+    base_node
+        .bitmaps()
+        .add("deep", SIZE, 65536, false, false)
+        .unwrap();
+    let exports = Exports::new(Arc::new(|_| ()));
+    let socket = std::env::temp_dir().join(format!("export-bm-{}.sock", std::process::id()));
+    exports.start_nbd(NbdAddr::Unix(socket), 0).unwrap();
+    let refused = |o: ExportOptions, node: &NodeRef| exports.add(o, node).unwrap_err().to_string();
+
+    // QEMU's refusals, each leaving the node and bitmaps as they were.
+    assert_eq!(
+        refused(with_bitmaps("e", false, vec![local("nope")]), &d0),
+        "Bitmap 'nope' is not found"
+    );
+    assert_eq!(
+        refused(with_bitmaps("e", false, vec![local("on")]), &d0),
+        "Enabled bitmap 'on' incompatible with readonly export"
+    );
+    let ext = |node: &str, name: &str, bitmaps: Option<&NodeRef>| BitmapSpec::External {
+        node: node.into(),
+        name: name.into(),
+        bitmaps: bitmaps.map(|n| n.bitmaps().clone()),
+    };
+    assert_eq!(
+        refused(with_bitmaps("e", false, vec![ext("nope", "on", None)]), &d0),
+        "Node 'nope' not found"
+    );
+    assert_eq!(
+        refused(
+            with_bitmaps("e", false, vec![ext("d0", "nope", Some(&d0))]),
+            &d0
+        ),
+        "Dirty bitmap 'nope' not found"
+    );
+    // A bitmap of the file below a format is not the node's (as in QEMU).
+    assert_eq!(
+        refused(with_bitmaps("e", false, vec![local("off")]), &over_node),
+        "Bitmap 'off' is not found"
+    );
+    assert_eq!(d0.lease_holder(), None, "a refused export lets the node go");
+    assert!(!busy(&d0, "off"));
+
+    // Accepted: a disabled bitmap read-only, a name twice, an enabled one
+    // named by node (QEMU checks only names), down the backing chain.
+    exports
+        .add(
+            with_bitmaps("e0", false, vec![local("off"), local("off")]),
+            &d0,
+        )
+        .unwrap();
+    assert!(busy(&d0, "off"));
+    assert_eq!(
+        d0.bitmaps().remove("off").unwrap_err().to_string(),
+        "Bitmap 'off' is currently in use by another operation and cannot be used"
+    );
+    exports
+        .add(with_bitmaps("e1", false, vec![local("deep")]), &over_node)
+        .unwrap();
+    assert!(busy(&base_node, "deep"));
+    exports.del("e1", DelMode::Safe).unwrap();
+    assert!(!busy(&base_node, "deep"));
+    exports.del("e0", DelMode::Safe).unwrap();
+    assert!(!busy(&d0, "off"));
+    exports
+        .add(
+            with_bitmaps("e2", true, vec![ext("d0", "on", Some(&d0))]),
+            &d0,
+        )
+        .unwrap();
+    exports
+        .add(
+            with_bitmaps("e3", false, vec![local("deep"), local("deep")]),
+            &over_node,
+        )
+        .unwrap();
+    // Busy: another export of a bitmap an export offers.
+    let d1 = graph.get("d1", Holder::Monitor).unwrap();
+    assert_eq!(
+        refused(
+            with_bitmaps("e4", false, vec![ext("base", "deep", Some(&base_node))]),
+            &d1
+        ),
+        "Bitmap 'deep' is currently in use by another operation and cannot be used"
+    );
+    exports.stop_nbd().unwrap();
+    assert!(!busy(&d0, "on") && !busy(&base_node, "deep"));
+}

@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use block::export::{DelMode, ExportBitmap, ExportError, ExportOptions, Exports, NbdAddr};
+use block::export::{BitmapSpec, DelMode, ExportError, ExportOptions, Exports, NbdAddr};
 use block::{BlockError, Holder};
 use serde_json::{json, Value};
 
 use super::block::error as block_error;
 use super::Monitor;
-use crate::qmp::{expects, unexpected};
+use crate::qmp::{expects, invalid_type, unexpected};
 use crate::qmp::{Args, EventSink, QmpError};
 
 /// The export registry, whose deletions become `BLOCK_EXPORT_DELETED`.
@@ -81,28 +81,56 @@ pub(super) fn nbd_server_stop(m: &Monitor, args: Args) -> Result<Value, QmpError
     Ok(json!({}))
 }
 
-/// The bitmaps named for an export, as its `qemu:dirty-bitmap:` contexts.
-/// No node has dirty bitmaps yet, so every name is unknown.
-fn bitmaps(
-    _m: &Monitor,
-    _node: &str,
-    names: &[String],
-) -> Result<Vec<Arc<dyn ExportBitmap>>, QmpError> {
-    match names.first() {
-        Some(name) => Err(QmpError::generic(format!("Bitmap '{name}' is not found"))),
-        None => Ok(Vec::new()),
+/// One item of `block-export-add`'s `bitmaps` (QAPI's
+/// `BlockDirtyBitmapOrStr`): a bitmap name, or `{"node", "name"}`.
+enum BitmapArg {
+    Local(String),
+    External { node: String, name: String },
+}
+
+fn bitmap_arg(name: &str, v: Value) -> Result<BitmapArg, QmpError> {
+    match v {
+        Value::String(s) => Ok(BitmapArg::Local(s)),
+        v @ Value::Object(_) => {
+            let mut a = Args::from_value(name, v)?;
+            let node = a.str("node")?;
+            let name = a.str("name")?;
+            a.finish()?;
+            Ok(BitmapArg::External { node, name })
+        }
+        // QEMU names the item 'null' here, not `bitmaps[i]`.
+        _ => Err(invalid_type("null", "BlockDirtyBitmapOrStr")),
     }
 }
 
-/// Adds the export `options` describe (bitmaps to come from
-/// `bitmap_names`) of `node_name`, looked up as `block-export-add` does
-/// (`by_node_name`) or as `nbd-server-add`'s `device`.
+/// The bitmaps named for an export, as its `qemu:dirty-bitmap:` contexts;
+/// a node named by `{"node", "name"}` is looked up here, its absence left
+/// for the export to report in QEMU's order.
+fn bitmaps(m: &Monitor, args: Vec<BitmapArg>) -> Vec<BitmapSpec> {
+    args.into_iter()
+        .map(|a| match a {
+            BitmapArg::Local(name) => BitmapSpec::Local(name),
+            BitmapArg::External { node, name } => BitmapSpec::External {
+                bitmaps: m
+                    .graph
+                    .get(&node, Holder::Monitor)
+                    .ok()
+                    .map(|n| n.bitmaps().clone()),
+                node,
+                name,
+            },
+        })
+        .collect()
+}
+
+/// Adds the export `options` describe of `node_name`, looked up as
+/// `block-export-add` does (`by_node_name`) or as `nbd-server-add`'s
+/// `device`.
 fn add(
     m: &Monitor,
     node_name: &str,
     by_node_name: bool,
-    mut options: ExportOptions,
-    bitmap_names: &[String],
+    options: ExportOptions,
 ) -> Result<Value, QmpError> {
     let holder = Holder::Export {
         id: options.id.clone(),
@@ -114,7 +142,6 @@ fn add(
         }
         e => block_error(e),
     })?;
-    options.bitmaps = bitmaps(m, node_name, bitmap_names)?;
     m.exports.add(options, &node).map_err(error)?;
     Ok(json!({}))
 }
@@ -133,16 +160,16 @@ pub(super) fn block_export_add(m: &Monitor, mut args: Args) -> Result<Value, Qmp
     let writable = args.opt_bool("writable")?.unwrap_or(false);
     let name = args.opt_str("name")?;
     let description = args.opt_str("description")?;
-    let bitmaps = args.opt_str_list("bitmaps")?.unwrap_or_default();
+    let bitmap_args = args.opt_list("bitmaps", bitmap_arg)?.unwrap_or_default();
     args.finish()?;
     let options = ExportOptions {
         name: name.unwrap_or_else(|| node_name.clone()),
         id,
         description,
         writable,
-        bitmaps: Vec::new(),
+        bitmaps: bitmaps(m, bitmap_args),
     };
-    add(m, &node_name, true, options, &bitmaps)
+    add(m, &node_name, true, options)
 }
 
 /// `nbd-server-add` (deprecated in QEMU, still taken): `device`, `name`
@@ -154,15 +181,14 @@ pub(super) fn nbd_server_add(m: &Monitor, mut args: Args) -> Result<Value, QmpEr
     let writable = args.opt_bool("writable")?.unwrap_or(false);
     let bitmap = args.opt_str("bitmap")?;
     args.finish()?;
-    let bitmaps: Vec<String> = bitmap.into_iter().collect();
     let options = ExportOptions {
         id: name.clone(),
         name,
         description,
         writable,
-        bitmaps: Vec::new(),
+        bitmaps: bitmap.into_iter().map(BitmapSpec::Local).collect(),
     };
-    add(m, &device, false, options, &bitmaps)
+    add(m, &device, false, options)
 }
 
 /// `block-export-del`: `id`, `mode` (`safe`, the default, or `hard`).

@@ -208,6 +208,21 @@ impl Args {
         self.take(name, |n, v| to_list(n, v, to_args))
     }
 
+    /// An optional list whose items `item` converts, each given its name
+    /// (`NAME[i]`) for messages: for lists of alternates.
+    pub fn opt_list<T>(
+        &mut self,
+        name: &str,
+        item: impl Fn(&str, Value) -> Result<T, QmpError>,
+    ) -> Result<Option<Vec<T>>, QmpError> {
+        self.take(name, |n, v| to_list(n, v, item))
+    }
+
+    /// The object `v`, named `name` in messages, taken member by member.
+    pub fn from_value(name: &str, v: Value) -> Result<Args, QmpError> {
+        to_args(name, v)
+    }
+
     /// Refuses any member not taken: QMP rejects what it does not know
     /// rather than ignoring it, so a typo never goes unnoticed.
     pub fn finish(self) -> Result<(), QmpError> {

@@ -19,7 +19,7 @@ struct Server {
     socket: PathBuf,
     file: PathBuf,
     deleted: Arc<Mutex<Vec<String>>>,
-    _graph: Graph,
+    graph: Graph,
 }
 
 impl Drop for Server {
@@ -74,7 +74,7 @@ fn server(name: &str) -> Server {
         socket,
         file,
         deleted,
-        _graph: graph,
+        graph,
     }
 }
 
@@ -186,6 +186,11 @@ impl Client {
     }
 
     fn set_meta(&mut self, export: &str, queries: &[&str]) -> Vec<(u32, Vec<u8>)> {
+        self.meta(OPT_SET_META_CONTEXT, export, queries)
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT` or `_LIST_`; replies up to the last.
+    fn meta(&mut self, option: u32, export: &str, queries: &[&str]) -> Vec<(u32, Vec<u8>)> {
         let mut data = (export.len() as u32).to_be_bytes().to_vec();
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&(queries.len() as u32).to_be_bytes());
@@ -193,10 +198,10 @@ impl Client {
             data.extend_from_slice(&(q.len() as u32).to_be_bytes());
             data.extend_from_slice(q.as_bytes());
         }
-        self.option(OPT_SET_META_CONTEXT, &data);
+        self.option(option, &data);
         let mut replies = Vec::new();
         loop {
-            let r = self.reply(OPT_SET_META_CONTEXT);
+            let r = self.reply(option);
             let end = r.0 != REP_META_CONTEXT;
             replies.push(r);
             if end {
@@ -537,4 +542,175 @@ fn safe_delete_is_refused_while_a_client_is_there_and_hard_delete_drops_it() {
         s.exports.del("rw", DelMode::Safe),
         Err(ExportError::NotFound { .. })
     ));
+}
+
+/// The contexts of META_CONTEXT replies, as (id, name).
+fn contexts(replies: &[(u32, Vec<u8>)]) -> Vec<(u32, String)> {
+    assert_eq!(replies.last().unwrap().0, REP_ACK);
+    replies[..replies.len() - 1]
+        .iter()
+        .map(|(kind, data)| {
+            assert_eq!(*kind, REP_META_CONTEXT);
+            (
+                u32::from_be_bytes(data[..4].try_into().unwrap()),
+                String::from_utf8(data[4..].to_vec()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// One BLOCK_STATUS request's chunks: (context id, [(length, flags)]).
+fn block_status(c: &mut Client, offset: u64, len: u32, cookie: u64) -> Vec<(u32, Vec<(u32, u32)>)> {
+    c.request(CMD_BLOCK_STATUS, 0, offset, len, cookie);
+    let mut out = Vec::new();
+    loop {
+        let (flags, kind, got, data) = c.chunk();
+        assert_eq!((kind, got), (REPLY_TYPE_BLOCK_STATUS, cookie));
+        let extents = data[4..]
+            .chunks(8)
+            .map(|e| {
+                (
+                    u32::from_be_bytes(e[..4].try_into().unwrap()),
+                    u32::from_be_bytes(e[4..].try_into().unwrap()),
+                )
+            })
+            .collect();
+        out.push((u32::from_be_bytes(data[..4].try_into().unwrap()), extents));
+        if flags & REPLY_FLAG_DONE != 0 {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn dirty_bitmap_contexts_report_the_bitmap_and_writes_mark_it() {
+    use crate::export::BitmapSpec;
+    const K64: u64 = 64 << 10;
+    let s = server("bitmap");
+    let path = std::env::temp_dir().join(format!("nbd-{}-bitmap-bm.raw", std::process::id()));
+    std::fs::File::create(&path).unwrap().set_len(SIZE).unwrap();
+    s.graph
+        .add_disk("bm", false, FileOptions::new(path.clone()))
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let node = s
+        .graph
+        .get("bm", Holder::Export { id: "bm".into() })
+        .unwrap();
+    node.bitmaps().add("b0", SIZE, K64, false, false).unwrap();
+    node.bitmaps().add("b1", SIZE, K64, false, true).unwrap();
+    node.bitmaps().mark(K64 + 1, 1);
+    node.bitmaps().mark(1 << 20, 2 * K64);
+    let options = ExportOptions {
+        id: "bm".into(),
+        name: "bm".into(),
+        description: None,
+        writable: true,
+        bitmaps: vec![
+            BitmapSpec::Local("b0".into()),
+            BitmapSpec::Local("b1".into()),
+        ],
+    };
+    s.exports.add(options, &node).unwrap();
+
+    let mut c = Client::hello(&s);
+    c.structured();
+    let bitmaps = |ids: [u32; 2]| {
+        vec![
+            (ids[0], "qemu:dirty-bitmap:b0".to_string()),
+            (ids[1], "qemu:dirty-bitmap:b1".to_string()),
+        ]
+    };
+    // Listing: by namespace, by prefix, everything; never on other exports.
+    for q in [&["qemu:"][..], &["qemu:dirty-bitmap:"]] {
+        assert_eq!(
+            contexts(&c.meta(OPT_LIST_META_CONTEXT, "bm", q)),
+            bitmaps([0, 0])
+        );
+    }
+    let mut all = vec![(0, "base:allocation".to_string())];
+    all.extend(bitmaps([0, 0]));
+    assert_eq!(contexts(&c.meta(OPT_LIST_META_CONTEXT, "bm", &[])), all);
+    assert_eq!(
+        contexts(&c.meta(OPT_LIST_META_CONTEXT, "rw", &["qemu:"])),
+        []
+    );
+    // A prefix selects nothing when setting; a full name does.
+    assert_eq!(contexts(&c.set_meta("bm", &["qemu:dirty-bitmap:"])), []);
+    assert_eq!(
+        contexts(&c.set_meta(
+            "bm",
+            &[
+                "qemu:dirty-bitmap:b1",
+                "qemu:dirty-bitmap:b0",
+                "qemu:dirty-bitmap:b9"
+            ]
+        )),
+        [
+            (1, "qemu:dirty-bitmap:b1".to_string()),
+            (2, "qemu:dirty-bitmap:b0".to_string())
+        ]
+    );
+    assert_eq!(c.go("bm").last().unwrap().0, REP_ACK);
+    let b0_before = [
+        (K64 as u32, 0),
+        (K64 as u32, STATE_DIRTY),
+        ((1 << 20) - 2 * K64 as u32, 0),
+        (2 * K64 as u32, STATE_DIRTY),
+        ((SIZE - (1 << 20) - 2 * K64) as u32, 0),
+    ];
+    assert_eq!(
+        block_status(&mut c, 0, SIZE as u32, 1),
+        [(1, vec![(SIZE as u32, 0)]), (2, b0_before.to_vec())]
+    );
+    // Cut to the request, from the middle of a granule.
+    assert_eq!(
+        block_status(&mut c, K64 + 512, K64 as u32, 2)[1],
+        (2, vec![((K64 - 512) as u32, STATE_DIRTY), (512, 0)])
+    );
+
+    // A write, a trim and zeroes mark b0 (enabled) when they complete,
+    // not b1 (disabled).
+    c.request(CMD_WRITE, 0, 3 << 20, 4096, 3);
+    c.send(&[1u8; 4096]);
+    assert_eq!(c.simple(), (0, 3));
+    c.request(CMD_TRIM, CMD_FLAG_FUA, 2 << 20, K64 as u32, 4);
+    assert_eq!(c.simple(), (0, 4));
+    c.request(
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE,
+        (2 << 20) + 2 * K64,
+        512,
+        5,
+    );
+    assert_eq!(c.simple(), (0, 5));
+    let dirty: Vec<(u64, u64)> = node.bitmaps().snapshot("b0").unwrap().extents().collect();
+    assert_eq!(
+        dirty,
+        [
+            (K64, K64),
+            (1 << 20, 2 * K64),
+            (2 << 20, K64),
+            ((2 << 20) + 2 * K64, K64),
+            (3 << 20, K64)
+        ]
+    );
+    assert!(node.bitmaps().snapshot("b1").unwrap().is_clean());
+    assert_eq!(
+        block_status(&mut c, 3 << 20, SIZE as u32 - (3 << 20), 6)[1],
+        (
+            2,
+            vec![
+                (K64 as u32, STATE_DIRTY),
+                ((SIZE - (3 << 20) - K64) as u32, 0)
+            ]
+        )
+    );
+    // Busy while exported; free once the export is gone.
+    assert!(node.bitmaps().remove("b0").is_err());
+    c.request(CMD_DISC, 0, 0, 0, 0);
+    assert!(c.closed());
+    settles(&s);
+    s.exports.del("bm", DelMode::Safe).unwrap();
+    node.bitmaps().remove("b0").unwrap();
 }

@@ -9,11 +9,13 @@
 //! completes before its buffer is freed.
 
 use std::io::{self, Read};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::handshake::{Context, Negotiated};
 use super::proto::*;
 use super::socket::{poll, Socket};
+use crate::bitmap::Bitmaps;
 use crate::export::Export;
 use crate::io::{AsyncIo, Completion};
 
@@ -105,6 +107,21 @@ struct Op {
     flushing: bool,
 }
 
+impl Op {
+    /// Whether it changes the node (and so its dirty bitmaps).
+    fn changes(&self) -> bool {
+        matches!(self.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
+    }
+
+    /// The bytes it covers from `io_offset`.
+    fn range(&self) -> u64 {
+        match self.kind {
+            CMD_READ | CMD_WRITE => self.buf.len() as u64,
+            _ => self.send as u64,
+        }
+    }
+}
+
 // SAFETY: the iovec points into `buf`, which moves with the `Op`.
 unsafe impl Send for Op {}
 
@@ -114,6 +131,8 @@ struct Client<'a> {
     structured: bool,
     contexts: Vec<(u32, Context)>,
     engine: Box<dyn AsyncIo>,
+    /// The node's dirty bitmaps, marked as writes land.
+    bitmaps: Arc<Bitmaps>,
     slots: Vec<Option<Box<Op>>>,
     bytes: u64,
     /// Replies can no longer be sent.
@@ -136,6 +155,7 @@ pub(crate) fn serve(socket: &Socket, n: &Negotiated) {
         structured: n.structured,
         contexts: n.contexts.clone(),
         engine,
+        bitmaps: n.export.access.node().bitmaps().clone(),
         slots: (0..MAX_IN_FLIGHT).map(|_| None).collect(),
         bytes: 0,
         dead: false,
@@ -370,8 +390,16 @@ impl Client<'_> {
 
     fn complete(&mut self, c: Completion) -> io::Result<()> {
         let i = c.user_data as usize;
-        if self.slots.get(i).and_then(|s| s.as_ref()).is_none() {
+        let Some(op) = self.slots.get(i).and_then(|s| s.as_ref()) else {
             return Ok(());
+        };
+        // The node's bitmaps learn of a change once all of it has landed,
+        // or it failed (having perhaps changed part of its range); a short
+        // write goes on first.
+        let short =
+            op.kind == CMD_WRITE && c.result > 0 && op.done + (c.result as u64) < op.range();
+        if op.changes() && !op.flushing && !short {
+            self.bitmaps.mark(op.io_offset, op.range());
         }
         if c.result < 0 {
             let op = self.free(i);
