@@ -289,6 +289,9 @@ impl Block {
 
     /// Starts a dataplane thread over `queues`.
     fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
+        // The dataplane takes hosted jobs over from the loop that served
+        // them while the disk was paused or reset.
+        self.stop_paused_host();
         if self.stuck {
             return Err(
                 "its earlier I/O never completed; it stays unusable until the VMM ends".into(),
@@ -496,8 +499,11 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
         let queues = self.stop_worker();
-        self.stop_paused_host();
-        self.drop_handover();
+        // The driver resets the disk (a guest reboot, say); hosted jobs go
+        // on, served as while paused, until it activates the disk again.
+        if let Some((hosting, engine)) = self.handover.take() {
+            self.serve_paused(hosting, engine);
+        }
         let active = self.active.take()?;
         queues.or(active.parked)
     }
@@ -550,7 +556,12 @@ impl VirtioDevice for Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        self.reset();
+        // Not `reset`: nothing new may start here (the main thread's
+        // seccomp filter, at the VMM's end, allows no new eventfd).
+        self.stop_worker();
+        self.stop_paused_host();
+        self.drop_handover();
+        self.active = None;
     }
 }
 
@@ -678,6 +689,74 @@ mod tests {
         }
         assert!(queues.pop().is_some());
         (taken, used_idx)
+    }
+
+    #[test]
+    fn hosted_jobs_are_served_across_a_reset_and_the_next_activation() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let (path, graph, node) = disk("hosted-reset");
+        let mut cfg = config(0);
+        cfg.live_jobs = true;
+        let mut device = Block::new(cfg, node);
+        let activate = |device: &mut Block| {
+            let (queue, _) = queued_reads(&mem);
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            device
+                .activate(Activation {
+                    mem: mem.clone(),
+                    queues: vec![ActiveQueue {
+                        index: 0,
+                        queue,
+                        notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                    }],
+                    interrupt: Arc::new(Interrupt::new(irq)),
+                    acked_features: F_VERSION_1,
+                })
+                .unwrap();
+        };
+        activate(&mut device);
+        let job = graph
+            .get("drive0", Holder::Job { id: "job0".into() })
+            .unwrap();
+        let access = job
+            .take_access(Holder::Job { id: "job0".into() }, true)
+            .unwrap();
+        let mut io = access.open_io(4).unwrap();
+        let read = |io: &mut Box<dyn block::AsyncIo>, tag: u64| {
+            let mut buf = vec![0u8; 4096];
+            let iov = [libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            }];
+            // SAFETY: the buffer outlives the wait below.
+            unsafe { io.read_vectored(0, &iov, tag).unwrap() };
+            io.submit().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(c) = io.next_completion() {
+                    assert_eq!(c.result, 4096);
+                    assert!(buf.iter().all(|&b| b == 0x5a));
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "hosted read {tag} was never served"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        read(&mut io, 1);
+        // The driver resets the disk: the hosted job is still served.
+        let _ = device.reset();
+        read(&mut io, 2);
+        // And by the dataplane again once the driver activates it.
+        activate(&mut device);
+        read(&mut io, 3);
+        drop(io);
+        drop(access);
+        drop(device);
+        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
