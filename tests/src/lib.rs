@@ -112,6 +112,16 @@ pub fn fnv1a64_file(path: &Path) -> String {
     format!("{hash:016x}")
 }
 
+/// Node `name` in a `query-named-block-nodes` reply.
+pub fn node_named<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    nodes
+        .as_array()
+        .expect("query-named-block-nodes returns a list")
+        .iter()
+        .find(|n| n["node-name"] == name)
+        .unwrap_or_else(|| panic!("no node '{name}' in {nodes}"))
+}
+
 /// A path in the temp folder for this test process, `vmm-test-PID-NAME`:
 /// what the tests' sockets, copies and scratch files are called. Nothing
 /// is created there.

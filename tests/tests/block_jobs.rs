@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, fnv1a64_file, temp_path, testguest, TempDisk};
+use tests::{boot, expect_line, fnv1a64_file, node_named as node, temp_path, testguest, TempDisk};
 use vmm::{VmConfig, VmExit};
 
 const DISK: u64 = 16 << 20;
@@ -20,15 +20,6 @@ fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
         &[disk.option("id=vda,node-name=drive0")],
         Some(qmp),
     )
-}
-
-fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == name)
-        .unwrap_or_else(|| panic!("no node '{name}' in {nodes}"))
 }
 
 #[test]

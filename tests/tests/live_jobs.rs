@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use tests::{boot, expect_line, node_named as node, temp_path, testguest, TempDisk};
 use vmm::VmConfig;
 
 const DISK: u64 = 16 << 20;
@@ -21,15 +21,6 @@ fn guest(disk: &TempDisk, qmp: &Path) -> VmConfig {
         &[disk.option("id=vda,node-name=drive0,live-jobs=on")],
         Some(qmp),
     )
-}
-
-fn node<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == name)
-        .unwrap_or_else(|| panic!("no node '{name}' in {nodes}"))
 }
 
 /// Stops the guest, copies the disk as the reference, starts a backup

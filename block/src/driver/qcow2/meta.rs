@@ -214,22 +214,26 @@ fn set_refcount(data: &mut [u8], order: u32, i: u64, v: u64) {
     }
 }
 
-fn read_at(file: &File, buf: &mut [u8], offset: u64, what: &'static str) -> Result<()> {
+/// Moves `len` bytes at `offset` with `call(done, at)` (one `preadv` or
+/// `pwritev` of the bytes from `done` on, at file offset `at`), again
+/// after a short transfer or an interruption; the bytes moved before the
+/// file ended (a call returned 0).
+fn transfer(
+    len: usize,
+    offset: u64,
+    what: &'static str,
+    mut call: impl FnMut(usize, i64) -> isize,
+) -> Result<usize> {
     let err = |source| MetaError::Io {
         what,
         offset,
         source,
     };
     let mut done = 0usize;
-    while done < buf.len() {
-        let iov = libc::iovec {
-            iov_base: buf[done..].as_mut_ptr().cast(),
-            iov_len: buf.len() - done,
-        };
+    while done < len {
         let at = i64::try_from(offset + done as u64)
             .map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-        // SAFETY: one iovec over the live tail of `buf`.
-        let n = unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, at) };
+        let n = call(done, at);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -238,12 +242,25 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64, what: &'static str) -> Resu
             return Err(err(e));
         }
         if n == 0 {
-            // Past the end of the file reads as zeros, as a hole would.
-            buf[done..].fill(0);
-            return Ok(());
+            break;
         }
         done += n as usize;
     }
+    Ok(done)
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64, what: &'static str) -> Result<()> {
+    let done = transfer(buf.len(), offset, what, |done, at| {
+        let tail = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        };
+        // SAFETY: one iovec over the live tail of `buf`.
+        unsafe { libc::preadv(file.as_raw_fd(), &iov, 1, at) }
+    })?;
+    // Past the end of the file reads as zeros, as a hole would.
+    buf[done..].fill(0);
     Ok(())
 }
 
@@ -275,33 +292,25 @@ fn crash_point() -> io::Result<()> {
 }
 
 fn write_at(file: &File, buf: &[u8], offset: u64, what: &'static str) -> Result<()> {
-    let err = |source| MetaError::Io {
+    crash_point().map_err(|source| MetaError::Io {
         what,
         offset,
         source,
-    };
-    crash_point().map_err(err)?;
-    let mut done = 0usize;
-    while done < buf.len() {
+    })?;
+    let done = transfer(buf.len(), offset, what, |done, at| {
         let iov = libc::iovec {
             iov_base: buf[done..].as_ptr() as *mut libc::c_void,
             iov_len: buf.len() - done,
         };
-        let at = i64::try_from(offset + done as u64)
-            .map_err(|_| err(io::Error::from_raw_os_error(libc::EINVAL)))?;
         // SAFETY: one iovec over the live tail of `buf`; pwritev only reads it.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), &iov, 1, at) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err(e));
-        }
-        if n == 0 {
-            return Err(err(io::Error::from_raw_os_error(libc::EIO)));
-        }
-        done += n as usize;
+        unsafe { libc::pwritev(file.as_raw_fd(), &iov, 1, at) }
+    })?;
+    if done < buf.len() {
+        return Err(MetaError::Io {
+            what,
+            offset,
+            source: io::Error::from_raw_os_error(libc::EIO),
+        });
     }
     Ok(())
 }
