@@ -141,8 +141,13 @@ impl MmioTransport {
         &self.notifiers
     }
 
-    /// Stops the device as a reset would: its worker drains and ends.
+    /// Stops the device as a reset would, for the VMM's end: its worker
+    /// drains and ends, and nothing new starts.
     pub fn shutdown(&mut self) {
+        if self.active {
+            self.device.shutdown();
+            self.active = false;
+        }
         self.reset();
     }
 

@@ -162,6 +162,12 @@ pub trait VirtioDevice: Send {
     /// Stops serving: waits for requests in flight, ends the worker, and
     /// gives the queues back (None if the device was not active).
     fn reset(&mut self) -> Option<Vec<ActiveQueue>>;
+    /// The VMM is ending: stop as a reset does, but start nothing (the
+    /// thread that ends the VMM may be confined to a short list of system
+    /// calls).
+    fn shutdown(&mut self) {
+        let _ = self.reset();
+    }
     /// The VM is pausing (no vCPU runs): finish requests in flight and let
     /// go of anything others may want meanwhile. The queues stay as they are.
     fn pause(&mut self) {}

@@ -497,6 +497,15 @@ impl VirtioDevice for Block {
         })
     }
 
+    fn shutdown(&mut self) {
+        // Not `reset`: nothing new may start here (the main thread's
+        // seccomp filter, at the VMM's end, allows no new eventfd).
+        self.stop_worker();
+        self.stop_paused_host();
+        self.drop_handover();
+        self.active = None;
+    }
+
     fn reset(&mut self) -> Option<Vec<ActiveQueue>> {
         let queues = self.stop_worker();
         // The driver resets the disk (a guest reboot, say); hosted jobs go
@@ -556,12 +565,7 @@ impl VirtioDevice for Block {
 
 impl Drop for Block {
     fn drop(&mut self) {
-        // Not `reset`: nothing new may start here (the main thread's
-        // seccomp filter, at the VMM's end, allows no new eventfd).
-        self.stop_worker();
-        self.stop_paused_host();
-        self.drop_handover();
-        self.active = None;
+        self.shutdown();
     }
 }
 
