@@ -28,6 +28,8 @@ pub struct ImageDetails {
     pub backing_format: Option<String>,
     /// Format-specific data (`format-specific`).
     pub specific: Option<FormatSpecific>,
+    /// The image says it was not closed cleanly (QEMU's `dirty-flag`).
+    pub dirty: bool,
 }
 
 /// QEMU's `ImageInfoSpecific`, for the formats we have.

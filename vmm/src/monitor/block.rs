@@ -56,6 +56,11 @@ fn image_json(image: &ImageInfo) -> Value {
         "format": image.format,
         "virtual-size": image.virtual_size,
     });
+    // What the host file takes on disk, as QEMU's `actual-size`.
+    if let Ok(meta) = std::fs::metadata(&image.filename) {
+        use std::os::unix::fs::MetadataExt;
+        v["actual-size"] = json!(meta.blocks() * 512);
+    }
     if let Some(details) = &image.details {
         details_json(&mut v, details);
     }
@@ -70,6 +75,7 @@ fn image_json(image: &ImageInfo) -> Value {
 
 fn details_json(v: &mut Value, d: &ImageDetails) {
     v["cluster-size"] = json!(d.cluster_size);
+    v["dirty-flag"] = json!(d.dirty);
     if let Some(name) = &d.backing_filename {
         v["backing-filename"] = json!(name);
     }
@@ -427,12 +433,16 @@ mod tests {
         assert_eq!(t["drv"], "qcow2");
         assert_eq!(t["backing_file"], json!(base));
         assert_eq!(t["backing_file_depth"], 1);
+        use std::os::unix::fs::MetadataExt;
+        let actual = |p: &str| std::fs::metadata(p).unwrap().blocks() * 512;
         assert_eq!(
             t["image"],
             json!({
                 "filename": top,
                 "format": "qcow2",
                 "virtual-size": 1 << 20,
+                "actual-size": actual(&top),
+                "dirty-flag": false,
                 "cluster-size": 65536,
                 "backing-filename": "base.raw",
                 "full-backing-filename": base,
@@ -441,7 +451,8 @@ mod tests {
                     "compat": "1.1", "compression-type": "zlib", "lazy-refcounts": false,
                     "refcount-bits": 16, "corrupt": false, "extended-l2": false,
                 }},
-                "backing-image": {"filename": base, "format": "raw", "virtual-size": 1 << 20},
+                "backing-image": {"filename": base, "format": "raw", "virtual-size": 1 << 20,
+                                  "actual-size": actual(&base)},
             })
         );
         let s = find(&nodes, "solo");

@@ -4,7 +4,7 @@
 
 use base::sync::lock;
 
-use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_EXTL2};
+use super::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2};
 use super::{Qcow2, Qcow2Error};
 use crate::driver::{FormatSpecific, ImageDetails, Qcow2Specific};
 use crate::error::BlockError;
@@ -19,6 +19,7 @@ impl<C> Qcow2<C> {
         let flag = |bits: u64, bit: u64| v3.then_some(bits & bit != 0);
         ImageDetails {
             cluster_size: 1 << h.cluster_bits,
+            dirty: h.incompatible_features & INCOMPAT_DIRTY != 0,
             backing_filename: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
             specific: Some(FormatSpecific::Qcow2(Qcow2Specific {
