@@ -112,6 +112,31 @@ pub fn fnv1a64_file(path: &Path) -> String {
     format!("{hash:016x}")
 }
 
+/// A fresh folder in the temp folder (`temp_path(name)`), removed with
+/// everything in it when dropped: one test's images, sockets and copies.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Makes the folder, emptied of anything an earlier run left.
+    pub fn new(name: &str) -> Self {
+        let path = temp_path(name);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+
+    /// A path in it.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Node `name` in a `query-named-block-nodes` reply.
 pub fn node_named<'a>(nodes: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     nodes

@@ -9,13 +9,13 @@
 //! Needs `nbdcopy` (Debian `libnbd-bin`) and `qemu-img`; `scripts/test.sh`
 //! installs them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, temp_path, testguest, TempDisk};
+use tests::{boot, expect_line, temp_path, testguest, TempDir, TempDisk};
 
 const DISK: u64 = 16 << 20;
 
@@ -36,14 +36,6 @@ fn read_export(socket: &Path, dir: &Path, name: &str) -> Vec<u8> {
     let uri = format!("nbd+unix:///e0?socket={}", socket.display());
     run("nbdcopy", &[&uri, out.to_str().unwrap()]);
     std::fs::read(out).unwrap()
-}
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Adds an overlay over `drive0` (the guest's disk) as node `fleece`,
@@ -103,8 +95,7 @@ fn guest(disk: &TempDisk, qmp: &Path) -> vmm::VmConfig {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_fleecing_export_holds_the_disk_as_it_was_while_the_guest_writes() {
-    let dir = Dir(temp_path("fleecing"));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("fleecing");
     let disk = TempDisk::patterned("fleece-src", DISK);
     let path = temp_path("fleecing.qmp");
     let nbd = dir.0.join("nbd.sock");
@@ -148,8 +139,7 @@ fn a_fleecing_export_holds_the_disk_as_it_was_while_the_guest_writes() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_fleecing_export_started_on_a_running_guest_stays_put() {
-    let dir = Dir(temp_path("fleecing-live"));
-    std::fs::create_dir_all(&dir.0).unwrap();
+    let dir = TempDir::new("fleecing-live");
     let disk = TempDisk::patterned("fleece-live-src", DISK);
     let path = temp_path("fleecing-live.qmp");
     let nbd = dir.0.join("nbd.sock");

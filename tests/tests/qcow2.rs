@@ -7,14 +7,14 @@
 //! `snapshot=on` leaves the disk file and `$TMPDIR` as they were, and
 //! images go both ways between QEMU and us.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tests::images::{
     assert_check_clean, guest_pattern, qemu_img, qemu_io, random_bytes, RawCopy, SALT_VERIFY,
 };
-use tests::{boot, fnv1a64_file, temp_path, testguest, vmm_binary};
+use tests::{boot, fnv1a64_file, testguest, vmm_binary, TempDir};
 use vmm::VmExit;
 
 const MIB: u64 = 1 << 20;
@@ -25,28 +25,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// `verify` and `random` on the first half only, so the second half still
 /// shows the backing files' data at the end.
 const WORKLOADS: &str = "blk=checksum,verify,random,discard,writezeroes,checksum blk.bytes=4M";
-
-/// A folder of images for one test, removed with everything in it.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let path = temp_path(&format!("qcow2-{name}"));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -182,7 +160,7 @@ fn workloads_on(top: &Path, backing: &[&Path], extra: &str) {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn an_overlay_over_a_random_raw_base_with_a_sleeping_dataplane() {
-    let dir = Dir::new("sleeping");
+    let dir = TempDir::new("qcow2-sleeping");
     let (base, top) = (dir.file("base.raw"), dir.file("top.qcow2"));
     random_raw(&base, 1, 8 * MIB);
     overlay(&top, &base, "raw", "");
@@ -192,7 +170,7 @@ fn an_overlay_over_a_random_raw_base_with_a_sleeping_dataplane() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn an_overlay_over_a_random_raw_base_with_o_direct() {
-    let dir = Dir::new("direct");
+    let dir = TempDir::new("qcow2-direct");
     let (base, top) = (dir.file("base.raw"), dir.file("top.qcow2"));
     random_raw(&base, 2, 8 * MIB);
     overlay(&top, &base, "raw", "");
@@ -205,7 +183,7 @@ fn a_three_deep_chain_each_layer_holding_data() {
     // raw <- l1 <- l2 <- top, backing paths relative to the folder; l1 and
     // l2 each hold data of their own (written by qemu-io) in parts that
     // the guest's first checksum reads through.
-    let dir = Dir::new("chain");
+    let dir = TempDir::new("qcow2-chain");
     let base = dir.file("base.raw");
     random_raw(&base, 3, 8 * MIB);
     let (l1, l2, top) = (
@@ -245,7 +223,7 @@ fn a_three_deep_chain_each_layer_holding_data() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn an_overlay_with_512_byte_clusters() {
-    let dir = Dir::new("c512");
+    let dir = TempDir::new("qcow2-c512");
     let (base, top) = (dir.file("base.raw"), dir.file("top.qcow2"));
     random_raw(&base, 4, 8 * MIB);
     overlay(&top, &base, "raw", "cluster_size=512");
@@ -255,7 +233,7 @@ fn an_overlay_with_512_byte_clusters() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn an_overlay_with_2_mib_clusters() {
-    let dir = Dir::new("c2m");
+    let dir = TempDir::new("qcow2-c2m");
     let (base, top) = (dir.file("base.raw"), dir.file("top.qcow2"));
     random_raw(&base, 5, 16 * MIB);
     overlay(&top, &base, "raw", "cluster_size=2M");
@@ -274,7 +252,7 @@ fn compressible(seed: u64, len: u64) -> Vec<u8> {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn an_overlay_over_a_compressed_base_and_writes_into_compressed_clusters() {
-    let dir = Dir::new("compressed");
+    let dir = TempDir::new("qcow2-compressed");
     let (raw, base, top) = (
         dir.file("data.raw"),
         dir.file("base.qcow2"),
@@ -313,7 +291,7 @@ fn an_overlay_over_a_compressed_base_and_writes_into_compressed_clusters() {
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn snapshot_on_leaves_the_disk_files_and_tmpdir_as_they_were() {
     // The vmm binary, so that its $TMPDIR is a folder of this test's own.
-    let dir = Dir::new("snapshot");
+    let dir = TempDir::new("qcow2-snapshot");
     let tmpdir = dir.file("tmp");
     std::fs::create_dir(&tmpdir).unwrap();
     let (raw, base, top) = (
@@ -398,7 +376,7 @@ fn snapshot_on_leaves_the_disk_files_and_tmpdir_as_they_were() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn images_go_both_ways_between_qemu_and_us() {
-    let dir = Dir::new("interop");
+    let dir = TempDir::new("qcow2-interop");
     let base = dir.file("base.raw");
     random_raw(&base, 9, 8 * MIB);
 

@@ -9,29 +9,7 @@ use std::process::Output;
 use serde_json::json;
 use tests::images::{qemu_img, qemu_io, RawCopy};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, fnv1a64_file, image, run_vmm, temp_path, testguest};
-
-/// A folder of images for one test, removed with everything in it.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Self {
-        let path = temp_path(&format!("qcow2-bad-{name}"));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tests::{boot, expect_line, fnv1a64_file, image, run_vmm, temp_path, testguest, TempDir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -58,7 +36,7 @@ fn patch_u64(path: &Path, at: u64, value: u64) {
 }
 
 /// The bad images: (what, file, words the error must contain).
-fn bad_images(dir: &Dir) -> Vec<(&'static str, PathBuf, Vec<String>)> {
+fn bad_images(dir: &TempDir) -> Vec<(&'static str, PathBuf, Vec<String>)> {
     let good = dir.file("good.qcow2");
     good_image(&good);
     let copy = |name: &str| {
@@ -168,7 +146,7 @@ fn assert_one_error_line(what: &str, out: &Output, words: &[String]) {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn each_broken_image_is_one_error_line_on_the_command_line() {
-    let dir = Dir::new("cli");
+    let dir = TempDir::new("qcow2-bad-cli");
     let guest = image("testguest");
     for (what, path, words) in bad_images(&dir) {
         for mode in ["", ",readonly=on"] {
@@ -182,7 +160,7 @@ fn each_broken_image_is_one_error_line_on_the_command_line() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
 fn each_broken_image_is_a_qmp_error_and_the_vm_runs_on() {
-    let dir = Dir::new("qmp");
+    let dir = TempDir::new("qcow2-bad-qmp");
     let sock = temp_path("qcow2-bad.qmp");
     let vm = boot(&testguest("idle", &[], Some(&sock)));
     let mut qmp = Qmp::connect(&sock);
@@ -221,7 +199,7 @@ fn each_broken_image_is_a_qmp_error_and_the_vm_runs_on() {
 fn an_image_cut_short_in_its_data_reads_as_qemu_reads_it() {
     // The L2 table half there, the data cluster it points at gone: QEMU
     // reads zeros past the end of the file, and so must we.
-    let dir = Dir::new("data");
+    let dir = TempDir::new("qcow2-bad-data");
     let cut = dir.file("cut.qcow2");
     good_image(&cut);
     std::fs::OpenOptions::new()
