@@ -192,6 +192,37 @@ impl Sub {
 /// the dataplane takes can span.
 const MAX_SEGS: usize = 1 << 16;
 
+/// One cluster's part of a request: `n` bytes at guest offset `pos`, which
+/// is `in_cluster` bytes into guest cluster `g`.
+#[derive(Clone, Copy)]
+struct Piece {
+    g: u64,
+    in_cluster: u64,
+    n: u64,
+    pos: u64,
+}
+
+/// The pieces of `[offset, offset + len)`, cluster by cluster, for clusters
+/// of `cs` bytes.
+fn pieces(offset: u64, len: u64, cs: u64) -> impl Iterator<Item = Piece> {
+    let end = offset + len;
+    let mut pos = offset;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let in_cluster = pos % cs;
+        let piece = Piece {
+            g: pos / cs,
+            in_cluster,
+            n: (cs - in_cluster).min(end - pos),
+            pos,
+        };
+        pos += piece.n;
+        Some(piece)
+    })
+}
+
 /// The engine of a qcow2 node.
 pub struct Qcow2Io {
     meta: Arc<Mutex<Meta>>,
@@ -677,12 +708,13 @@ impl Qcow2Io {
             let op = self.op(i);
             (op.offset, op.len)
         };
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let g = pos / cs;
-            let in_cluster = pos % cs;
-            let n = (cs - in_cluster).min(end - pos);
+        for Piece {
+            g,
+            in_cluster,
+            n,
+            pos,
+        } in pieces(offset, len, cs)
+        {
             let rel = pos - offset;
             let mapping = lock(&self.meta).lookup(g)?;
             match mapping {
@@ -715,7 +747,6 @@ impl Qcow2Io {
                     r?;
                 }
             }
-            pos += n;
         }
         Ok(())
     }
@@ -762,12 +793,13 @@ impl Qcow2Io {
             let op = self.op(i);
             (op.offset, op.len)
         };
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let g = pos / cs;
-            let in_cluster = pos % cs;
-            let n = (cs - in_cluster).min(end - pos);
+        for Piece {
+            g,
+            in_cluster,
+            n,
+            pos,
+        } in pieces(offset, len, cs)
+        {
             let rel = pos - offset;
             let mapping = self.lookup_for_write(g)?;
             match mapping {
@@ -782,7 +814,6 @@ impl Qcow2Io {
                 ),
                 other => self.plan_alloc(i, g, other, in_cluster, rel, n)?,
             }
-            pos += n;
         }
         Ok(())
     }
@@ -924,17 +955,12 @@ impl Qcow2Io {
             // Version 2 over a backing node cannot say "zeros": write them.
             (false, true) => None,
         };
-        let end = offset + len;
-        let mut pos = offset;
         let mut parts: Vec<(u64, u64)> = Vec::new();
-        while pos < end {
-            let g = pos / cs;
-            let n = (cs - pos % cs).min(end - pos);
+        for Piece { g, n, pos, .. } in pieces(offset, len, cs) {
             match whole {
                 Some(entry) if n == cs => self.zero_cluster(g, entry)?,
                 _ => parts.push((pos, n)),
             }
-            pos += n;
         }
         if parts.is_empty() {
             return Ok(());
