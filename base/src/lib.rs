@@ -10,6 +10,8 @@
 //! [`sync::lock`] and its `Condvar` companions take a mutex's data even
 //! when a panicking holder poisoned it; every crate locks through them.
 
+#[doc(hidden)]
+pub mod alloc_count;
 pub mod seccomp;
 pub mod sync;
 pub mod thread;

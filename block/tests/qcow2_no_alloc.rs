@@ -2,56 +2,12 @@
 //! already allocated: a burst of reads and writes through its engine is
 //! counted by a global allocator that tallies this thread's allocations.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::time::{Duration, Instant};
 
+use base::alloc_count::{allocations, Counting};
 use block::driver::qcow2::Qcow2;
 use block::driver::{Child, Driver, File, FileOptions};
 use block::{AsyncIo, Locking};
-
-struct Counting;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static COUNT: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note() {
-    // `try_with`: the thread's locals may be gone while it exits.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            let _ = COUNT.try_with(|n| n.set(n.get() + 1));
-        }
-    });
-}
-
-// SAFETY: every call is passed on to the system allocator unchanged; the
-// counting touches only const-initialized thread locals.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: the caller's contract, passed on.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note();
-        // SAFETY: as above.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note();
-        // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as above.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
@@ -143,11 +99,7 @@ fn reads_and_writes_of_allocated_clusters_allocate_nothing() {
     let mut iovs = vec![[empty]; 32];
     // Warm: every cluster touched once, every list grown to its size.
     bursts(io.as_mut(), &mut bufs, &mut iovs, 16);
-    COUNT.with(|n| n.set(0));
-    COUNTING.with(|on| on.set(true));
-    bursts(io.as_mut(), &mut bufs, &mut iovs, 8);
-    COUNTING.with(|on| on.set(false));
-    let n = COUNT.with(Cell::get);
+    let ((), n) = allocations(|| bursts(io.as_mut(), &mut bufs, &mut iovs, 8));
     assert_eq!(n, 0, "256 requests made {n} allocations");
     drop(io);
     drop(q);
