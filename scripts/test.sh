@@ -23,6 +23,11 @@ done
 for tool in nbdinfo nbdcopy; do
 	command -v "$tool" >/dev/null || { need+=(libnbd-bin); break; }
 done
+# mkfs.ext4 and e2fsck (e2fsprogs) for the ext4 image tests/tests/qcow2_linux.rs
+# boots Linux on and checks afterwards.
+for tool in mkfs.ext4 e2fsck; do
+	command -v "$tool" >/dev/null || { need+=(e2fsprogs); break; }
+done
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then
 	echo "test: apt-get install ${need[*]}"
