@@ -23,8 +23,8 @@ done
 for tool in nbdinfo nbdcopy; do
 	command -v "$tool" >/dev/null || { need+=(libnbd-bin); break; }
 done
-# mkfs.ext4 and e2fsck (e2fsprogs) for the ext4 image tests/tests/qcow2_linux.rs
-# boots Linux on and checks afterwards.
+# mkfs.ext4 and e2fsck (e2fsprogs) for the ext4 images the Linux disk tests
+# boot on and check afterwards.
 for tool in mkfs.ext4 e2fsck; do
 	command -v "$tool" >/dev/null || { need+=(e2fsprogs); break; }
 done
