@@ -13,6 +13,7 @@
 #[doc(hidden)]
 pub mod alloc_count;
 pub mod seccomp;
+pub mod state;
 pub mod sync;
 pub mod thread;
 
