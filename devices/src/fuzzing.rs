@@ -363,6 +363,7 @@ pub fn virtio_blk_request(data: &[u8]) {
         }],
         interrupt: interrupt.clone(),
         acked_features: features,
+        dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
     };
     let mut id = [0u8; ID_BYTES as usize];
     id[..4].copy_from_slice(b"FUZZ");
@@ -522,6 +523,7 @@ impl Bursts {
             }],
             interrupt: interrupt.clone(),
             acked_features: F_VERSION_1,
+            dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
         };
         let dataplane = Dataplane::new(
             "bursts".into(),
@@ -708,6 +710,12 @@ pub fn virtio_mmio(data: &[u8]) {
         Box::new(Block::new(config, node)),
         ram.mem.clone(),
         interrupt.clone(),
+        {
+            // Logging on: the marking paths are fuzzed too.
+            let dirty = crate::dirty::DirtyPages::new(1 << 32);
+            dirty.start();
+            Arc::new(dirty)
+        },
     )
     .expect("a transport");
 

@@ -7,6 +7,7 @@
 //! that the VMM acts on.
 
 pub mod bus;
+pub mod dirty;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod legacy;

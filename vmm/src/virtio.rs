@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use block::{FileOptions, Graph};
+use devices::dirty::DirtyPages;
 use devices::virtio::block::{
     device_holder, Block, BlockConfig, BlockStats, NodeSlot, ThrottleControl,
 };
@@ -154,12 +155,14 @@ pub fn cmdline_params(count: usize) -> Vec<String> {
         .collect()
 }
 
-/// Puts each disk on the MMIO bus and wires its interrupt and notifications.
+/// Puts each disk on the MMIO bus and wires its interrupt and notifications;
+/// the disks record the guest pages they write in `dirty`.
 pub fn attach_disks(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     bus: &mut Bus,
     disks: Vec<OpenDisk>,
+    dirty: &Arc<DirtyPages>,
 ) -> Result<Vec<Arc<Mutex<MmioTransport>>>> {
     let mut transports = Vec::with_capacity(disks.len());
     for (i, disk) in disks.into_iter().enumerate() {
@@ -174,9 +177,13 @@ pub fn attach_disks(
         vm.register_irqfd(&irq, irq_line)
             .map_err(|e| fail(format!("cannot register its interrupt: {e}")))?;
         let device = Block::with_slot(disk.config, disk.node, disk.throttle).with_stats(disk.stats);
-        let transport =
-            MmioTransport::new(Box::new(device), mem.clone(), Arc::new(Interrupt::new(irq)))
-                .map_err(|e| fail(e.to_string()))?;
+        let transport = MmioTransport::new(
+            Box::new(device),
+            mem.clone(),
+            Arc::new(Interrupt::new(irq)),
+            dirty.clone(),
+        )
+        .map_err(|e| fail(e.to_string()))?;
         for (q, fd) in transport.notifiers().iter().enumerate() {
             vm.register_ioevent(fd, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
                 .map_err(|e| fail(format!("cannot register queue {q}'s notification: {e}")))?;

@@ -421,7 +421,12 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     .map_err(|e| device_err("legacy")(&e))?;
     let mut mmio = Bus::new();
     let disk_controls = virtio::controls(&disks);
-    let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks)?;
+    // Pages the devices' threads write, which KVM's dirty log misses.
+    let ram_end = memory::ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(start, len)| start.0 + len);
+    let dirty = Arc::new(devices::dirty::DirtyPages::new(ram_end));
+    let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks, &dirty)?;
     let run = Arc::new(RunState::new(shared.clone(), transports));
     // Devices take their nodes' leases now, before the guest can probe them.
     run.start_devices().map_err(|e| Error::Device {

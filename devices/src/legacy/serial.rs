@@ -3,7 +3,9 @@
 
 use std::io::{self, Write};
 
-use vm_superio::{serial::NoEvents, Trigger};
+use base::state::{StateError, StateReader, StateWriter};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::{BusDevice, GuestRequest};
@@ -61,6 +63,63 @@ impl Serial {
     /// How many more input bytes the FIFO takes now.
     pub fn input_room(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+
+    /// Writes the UART's registers and the input bytes the guest has not
+    /// read yet.
+    pub fn save(&self, w: &mut StateWriter) {
+        let s = self.uart.state();
+        w.u8(s.baud_divisor_low)
+            .u8(s.baud_divisor_high)
+            .u8(s.interrupt_enable)
+            .u8(s.interrupt_identification)
+            .u8(s.line_control)
+            .u8(s.line_status)
+            .u8(s.modem_control)
+            .u8(s.modem_status)
+            .u8(s.scratch)
+            .bytes(&s.in_buffer);
+    }
+
+    /// Takes the registers and pending input [`save`](Self::save) wrote;
+    /// output keeps going to this port's writer. On error nothing changed.
+    pub fn restore(&mut self, r: &mut StateReader) -> Result<(), StateError> {
+        let state = SerialState {
+            baud_divisor_low: r.u8("serial baud divisor low")?,
+            baud_divisor_high: r.u8("serial baud divisor high")?,
+            interrupt_enable: r.u8("serial interrupt enable")?,
+            interrupt_identification: r.u8("serial interrupt identification")?,
+            line_control: r.u8("serial line control")?,
+            line_status: r.u8("serial line status")?,
+            modem_control: r.u8("serial modem control")?,
+            modem_status: r.u8("serial modem status")?,
+            scratch: r.u8("serial scratch")?,
+            in_buffer: r.bytes("serial input FIFO")?.to_vec(),
+        };
+        // The FIFO's size is vm-superio's; what it holds when empty is its room.
+        let fifo = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
+        if state.in_buffer.len() > fifo {
+            return Err(StateError::invalid(
+                "serial input FIFO",
+                format!(
+                    "{} bytes do not fit the {fifo}-byte FIFO",
+                    state.in_buffer.len()
+                ),
+            ));
+        }
+        let irq = self.uart.interrupt_evt().0.try_clone().map_err(|e| {
+            StateError::invalid(
+                "serial interrupt",
+                format!("cannot duplicate its eventfd: {e}"),
+            )
+        })?;
+        // Built with a stand-in writer, so that a failure keeps the real one.
+        let sink: Box<dyn Write + Send> = Box::new(io::sink());
+        let mut uart = vm_superio::Serial::from_state(&state, IrqTrigger(irq), NoEvents, sink)
+            .map_err(|e| StateError::invalid("serial", format!("{e:?}")))?;
+        std::mem::swap(uart.writer_mut(), self.uart.writer_mut());
+        self.uart = uart;
+        Ok(())
     }
 }
 
@@ -125,6 +184,76 @@ mod tests {
         let mut data = [0];
         serial.read(0, &mut data);
         assert_eq!(data, *b"x");
+    }
+
+    #[test]
+    fn save_then_restore_gives_the_same_registers_and_pending_input() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut serial = Serial::new(&irq, Box::new(sink.clone())).unwrap();
+        serial.write(3, &[0x80]); // DLAB on
+        serial.write(0, &[0x0c]); // 9600 baud
+        serial.write(3, &[0x03]); // 8n1, DLAB off
+        serial.write(1, &[0x01]); // received-data interrupt
+        serial.write(7, &[0xa5]); // scratch
+        serial.write(4, &[0x0b]); // DTR, RTS, OUT2
+        serial.enqueue_input(b"x").unwrap();
+        let mut data = [0];
+        serial.read(0, &mut data);
+        assert_eq!(data, *b"x");
+        serial.enqueue_input(b"abc").unwrap();
+        let mut w = StateWriter::new();
+        serial.save(&mut w);
+        let saved = w.into_vec();
+
+        let irq2 = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let sink2 = Sink::default();
+        let mut other = Serial::new(&irq2, Box::new(sink2.clone())).unwrap();
+        let mut r = StateReader::new(&saved);
+        other.restore(&mut r).unwrap();
+        r.finish("serial").unwrap();
+        assert_eq!(other.uart.state(), serial.uart.state());
+        assert!(
+            irq2.read().unwrap() >= 1,
+            "pending input raises the interrupt"
+        );
+        let mut w = StateWriter::new();
+        other.save(&mut w);
+        assert_eq!(w.into_vec(), saved, "save after restore is the same state");
+        for want in *b"abc" {
+            other.read(0, &mut data);
+            assert_eq!(data, [want]);
+        }
+        other.write(0, b"z");
+        assert_eq!(
+            &*sink2.0.lock().unwrap(),
+            b"z",
+            "output still goes to its writer"
+        );
+    }
+
+    #[test]
+    fn truncated_or_oversized_serial_state_is_refused_and_changes_nothing() {
+        let irq = EventFd::new(0).unwrap();
+        let mut serial = Serial::new(&irq, Box::new(io::sink())).unwrap();
+        serial.enqueue_input(b"q").unwrap();
+        let mut w = StateWriter::new();
+        serial.save(&mut w);
+        let saved = w.into_vec();
+        let before = serial.uart.state();
+        for cut in 0..saved.len() {
+            let err = serial.restore(&mut StateReader::new(&saved[..cut]));
+            assert!(matches!(err, Err(StateError::Truncated { .. })), "{cut}");
+        }
+        let mut w = StateWriter::new();
+        w.raw(&[0; 9]).bytes(&[1; 65]);
+        let big = w.into_vec();
+        let err = serial.restore(&mut StateReader::new(&big)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the saved state is invalid: serial input FIFO: 65 bytes do not fit the 64-byte FIFO"
+        );
+        assert_eq!(serial.uart.state(), before);
     }
 
     #[test]

@@ -8,12 +8,20 @@
 
 use std::sync::Arc;
 
+use base::state::{StateError, StateReader, StateWriter};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{status, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1};
+use super::{
+    status, Activation, ActiveQueue, Interrupt, QueuePosition, ResumeError, SaveError,
+    VirtioDevice, F_VERSION_1,
+};
 use crate::bus::{BusDevice, GuestRequest};
+use crate::dirty::DirtyPages;
+
+/// The version of the transport's saved state layout.
+const STATE_VERSION: u8 = 1;
 
 /// "virt" in little endian.
 const MAGIC: u32 = 0x7472_6976;
@@ -95,14 +103,35 @@ pub struct MmioTransport {
     queue_sel: u32,
     config_generation: u32,
     active: bool,
+    /// Handed to the device at activation, for the pages it writes.
+    dirty: Arc<DirtyPages>,
+}
+
+/// A transport's state as read back, checked, before any of it is applied.
+struct Saved {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    interrupt_status: u32,
+    broken: bool,
+    queues: Vec<Queue>,
+    bad: Vec<u8>,
+    /// For a device that was active: its ready queues (index, queue), at
+    /// their saved positions.
+    parked: Option<Vec<(u16, Queue)>>,
 }
 
 impl MmioTransport {
-    /// Puts `device` on the transport, interrupting through `interrupt`.
+    /// Puts `device` on the transport, interrupting through `interrupt`;
+    /// the device records the guest pages it writes in `dirty`.
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
+        dirty: Arc<DirtyPages>,
     ) -> Result<Self, MmioError> {
         let sizes = device.queue_max_sizes();
         let mut queues = Vec::with_capacity(sizes.len());
@@ -132,6 +161,7 @@ impl MmioTransport {
             queue_sel: 0,
             config_generation: 0,
             active: false,
+            dirty,
         })
     }
 
@@ -161,6 +191,287 @@ impl MmioTransport {
     /// it cannot.
     pub fn resume(&mut self) -> Result<(), ResumeError> {
         self.device.resume()
+    }
+
+    /// Writes the transport's registers, the interrupt's state and, for an
+    /// active device, where its parked queues stand and the device's own
+    /// state. Only a paused (or never activated) device can be saved.
+    pub fn save(&self, w: &mut StateWriter) -> Result<(), SaveError> {
+        let positions = if self.active {
+            Some(self.device.parked_queues()?)
+        } else {
+            None
+        };
+        let mut device_state = StateWriter::new();
+        self.device.save_state(&mut device_state)?;
+        w.u8(STATE_VERSION)
+            .u32(self.device.device_type())
+            .str(self.device.name())
+            .u32(self.status)
+            .u32(self.device_features_sel)
+            .u32(self.driver_features_sel)
+            .u64(self.acked_features)
+            .u32(self.queue_sel)
+            .u32(self.config_generation)
+            .u32(self.interrupt.status())
+            .bool(self.interrupt.is_broken());
+        w.u16(self.queues.len() as u16);
+        for (q, bad) in self.queues.iter().zip(&self.bad) {
+            w.u16(q.size())
+                .bool(q.ready())
+                .u64(q.desc_table())
+                .u64(q.avail_ring())
+                .u64(q.used_ring())
+                .u8(*bad);
+        }
+        w.bool(positions.is_some());
+        if let Some(positions) = positions {
+            w.u16(positions.len() as u16);
+            for p in positions {
+                w.u16(p.index)
+                    .u16(p.next_avail)
+                    .u16(p.next_used)
+                    .bool(p.event_idx);
+            }
+        }
+        w.bytes(device_state.as_slice());
+        Ok(())
+    }
+
+    /// Takes the state [`save`](Self::save) wrote, on a transport created
+    /// for the same device and never activated. A device that was active
+    /// is activated paused, its queues parked at their saved positions: the
+    /// next [`resume`](Self::resume) starts serving them. Anything out of
+    /// range is refused naming the device; on error nothing changed.
+    pub fn restore(&mut self, r: &mut StateReader) -> Result<(), StateError> {
+        let name = self.device.name().to_string();
+        if self.active || self.status != 0 {
+            return Err(StateError::invalid(
+                "virtio-mmio state",
+                format!("device '{name}' was set up already; state goes into a new one"),
+            ));
+        }
+        let saved = self.read_saved(r, &name)?;
+        let device_state = r.bytes("virtio device state")?;
+        let mut dr = StateReader::new(device_state);
+        self.device.restore_state(&mut dr)?;
+        dr.finish("virtio device state")?;
+        let was_active = saved.parked.is_some();
+        if let Some(queues) = saved.parked {
+            let mut active = Vec::with_capacity(queues.len());
+            for (index, queue) in queues {
+                let notify = self.notifiers[usize::from(index)]
+                    .try_clone()
+                    .map_err(|e| {
+                        StateError::invalid(
+                            "virtio queue",
+                            format!("device '{name}': cannot pass queue {index}'s eventfd: {e}"),
+                        )
+                    })?;
+                active.push(ActiveQueue {
+                    index,
+                    queue,
+                    notify,
+                });
+            }
+            let activation = Activation {
+                mem: self.mem.clone(),
+                queues: active,
+                interrupt: self.interrupt.clone(),
+                acked_features: saved.acked_features,
+                dirty: self.dirty.clone(),
+            };
+            self.device
+                .activate_paused(activation)
+                .map_err(|e| StateError::invalid("virtio device", e.to_string()))?;
+        }
+        self.active = was_active;
+        self.status = saved.status;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.acked_features = saved.acked_features;
+        self.queue_sel = saved.queue_sel;
+        self.config_generation = saved.config_generation;
+        self.queues = saved.queues;
+        self.bad = saved.bad;
+        self.interrupt
+            .set_state(saved.interrupt_status, saved.broken);
+        Ok(())
+    }
+
+    /// Reads and checks the transport's part of a saved state.
+    fn read_saved(&self, r: &mut StateReader, name: &str) -> Result<Saved, StateError> {
+        let invalid = |what: &'static str, reason: String| {
+            StateError::invalid(what, format!("device '{name}': {reason}"))
+        };
+        let version = r.u8("virtio-mmio state version")?;
+        if version != STATE_VERSION {
+            return Err(invalid(
+                "virtio-mmio state version",
+                format!("version {version} is not {STATE_VERSION}"),
+            ));
+        }
+        let device_type = r.u32("virtio device type")?;
+        if device_type != self.device.device_type() {
+            return Err(invalid(
+                "virtio device type",
+                format!(
+                    "saved as device type {device_type}, this is device type {}",
+                    self.device.device_type()
+                ),
+            ));
+        }
+        let saved_name = r.str("virtio device name")?;
+        if saved_name != name {
+            return Err(invalid(
+                "virtio device name",
+                format!("the state was saved for device '{saved_name}'"),
+            ));
+        }
+        let status = r.u32("virtio status")?;
+        let device_features_sel = r.u32("virtio device features select")?;
+        let driver_features_sel = r.u32("virtio driver features select")?;
+        let acked_features = r.u64("virtio acked features")?;
+        let queue_sel = r.u32("virtio queue select")?;
+        let config_generation = r.u32("virtio config generation")?;
+        let interrupt_status = r.u32("virtio interrupt status")?;
+        let broken = r.bool("virtio device broken")?;
+        let offered = self.device.features();
+        if status & status::FEATURES_OK != 0 && acked_features & !offered != 0 {
+            return Err(invalid(
+                "virtio acked features",
+                format!(
+                    "the driver accepted features {acked_features:#x}; this device offers {offered:#x}"
+                ),
+            ));
+        }
+        if interrupt_status & !(super::INT_USED_RING | super::INT_CONFIG) != 0 {
+            return Err(invalid(
+                "virtio interrupt status",
+                format!("{interrupt_status:#x} has unknown bits"),
+            ));
+        }
+        let count = r.u16("virtio queue count")?;
+        if usize::from(count) != self.queues.len() {
+            return Err(invalid(
+                "virtio queue count",
+                format!(
+                    "saved with {count} queues, this device has {}",
+                    self.queues.len()
+                ),
+            ));
+        }
+        let mut queues = Vec::with_capacity(self.queues.len());
+        let mut bad = Vec::with_capacity(self.queues.len());
+        for (index, fresh) in self.queues.iter().enumerate() {
+            let size = r.u16("virtio queue size")?;
+            let ready = r.bool("virtio queue ready")?;
+            let desc = r.u64("virtio descriptor table address")?;
+            let avail = r.u64("virtio avail ring address")?;
+            let used = r.u64("virtio used ring address")?;
+            let flags = r.u8("virtio queue errors")?;
+            // The registers hold only what their setters accepted, so the
+            // same setters check them.
+            let mut q = Queue::new(fresh.max_size())
+                .map_err(|e| invalid("virtio queue", format!("queue {index}: {e:?}")))?;
+            let refused = |what: &str| {
+                invalid(
+                    "virtio queue",
+                    format!("queue {index}: {what} is out of range"),
+                )
+            };
+            q.try_set_size(size)
+                .map_err(|_| refused(&format!("size {size}")))?;
+            q.try_set_desc_table_address(vm_memory::GuestAddress(desc))
+                .map_err(|_| refused(&format!("descriptor table address {desc:#x}")))?;
+            q.try_set_avail_ring_address(vm_memory::GuestAddress(avail))
+                .map_err(|_| refused(&format!("avail ring address {avail:#x}")))?;
+            q.try_set_used_ring_address(vm_memory::GuestAddress(used))
+                .map_err(|_| refused(&format!("used ring address {used:#x}")))?;
+            q.set_ready(ready);
+            if flags & !(BAD_SIZE | BAD_DESC | BAD_AVAIL | BAD_USED) != 0 {
+                return Err(refused(&format!("error flags {flags:#x}")));
+            }
+            queues.push(q);
+            bad.push(flags);
+        }
+        let parked = if r.bool("virtio device active")? {
+            if status & (status::DRIVER_OK | status::FEATURES_OK)
+                != status::DRIVER_OK | status::FEATURES_OK
+            {
+                return Err(invalid(
+                    "virtio status",
+                    format!("active, but status {status:#x} lacks DRIVER_OK or FEATURES_OK"),
+                ));
+            }
+            let event_idx =
+                acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0;
+            let n = r.u16("virtio parked queue count")?;
+            let ready: Vec<usize> = (0..queues.len()).filter(|&i| queues[i].ready()).collect();
+            if usize::from(n) != ready.len() {
+                return Err(invalid(
+                    "virtio parked queues",
+                    format!("{n} parked queues, but {} are ready", ready.len()),
+                ));
+            }
+            let mut parked = Vec::with_capacity(ready.len());
+            for &index in &ready {
+                let p = QueuePosition {
+                    index: r.u16("virtio queue index")?,
+                    next_avail: r.u16("virtio queue next avail")?,
+                    next_used: r.u16("virtio queue next used")?,
+                    event_idx: r.bool("virtio queue event idx")?,
+                };
+                let wrong = |what: String| {
+                    invalid("virtio parked queues", format!("queue {index}: {what}"))
+                };
+                if usize::from(p.index) != index {
+                    return Err(wrong(format!("saved as queue {}", p.index)));
+                }
+                if bad[index] != 0 || !queues[index].is_valid(&self.mem) {
+                    return Err(wrong(
+                        "its size or a ring address is bad or outside guest memory".into(),
+                    ));
+                }
+                if p.event_idx != event_idx {
+                    return Err(wrong(format!(
+                        "EVENT_IDX {} while the acked features say {event_idx}",
+                        p.event_idx
+                    )));
+                }
+                // A used index more than a queue ahead of the avail one
+                // is one no driver produced.
+                let size = queues[index].size();
+                if p.next_avail.wrapping_sub(p.next_used) > size {
+                    return Err(wrong(format!(
+                        "next avail {} is more than {size} ahead of next used {}",
+                        p.next_avail, p.next_used
+                    )));
+                }
+                let mut q =
+                    Queue::try_from(queues[index].state()).map_err(|e| wrong(format!("{e:?}")))?;
+                q.set_next_avail(p.next_avail);
+                q.set_next_used(p.next_used);
+                q.set_event_idx(p.event_idx);
+                parked.push((p.index, q));
+            }
+            Some(parked)
+        } else {
+            None
+        };
+        Ok(Saved {
+            status,
+            device_features_sel,
+            driver_features_sel,
+            acked_features,
+            queue_sel,
+            config_generation,
+            interrupt_status,
+            broken,
+            queues,
+            bad,
+            parked,
+        })
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -372,6 +683,7 @@ impl MmioTransport {
             queues: active,
             interrupt: self.interrupt.clone(),
             acked_features: self.acked_features,
+            dirty: self.dirty.clone(),
         };
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
@@ -497,6 +809,7 @@ mod tests {
             Box::new(Fake(record.clone())),
             mem,
             Arc::new(Interrupt::new(irq)),
+            Arc::new(DirtyPages::new(1 << 20)),
         )
         .unwrap();
         (t, record)

@@ -17,9 +17,12 @@ pub mod mmio;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
+use base::state::{StateError, StateReader, StateWriter};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::dirty::DirtyPages;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {
@@ -94,6 +97,15 @@ impl Interrupt {
         self.status.fetch_and(!causes, Ordering::AcqRel);
     }
 
+    /// The error state, as [`is_broken`](Self::is_broken) and
+    /// [`status`](Self::status) read it, taken from saved state without
+    /// raising anything (the interrupt controller's state carries a pending
+    /// interrupt).
+    pub(crate) fn set_state(&self, status: u32, broken: bool) {
+        self.status.store(status, Ordering::Release);
+        self.broken.store(broken, Ordering::Release);
+    }
+
     /// Back to the state after power-on: no causes, not broken.
     pub fn reset(&self) {
         self.status.store(0, Ordering::Release);
@@ -121,6 +133,44 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// Where the device records the guest pages it writes while migration
+    /// tracks them.
+    pub dirty: Arc<DirtyPages>,
+}
+
+/// Where a parked queue stands: what a paused device's state adds to the
+/// transport's registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// The queue's index on the device.
+    pub index: u16,
+    /// The next avail ring entry the device will take.
+    pub next_avail: u16,
+    /// The next used ring entry the device will fill.
+    pub next_used: u16,
+    /// Whether VIRTIO_F_EVENT_IDX is in use on it.
+    pub event_idx: bool,
+}
+
+/// Why a device's state could not be saved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaveError {
+    /// Its dataplane runs: only a paused device has a state to save.
+    #[error("cannot save virtio device '{device}' while it runs: the VM must be paused first")]
+    Running { device: String },
+    /// Its dataplane never drained: I/O may still land.
+    #[error(
+        "cannot save virtio device '{device}': it is stuck (its dataplane never drained its I/O)"
+    )]
+    Stuck { device: String },
+    /// A dataplane that failed took the queues with it.
+    #[error(
+        "cannot save virtio device '{device}': its queues were lost when its dataplane failed"
+    )]
+    QueuesLost { device: String },
+    /// The device has no way to save an active state.
+    #[error("cannot save virtio device '{device}': it cannot save its state while active")]
+    Unsupported { device: String },
 }
 
 /// Why a device could not be activated.
@@ -175,5 +225,30 @@ pub trait VirtioDevice: Send {
     /// serve the queues again, or say who is in the way.
     fn resume(&mut self) -> Result<(), ResumeError> {
         Ok(())
+    }
+    /// Where each parked queue of a paused active device stands, for
+    /// saving it; the error says why it cannot be saved now.
+    fn parked_queues(&self) -> Result<Vec<QueuePosition>, SaveError> {
+        Err(SaveError::Unsupported {
+            device: self.name().to_string(),
+        })
+    }
+    /// Writes the device's own state (beyond the transport's); called on a
+    /// paused or never activated device.
+    fn save_state(&self, _w: &mut StateWriter) -> Result<(), SaveError> {
+        Ok(())
+    }
+    /// Reads what [`save_state`](Self::save_state) wrote, refusing state
+    /// this device cannot take (a disk of another size, say), naming it.
+    fn restore_state(&mut self, _r: &mut StateReader) -> Result<(), StateError> {
+        Ok(())
+    }
+    /// Activates the device as a paused one with its queues parked: no
+    /// thread runs and nothing is taken until [`resume`](Self::resume).
+    fn activate_paused(&mut self, _activation: Activation) -> Result<(), ActivateError> {
+        Err(ActivateError {
+            device: self.name().to_string(),
+            reason: "it cannot be restored active".into(),
+        })
     }
 }

@@ -31,6 +31,12 @@
 //! bitmap meanwhile loses nothing (see `block::bitmap`). With no bitmap
 //! recording, that costs one atomic load per request.
 //!
+//! While migration tracks dirty guest pages, every page the thread writes
+//! (data it read, GET_ID answers, status bytes, used ring entries and
+//! event indexes) is marked in the VM's [`DirtyPages`] once written: KVM's
+//! log does not see writes from the kernel or from this thread. Otherwise
+//! that costs one relaxed atomic load per completed request.
+//!
 //! Reads and writes pass the device's throttle gate (`throttle.rs`) before
 //! they reach the engine: one over the limits waits there, in order, until
 //! a timer says its turn has come; a stopping dataplane serves them all.
@@ -53,6 +59,7 @@ use super::poll::PollWindow;
 use super::request::{self, status, Buffer, DiskLimits, Refused, Request, RequestKind};
 use super::stats::{self, BlockStats, Recorder};
 use super::throttle::{Gate, ThrottleControl};
+use crate::dirty::DirtyPages;
 use crate::virtio::{Activation, ActiveQueue, Interrupt, INT_USED_RING};
 
 /// Tells a dataplane to stop: a flag its poll loop can read without a
@@ -118,6 +125,8 @@ struct InFlight {
     status: GuestAddress,
     /// Bytes written into guest buffers, reported in the used ring.
     used_len: u32,
+    /// Whether the engine fills its buffers (a read): marked dirty at the end.
+    fills: bool,
     /// Kept alive until the engine is done with them.
     iovecs: Vec<libc::iovec>,
     /// Engine operations still outstanding (DISCARD has one per segment).
@@ -178,6 +187,8 @@ pub(crate) struct Dataplane {
     bitmaps: Arc<Bitmaps>,
     /// Range lists of finished writes, emptied, for the next ones.
     spare_written: Vec<Vec<(u64, u64)>>,
+    /// Guest pages this thread writes, while migration tracks them.
+    dirty: Arc<DirtyPages>,
 }
 
 /// Empty poll rounds between two clock readings: a round costs a few
@@ -223,6 +234,7 @@ impl Dataplane {
             mem: activation.mem,
             queues: activation.queues,
             interrupt: activation.interrupt,
+            dirty: activation.dirty,
             engine,
             limits,
             id,
@@ -450,6 +462,7 @@ impl Dataplane {
                 self.interrupt.fail();
             }
         }
+        self.mark_used_rings();
         // The window counts from the first clock reading after the last
         // work, at most CLOCK_EVERY rounds late.
         let mut idle: Option<(Instant, Instant)> = None;
@@ -587,7 +600,41 @@ impl Dataplane {
                 }
             }
         }
+        self.mark_used_rings();
         pending
+    }
+
+    /// Marks the used rings dirty (flags, entries, index, avail event),
+    /// after a write to them, if migration tracks dirty pages.
+    fn mark_used_rings(&self) {
+        if self.dirty.is_logging() {
+            for q in 0..self.queues.len() {
+                self.mark_used_ring(q);
+            }
+        }
+    }
+
+    /// Marks queue `q`'s used ring dirty (the caller checked logging).
+    fn mark_used_ring(&self, q: usize) {
+        let queue = &self.queues[q].queue;
+        // flags, idx, the ring, avail_event (virtio 1.2, 2.7.8).
+        let len = 6 + 8 * u64::from(queue.size());
+        self.dirty.mark(queue.used_ring(), len);
+    }
+
+    /// After a request's status and used entry are written: marks them,
+    /// and `data`, dirty if migration tracks dirty pages. The one atomic
+    /// load per request comes after the writes, so a write it does not
+    /// mark happened before tracking started.
+    fn mark_answered(&self, q: usize, status: GuestAddress, data: &[Buffer]) {
+        if !self.dirty.is_logging() {
+            return;
+        }
+        for b in data {
+            self.dirty.mark(b.addr.0, u64::from(b.len));
+        }
+        self.dirty.mark(status.0, 1);
+        self.mark_used_ring(q);
     }
 
     /// A driver error that only a reset can clear.
@@ -685,6 +732,7 @@ impl Dataplane {
                     }
                     self.write_status(addr, error.status());
                     self.add_used(q, head, 1);
+                    self.mark_answered(q, addr, &[]);
                 }
             }
         }
@@ -808,6 +856,7 @@ impl Dataplane {
             head,
             status: req.status,
             used_len: 1,
+            fills: false,
             iovecs: Vec::new(),
             pending: 1,
             expect: None,
@@ -838,6 +887,7 @@ impl Dataplane {
                 };
                 self.write_status(req.status, ok);
                 self.add_used(q, head, written as u32 + 1);
+                self.mark_answered(q, req.status, &req.data);
                 return;
             }
             RequestKind::In | RequestKind::Out => {
@@ -850,12 +900,14 @@ impl Dataplane {
                     }
                     self.write_status(req.status, status::IOERR);
                     self.add_used(q, head, 1);
+                    self.mark_answered(q, req.status, &[]);
                     return;
                 }
                 entry.iovecs = iovecs;
                 entry.expect = Some(req.data_len);
                 if req.kind == RequestKind::In {
                     entry.used_len = req.data_len as u32 + 1;
+                    entry.fills = true;
                 }
             }
             RequestKind::Discard(segs) | RequestKind::WriteZeroes(segs) => {
@@ -951,9 +1003,6 @@ impl Dataplane {
         }
         let mut entry = self.slots[slot].take().expect("checked above");
         self.free.push(slot);
-        let mut iovecs = std::mem::take(&mut entry.iovecs);
-        iovecs.clear();
-        self.spare_iovecs.push(iovecs);
         if !entry.written.is_empty() {
             if self.bitmaps.is_recording() {
                 for &(offset, len) in &entry.written {
@@ -974,6 +1023,36 @@ impl Dataplane {
         self.write_status(entry.status, value);
         let used = if entry.failed { 1 } else { entry.used_len };
         self.add_used(entry.queue, entry.head, used);
+        if self.dirty.is_logging() {
+            // A failed read may have filled part of its buffers: all are marked.
+            if entry.fills {
+                for iov in &entry.iovecs {
+                    self.mark_host_range(iov.iov_base as usize, iov.iov_len as u64);
+                }
+            }
+            self.dirty.mark(entry.status.0, 1);
+            self.mark_used_ring(entry.queue);
+        }
+        let mut iovecs = std::mem::take(&mut entry.iovecs);
+        iovecs.clear();
+        self.spare_iovecs.push(iovecs);
+    }
+
+    /// Marks the guest pages behind host range `start`..+`len` (a buffer's
+    /// iovec, inside one region of guest memory) dirty.
+    fn mark_host_range(&self, start: usize, len: u64) {
+        use vm_memory::{GuestMemoryRegion, MemoryRegionAddress};
+        for region in self.mem.iter() {
+            let Ok(base) = region.get_host_address(MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let base = base as usize;
+            if start >= base && ((start - base) as u64) < region.len() {
+                let gpa = region.start_addr().0 + (start - base) as u64;
+                self.dirty.mark(gpa, len);
+                return;
+            }
+        }
     }
 
     /// Interrupts the guest for queues whose used ring changed, if it wants.

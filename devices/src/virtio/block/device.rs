@@ -25,9 +25,12 @@ use super::request::{DiskLimits, ID_BYTES, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use super::slot::NodeSlot;
 use super::stats::BlockStats;
 use super::throttle::ThrottleControl;
+use crate::dirty::DirtyPages;
 use crate::virtio::{
-    ActivateError, Activation, ActiveQueue, Interrupt, ResumeError, VirtioDevice, F_VERSION_1,
+    ActivateError, Activation, ActiveQueue, Interrupt, QueuePosition, ResumeError, SaveError,
+    VirtioDevice, F_VERSION_1,
 };
+use base::state::{StateError, StateReader, StateWriter};
 use block::throttle::Limits;
 
 /// The virtio device ID of a block device.
@@ -78,6 +81,7 @@ struct Active {
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
     acked_features: u64,
+    dirty: Arc<DirtyPages>,
     /// The queues, while no dataplane runs (paused).
     parked: Option<Vec<ActiveQueue>>,
 }
@@ -303,6 +307,7 @@ impl Block {
             queues,
             interrupt: active.interrupt.clone(),
             acked_features: active.acked_features,
+            dirty: active.dirty.clone(),
         };
         let mut id = [0u8; ID_BYTES as usize];
         let serial = self.config.serial.as_bytes();
@@ -486,6 +491,7 @@ impl VirtioDevice for Block {
             mem: activation.mem,
             interrupt: activation.interrupt,
             acked_features: activation.acked_features,
+            dirty: activation.dirty,
             parked: None,
         });
         self.spawn(activation.queues).map_err(|reason| {
@@ -531,6 +537,120 @@ impl VirtioDevice for Block {
         if self.paused_host.is_none() {
             self.lease = None;
         }
+    }
+
+    fn parked_queues(&self) -> Result<Vec<QueuePosition>, SaveError> {
+        let device = self.config.id.clone();
+        if self.stuck {
+            return Err(SaveError::Stuck { device });
+        }
+        if self.worker.is_some() {
+            return Err(SaveError::Running { device });
+        }
+        let Some(active) = &self.active else {
+            return Ok(Vec::new());
+        };
+        use virtio_queue::QueueT;
+        let parked = active
+            .parked
+            .as_ref()
+            .ok_or(SaveError::QueuesLost { device })?;
+        Ok(parked
+            .iter()
+            .map(|q| QueuePosition {
+                index: q.index,
+                next_avail: q.queue.next_avail(),
+                next_used: q.queue.next_used(),
+                event_idx: q.queue.event_idx_enabled(),
+            })
+            .collect())
+    }
+
+    fn save_state(&self, w: &mut StateWriter) -> Result<(), SaveError> {
+        // What the guest's driver was set up for; a destination whose disk
+        // differs refuses it in `restore_state`.
+        let capacity = self.node.with(|node| node.driver().size()) / SECTOR_SIZE;
+        w.u64(capacity)
+            .u16(self.config.queues)
+            .u16(self.config.queue_size)
+            .bool(self.config.read_only)
+            .u64(self.active.as_ref().map_or(0, |a| a.acked_features));
+        Ok(())
+    }
+
+    fn restore_state(&mut self, r: &mut StateReader) -> Result<(), StateError> {
+        let capacity = r.u64("virtio-blk capacity")?;
+        let queues = r.u16("virtio-blk queue count")?;
+        let queue_size = r.u16("virtio-blk queue size")?;
+        let read_only = r.bool("virtio-blk read-only flag")?;
+        let acked = r.u64("virtio-blk acked features")?;
+        let id = &self.config.id;
+        let here = self.node.with(|node| node.driver().size()) / SECTOR_SIZE;
+        let differs = |what: &'static str, saved: String, here: String| {
+            StateError::invalid(
+                what,
+                format!("disk '{id}' had {saved} when saved, here it has {here}"),
+            )
+        };
+        if capacity != here {
+            return Err(differs(
+                "virtio-blk capacity",
+                format!("{capacity} sectors"),
+                format!("{here} sectors"),
+            ));
+        }
+        if queues != self.config.queues {
+            return Err(differs(
+                "virtio-blk queue count",
+                format!("{queues} queues"),
+                format!("{}", self.config.queues),
+            ));
+        }
+        if queue_size != self.config.queue_size {
+            return Err(differs(
+                "virtio-blk queue size",
+                format!("queue size {queue_size}"),
+                format!("{}", self.config.queue_size),
+            ));
+        }
+        if read_only != self.config.read_only {
+            let ro = |ro: bool| if ro { "read-only" } else { "read-write" };
+            return Err(StateError::invalid(
+                "virtio-blk read-only flag",
+                format!(
+                    "disk '{id}' was {} when saved, here it is {}",
+                    ro(read_only),
+                    ro(self.config.read_only)
+                ),
+            ));
+        }
+        if acked & !self.features != 0 {
+            return Err(StateError::invalid(
+                "virtio-blk acked features",
+                format!(
+                    "disk '{id}': its driver uses features {:#x} this device does not offer",
+                    acked & !self.features
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn activate_paused(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        if self.active.is_some() || self.worker.is_some() {
+            return Err(ActivateError {
+                device: self.config.id.clone(),
+                reason: "it is already active".into(),
+            });
+        }
+        self.active = Some(Active {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            acked_features: activation.acked_features,
+            dirty: activation.dirty,
+            parked: Some(activation.queues),
+        });
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), ResumeError> {
@@ -673,6 +793,7 @@ mod tests {
                 }],
                 interrupt: Arc::new(Interrupt::new(irq)),
                 acked_features: F_VERSION_1,
+                dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
             })
             .unwrap();
         notifier.write(1).unwrap();
@@ -716,6 +837,7 @@ mod tests {
                     }],
                     interrupt: Arc::new(Interrupt::new(irq)),
                     acked_features: F_VERSION_1,
+                    dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
                 })
                 .unwrap();
         };
@@ -806,6 +928,7 @@ mod tests {
                 }],
                 interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
                 acked_features: F_VERSION_1,
+                dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
             })
             .unwrap();
         notifier.write(1).unwrap();

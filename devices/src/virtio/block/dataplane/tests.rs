@@ -251,6 +251,7 @@ fn later(
         }],
         interrupt: interrupt.clone(),
         acked_features: F_VERSION_1,
+        dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
     };
     let mut id = [0u8; request::ID_BYTES as usize];
     id[..4].copy_from_slice(b"SN-1");
