@@ -942,4 +942,334 @@ mod tests {
         t.read(0x104, &mut cfg);
         assert_eq!(cfg, [4, 4], "config space reads go to the device");
     }
+
+    /// Save and restore with a real virtio-blk device over a graph node.
+    mod blk {
+        use super::*;
+        use crate::virtio::block::{device_holder, Block, BlockConfig};
+        use crate::virtio::SaveError;
+        use block::{FileOptions, Graph, Holder};
+        use std::time::{Duration, Instant};
+        use virtio_bindings::virtio_ring::{
+            VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        };
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::Bytes;
+
+        const MEM: u64 = 4 << 20;
+        const HDRS: u64 = 0x10_0000;
+        const BUFS: u64 = 0x20_0000;
+        const STATUS: u64 = 0x30_0000;
+        /// Requests the test sends in all (one 4 KiB read of block k each).
+        const REQUESTS: u16 = 40;
+
+        /// A disk file of `blocks` 4 KiB blocks, block k filled with k.
+        fn disk_file(name: &str, blocks: u64) -> std::path::PathBuf {
+            let path =
+                std::env::temp_dir().join(format!("devices-mmio-{}-{name}", std::process::id()));
+            let data: Vec<u8> = (0..blocks * 4096).map(|i| (i / 4096) as u8).collect();
+            std::fs::write(&path, data).unwrap();
+            path
+        }
+
+        fn config() -> BlockConfig {
+            BlockConfig {
+                id: "vdt".into(),
+                read_only: false,
+                queues: 1,
+                queue_size: 256,
+                serial: "S".into(),
+                poll: Duration::ZERO,
+                live_jobs: false,
+            }
+        }
+
+        fn transport(
+            graph: &Graph,
+            mem: &GuestMemoryMmap,
+            dirty: &Arc<DirtyPages>,
+        ) -> MmioTransport {
+            let node = graph.get("drive0", device_holder("vdt")).unwrap();
+            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            MmioTransport::new(
+                Box::new(Block::new(config(), node)),
+                mem.clone(),
+                Arc::new(Interrupt::new(irq)),
+                dirty.clone(),
+            )
+            .unwrap()
+        }
+
+        /// Publishes reads k in `range` (header, 4 KiB buffer, status),
+        /// descriptors 3k..3k+3.
+        fn publish(
+            mem: &GuestMemoryMmap,
+            mock: &MockSplitQueue<GuestMemoryMmap>,
+            range: std::ops::Range<u16>,
+        ) {
+            let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+            for k in range {
+                let mut header = [0u8; 16];
+                header[8..16].copy_from_slice(&(u64::from(k) * 8).to_le_bytes());
+                let hdr = HDRS + u64::from(k) * 16;
+                mem.write_slice(&header, GuestAddress(hdr)).unwrap();
+                mem.write_obj(0xffu8, GuestAddress(STATUS + u64::from(k)))
+                    .unwrap();
+                let d = 3 * k;
+                let descs = [
+                    SplitDescriptor::new(hdr, 16, next, d + 1),
+                    SplitDescriptor::new(BUFS + u64::from(k) * 4096, 4096, next | write, d + 2),
+                    SplitDescriptor::new(STATUS + u64::from(k), 1, write, 0),
+                ]
+                .map(RawDescriptor::from);
+                mock.add_desc_chains(&descs, d).unwrap();
+            }
+        }
+
+        fn used_idx(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+            mem.read_obj(GuestAddress(mock.used_addr().0 + 2)).unwrap()
+        }
+
+        /// Waits until the used index reaches `n`, without notifying.
+        fn wait_used(mem: &GuestMemoryMmap, mock: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while used_idx(mem, mock) != n {
+                assert!(
+                    Instant::now() < deadline,
+                    "used index {} never reached {n}",
+                    used_idx(mem, mock)
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// Every read up to `n` completed with its block's data.
+        fn check_served(mem: &GuestMemoryMmap, n: u16) {
+            for k in 0..n {
+                let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(k))).unwrap();
+                assert_eq!(status, 0, "request {k}");
+                let mut buf = [0u8; 4096];
+                mem.read_slice(&mut buf, GuestAddress(BUFS + u64::from(k) * 4096))
+                    .unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == k as u8),
+                    "request {k} read block {k}"
+                );
+            }
+        }
+
+        /// Sets the device up as a driver does, queue 0 at `mock`'s rings.
+        fn drive(t: &mut MmioTransport, mock: &MockSplitQueue<GuestMemoryMmap>) {
+            let features = F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
+            w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+            w(t, reg::DRIVER_FEATURES_SEL, 0);
+            w(t, reg::DRIVER_FEATURES, features as u32);
+            w(t, reg::DRIVER_FEATURES_SEL, 1);
+            w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+            w(
+                t,
+                reg::STATUS,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            );
+            w(t, reg::QUEUE_SEL, 0);
+            w(t, reg::QUEUE_NUM, 256);
+            w(t, reg::QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
+            w(t, reg::QUEUE_DRIVER_LOW, mock.avail_addr().0 as u32);
+            w(t, reg::QUEUE_DEVICE_LOW, mock.used_addr().0 as u32);
+            w(t, reg::QUEUE_READY, 1);
+            w(t, reg::STATUS, DRIVER_OK);
+            assert_eq!(r(t, reg::STATUS), DRIVER_OK);
+        }
+
+        fn save(t: &MmioTransport) -> Vec<u8> {
+            let mut w = StateWriter::new();
+            t.save(&mut w).unwrap();
+            w.into_vec()
+        }
+
+        fn restore(t: &mut MmioTransport, state: &[u8]) -> Result<(), StateError> {
+            let mut r = StateReader::new(state);
+            t.restore(&mut r)?;
+            r.finish("virtio-mmio")
+        }
+
+        /// Offset of queue 0's size in a saved state of device "vdt".
+        const QUEUE0: usize = 1 + 4 + (4 + 3) + 4 * 3 + 8 + 4 * 3 + 1 + 2;
+
+        #[test]
+        fn a_paused_device_moves_to_a_new_transport_and_serves_on_from_where_it_was() {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+            let mock = MockSplitQueue::new(&mem, 256);
+            let path = disk_file("move", 256);
+            let graph = Graph::new();
+            graph
+                .add_disk("drive0", false, FileOptions::new(path.clone()))
+                .unwrap();
+            let job = graph
+                .get("drive0", Holder::Job { id: "job0".into() })
+                .unwrap();
+            let dirty = Arc::new(DirtyPages::new(MEM));
+
+            let mut t = transport(&graph, &mem, &dirty);
+            t.resume().unwrap();
+            drive(&mut t, &mock);
+            publish(&mem, &mock, 0..8);
+            t.notifiers()[0].write(1).unwrap();
+            wait_used(&mem, &mock, 8);
+            assert_eq!(
+                t.save(&mut StateWriter::new()).unwrap_err(),
+                SaveError::Running {
+                    device: "vdt".into()
+                }
+            );
+
+            // Pause and save; the source resumes (a failed migration) and
+            // serves what was published while it was paused, unnotified.
+            t.pause();
+            publish(&mem, &mock, 8..16);
+            let first = save(&t);
+            t.resume().unwrap();
+            wait_used(&mem, &mock, 16);
+
+            t.pause();
+            publish(&mem, &mock, 16..24);
+            let state = save(&t);
+            assert_ne!(first, state, "the queue moved on");
+            drop(t);
+
+            // The destination: a new device on the same node, memory as moved.
+            let mut t = transport(&graph, &mem, &dirty);
+            restore(&mut t, &state).unwrap();
+            assert_eq!(save(&t), state, "restore then save gives the same state");
+            assert_eq!(graph.info(&job).lease, None, "no lease before resume");
+            assert_eq!(used_idx(&mem, &mock), 16, "nothing served before resume");
+            assert_eq!(r(&mut t, reg::STATUS), DRIVER_OK);
+            dirty.start();
+            t.resume().unwrap();
+            // Published before the save, never seen: served without a notify.
+            wait_used(&mem, &mock, 24);
+            publish(&mem, &mock, 24..REQUESTS);
+            t.notifiers()[0].write(1).unwrap();
+            wait_used(&mem, &mock, REQUESTS);
+            check_served(&mem, REQUESTS);
+            assert_eq!(
+                graph.info(&job).lease,
+                Some(crate::virtio::block::dataplane_holder("vdt"))
+            );
+
+            // Every page the dataplane wrote is marked; pages it only read are not.
+            let mut pages = Vec::new();
+            dirty.harvest(|p| pages.push(p));
+            for k in 16..REQUESTS {
+                let page = (BUFS >> 12) + u64::from(k);
+                assert!(
+                    pages.contains(&page),
+                    "buffer of request {k} (page {page:#x})"
+                );
+            }
+            assert!(pages.contains(&(STATUS >> 12)), "status bytes");
+            let used = mock.used_addr().0;
+            assert!(pages.contains(&(used >> 12)), "used ring");
+            assert!(
+                pages.contains(&((used + 6 + 8 * 256 - 1) >> 12)),
+                "avail event"
+            );
+            assert!(!pages.contains(&(HDRS >> 12)), "headers are only read");
+            assert!(
+                !pages.contains(&((BUFS >> 12) + 15)),
+                "served before logging"
+            );
+            t.shutdown();
+            std::fs::remove_file(path).unwrap();
+        }
+
+        #[test]
+        fn truncated_corrupt_or_mismatched_state_is_refused_naming_the_device() {
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+            let mock = MockSplitQueue::new(&mem, 256);
+            let path = disk_file("corrupt", 256);
+            let graph = Graph::new();
+            graph
+                .add_disk("drive0", false, FileOptions::new(path.clone()))
+                .unwrap();
+            let dirty = Arc::new(DirtyPages::new(MEM));
+            let mut t = transport(&graph, &mem, &dirty);
+            t.resume().unwrap();
+            drive(&mut t, &mock);
+            t.pause();
+            let state = save(&t);
+            drop(t);
+
+            let mut t = transport(&graph, &mem, &dirty);
+            for cut in 0..state.len() {
+                assert!(
+                    restore(&mut t, &state[..cut]).is_err(),
+                    "prefix of {cut} bytes"
+                );
+            }
+            let corrupt = |at: usize, bytes: &[u8]| {
+                let mut s = state.clone();
+                s[at..at + bytes.len()].copy_from_slice(bytes);
+                s
+            };
+            let cases = [
+                (
+                    corrupt(QUEUE0, &100u16.to_le_bytes()),
+                    "queue 0: size 100 is out of range",
+                ),
+                (
+                    corrupt(QUEUE0, &512u16.to_le_bytes()),
+                    "queue 0: size 512 is out of range",
+                ),
+                (
+                    corrupt(QUEUE0 + 3, &(MEM + 0x1000).to_le_bytes()),
+                    "queue 0: its size or a ring address is bad or outside guest memory",
+                ),
+                (
+                    corrupt(QUEUE0 + 3, &0x1001u64.to_le_bytes()),
+                    "queue 0: descriptor table address 0x1001 is out of range",
+                ),
+                (
+                    corrupt(QUEUE0 - 2, &2u16.to_le_bytes()),
+                    "saved with 2 queues, this device has 1",
+                ),
+                (corrupt(0, &[9]), "version 9 is not 1"),
+                (corrupt(QUEUE0 + 2, &[2]), "is not 0 or 1"),
+            ];
+            for (bad, want) in &cases {
+                let err = match restore(&mut t, bad) {
+                    Ok(()) => panic!("taken, where it should fail with: {want}"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(err.contains(want), "{err}");
+                assert!(err.contains("'vdt'") || want.contains("0 or 1"), "{err}");
+            }
+            // Nothing was changed by all that: the whole state still goes in.
+            restore(&mut t, &state).unwrap();
+            assert!(
+                restore(&mut t, &state).is_err(),
+                "a transport takes state once"
+            );
+            t.shutdown();
+            drop(t);
+
+            // A disk of another size is refused, naming both sizes.
+            let other = disk_file("corrupt-big", 512);
+            let graph = Graph::new();
+            graph
+                .add_disk("drive0", false, FileOptions::new(other.clone()))
+                .unwrap();
+            let mut t = transport(&graph, &mem, &dirty);
+            let err = restore(&mut t, &state).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "the saved state is invalid: virtio-blk capacity: \
+                 disk 'vdt' had 2048 sectors when saved, here it has 4096 sectors"
+            );
+            assert_eq!(r(&mut t, reg::STATUS), 0, "nothing taken");
+            std::fs::remove_file(path).unwrap();
+            std::fs::remove_file(other).unwrap();
+        }
+    }
 }
