@@ -943,6 +943,56 @@ mod tests {
         assert_eq!(cfg, [4, 4], "config space reads go to the device");
     }
 
+    #[test]
+    fn registers_of_a_device_never_activated_survive_save_and_restore() {
+        let (mut t, _) = transport();
+        // Mid-setup: features accepted, queue 0 half set up, a bad size on queue 1.
+        set_up(&mut t, F_VERSION_1 | 1, 8);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        w(&mut t, reg::QUEUE_NUM, 5);
+        w(&mut t, reg::QUEUE_READY, 1);
+        w(&mut t, reg::DEVICE_FEATURES_SEL, 1);
+        t.interrupt.raise(super::super::INT_CONFIG);
+        let mut saved = StateWriter::new();
+        t.save(&mut saved).unwrap();
+        let saved = saved.into_vec();
+
+        let (mut u, record) = transport();
+        let mut reader = StateReader::new(&saved);
+        u.restore(&mut reader).unwrap();
+        reader.finish("virtio-mmio").unwrap();
+        for offset in [
+            reg::STATUS,
+            reg::DEVICE_FEATURES,
+            reg::QUEUE_SEL,
+            reg::INTERRUPT_STATUS,
+            reg::CONFIG_GENERATION,
+        ] {
+            assert_eq!(r(&mut u, offset), r(&mut t, offset), "register {offset:#x}");
+        }
+        assert_eq!(u.acked_features, F_VERSION_1 | 1);
+        assert_eq!(u.bad, vec![0, BAD_SIZE]);
+        assert_eq!(u.queues[0].size(), 8);
+        assert!(u.queues[0].ready() && u.queues[1].ready());
+        // The driver finishes setup on the destination: queue 1 still refused.
+        w(&mut u, reg::STATUS, DRIVER_OK);
+        assert!(record.lock().unwrap().activated.is_empty());
+        assert_ne!(r(&mut u, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn an_active_device_that_cannot_save_its_queues_is_named_in_the_error() {
+        let (mut t, _) = transport();
+        set_up(&mut t, F_VERSION_1, 8);
+        w(&mut t, reg::STATUS, DRIVER_OK);
+        t.pause();
+        let err = t.save(&mut StateWriter::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cannot save virtio device 'fake0': it cannot save its state while active"
+        );
+    }
+
     /// Save and restore with a real virtio-blk device over a graph node.
     mod blk {
         use super::*;
