@@ -448,6 +448,7 @@ pub struct Bursts {
     dataplane: Dataplane,
     interrupt: Arc<Interrupt>,
     avail_idx: u16,
+    dirty: Arc<crate::dirty::DirtyPages>,
 }
 
 impl Bursts {
@@ -514,6 +515,9 @@ impl Bursts {
             discard: true,
             write_zeroes: true,
         };
+        // Up to the end of the last RAM region.
+        let (last, len) = REGIONS[REGIONS.len() - 1];
+        let dirty = Arc::new(crate::dirty::DirtyPages::new(last + len as u64));
         let activation = Activation {
             mem: mem.clone(),
             queues: vec![ActiveQueue {
@@ -523,7 +527,7 @@ impl Bursts {
             }],
             interrupt: interrupt.clone(),
             acked_features: F_VERSION_1,
-            dirty: Arc::new(crate::dirty::DirtyPages::new(0)),
+            dirty: dirty.clone(),
         };
         let dataplane = Dataplane::new(
             "bursts".into(),
@@ -540,7 +544,14 @@ impl Bursts {
             dataplane,
             interrupt,
             avail_idx: 0,
+            dirty,
         }
+    }
+
+    /// The pages the dataplane marks as it writes guest memory (not
+    /// logging until started).
+    pub fn dirty(&self) -> &crate::dirty::DirtyPages {
+        &self.dirty
     }
 
     /// Posts the first `n` requests (at most [`Bursts::MAX`]) and serves
@@ -712,7 +723,8 @@ pub fn virtio_mmio(data: &[u8]) {
         interrupt.clone(),
         {
             // Logging on: the marking paths are fuzzed too.
-            let dirty = crate::dirty::DirtyPages::new(1 << 32);
+            let (last, len) = REGIONS[REGIONS.len() - 1];
+            let dirty = crate::dirty::DirtyPages::new(last + len as u64);
             dirty.start();
             Arc::new(dirty)
         },

@@ -35,6 +35,20 @@ fn a_warm_burst_allocates_nothing_with_requests_timed_too() {
 }
 
 #[test]
+fn a_warm_burst_allocates_nothing_while_dirty_pages_are_logged() {
+    const N: u16 = 64;
+    let mut bursts = Bursts::new(false);
+    bursts.dirty().start();
+    assert_eq!(bursts.burst(N), (N, N));
+    let mut pages = 0;
+    bursts.dirty().harvest(|_| pages += 1);
+    assert!(pages > 0, "a burst of reads marks the pages it wrote");
+    let (served, count) = allocations(|| bursts.burst(N));
+    assert_eq!((served, count), ((N, N), 0));
+    bursts.finish();
+}
+
+#[test]
 fn the_counter_sees_allocations() {
     let (v, count) = allocations(|| vec![1u8; 100]);
     assert_eq!((v.len(), count), (100, 1));
