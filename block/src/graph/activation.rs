@@ -40,6 +40,10 @@ impl Graph {
             return Ok(());
         }
         let mut nodes = self.live_nodes();
+        // Top down: a lease covers the nodes below, so the node the
+        // holder took is named; and a format writes its tables back
+        // through its file before that file lets go.
+        nodes.sort_by_key(|n| std::cmp::Reverse(n.depth()));
         for n in &nodes {
             if let Some(holder) = n.lease_holder() {
                 return Err(BlockError::ActiveLease {
@@ -48,9 +52,6 @@ impl Graph {
                 });
             }
         }
-        // Top down: a format writes its tables back through its file
-        // before that file lets go.
-        nodes.sort_by_key(|n| std::cmp::Reverse(n.depth()));
         for (i, n) in nodes.iter().enumerate() {
             if let Err(e) = n.driver().inactivate(n.name()) {
                 reactivate(&nodes[..i]);

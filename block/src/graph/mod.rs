@@ -720,3 +720,6 @@ mod tests;
 
 #[cfg(test)]
 mod backing_tests;
+
+#[cfg(test)]
+mod activation_tests;
