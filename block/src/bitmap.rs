@@ -498,6 +498,22 @@ impl Bitmaps {
             .map_or(0, |(_, b)| b.count())
     }
 
+    /// Clears `[offset, offset + len)` in internal bitmap `id`: the
+    /// caller is about to copy it anyway.
+    pub fn clear_internal(&self, id: u64, offset: u64, len: u64) {
+        if let Some((_, b)) = lock(&self.internal).iter_mut().find(|(i, _)| *i == id) {
+            b.unmark(offset, len);
+        }
+    }
+
+    /// Marks `[offset, offset + len)` in internal bitmap `id` only: a
+    /// copy of it failed, so it is still to copy.
+    pub fn mark_internal(&self, id: u64, offset: u64, len: u64) {
+        if let Some((_, b)) = lock(&self.internal).iter_mut().find(|(i, _)| *i == id) {
+            b.mark(offset, len);
+        }
+    }
+
     /// Takes the first dirty extent of internal bitmap `id` at or after
     /// `from` (else from the start), at most `max` bytes (a multiple of
     /// its granularity), and clears it: the caller copies it now, and a

@@ -112,11 +112,12 @@ pub enum MigrationError {
         source: IoError,
     },
     /// An operation did not complete in time.
-    #[error("Block migration: {what} disk '{device}' (node '{node}') did not complete within {} s", IO_TIMEOUT.as_secs())]
+    #[error("Block migration: {what} disk '{device}' (node '{node}') did not complete within {} ms", .waited.as_millis())]
     Stalled {
         what: &'static str,
         device: String,
         node: String,
+        waited: Duration,
     },
 }
 
@@ -152,9 +153,9 @@ impl AlignedBuf {
 }
 
 /// Waits for the completion tagged `user_data`: its result, or `None`
-/// after [`IO_TIMEOUT`].
-fn wait(io: &mut dyn AsyncIo, user_data: u64) -> Result<Option<i32>, IoError> {
-    let deadline = Instant::now() + IO_TIMEOUT;
+/// after `timeout`.
+fn wait(io: &mut dyn AsyncIo, user_data: u64, timeout: Duration) -> Result<Option<i32>, IoError> {
+    let deadline = Instant::now() + timeout;
     loop {
         while let Some(c) = io.next_completion() {
             if c.user_data == user_data {

@@ -1,7 +1,7 @@
 //! The destination side: writes what the stream carries into each disk
 //! through its own lease.
 
-use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK};
+use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK, IO_TIMEOUT};
 use crate::error::BlockError;
 use crate::graph::{Graph, Holder, Lease};
 use crate::io::AsyncIo;
@@ -52,12 +52,13 @@ impl Disk {
         };
         queue(self.io.as_mut()).map_err(engine)?;
         self.io.submit().map_err(engine)?;
-        let Some(result) = wait(self.io.as_mut(), OP).map_err(engine)? else {
+        let Some(result) = wait(self.io.as_mut(), OP, IO_TIMEOUT).map_err(engine)? else {
             self.stuck = true;
             return Err(MigrationError::Stalled {
                 what,
                 device: self.device.clone(),
                 node: self.node.clone(),
+                waited: IO_TIMEOUT,
             }
             .into());
         };

@@ -1,7 +1,9 @@
 //! The source side: reads each disk through its lease or its holder,
 //! with dirty tracking.
 
-use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK};
+use std::time::Duration;
+
+use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK, IO_TIMEOUT};
 use crate::bitmap::default_granularity;
 use crate::error::BlockError;
 use crate::graph::{Access, Graph, Holder, NodeRef};
@@ -25,6 +27,8 @@ struct Disk {
     iov: Box<[libc::iovec; 1]>,
     /// A read never completed: its buffers must never be freed.
     stuck: bool,
+    /// How long a read may take.
+    timeout: Duration,
     access: Access,
     node: NodeRef,
 }
@@ -46,6 +50,17 @@ impl Disk {
     /// Reads `[offset, offset + len)` into `buf`, waiting for it.
     fn read(&mut self, offset: u64, len: u32) -> Result<(), BlockError> {
         let node = self.node.name().to_string();
+        if self.stuck {
+            // The read that never came back may still land in the buffer,
+            // and its completion would pass for the next read's.
+            return Err(MigrationError::Stalled {
+                what: "reading",
+                device: self.device.clone(),
+                node,
+                waited: self.timeout,
+            }
+            .into());
+        }
         let io_err = |what, source| MigrationError::Engine {
             what,
             device: self.device.clone(),
@@ -69,7 +84,9 @@ impl Disk {
                     .map_err(|e| io_err("reading", e))?;
             }
             self.io.submit().map_err(|e| io_err("reading", e))?;
-            let result = match wait(self.io.as_mut(), READ).map_err(|e| io_err("reading", e))? {
+            let result = match wait(self.io.as_mut(), READ, self.timeout)
+                .map_err(|e| io_err("reading", e))?
+            {
                 Some(r) => r,
                 None => {
                     self.stuck = true;
@@ -77,6 +94,7 @@ impl Disk {
                         what: "reading",
                         device: self.device.clone(),
                         node,
+                        waited: self.timeout,
                     }
                     .into());
                 }
@@ -168,6 +186,7 @@ impl BlockMigration {
                     iov_len: 0,
                 }]),
                 stuck: false,
+                timeout: IO_TIMEOUT,
                 access,
                 node,
             });
@@ -214,6 +233,13 @@ impl BlockMigration {
             }
             let (disk, offset) = (self.bulk_disk, self.bulk_offset);
             let len = (d.size - offset).min(u64::from(CHUNK)) as u32;
+            // What was written here so far this read copies: only writes
+            // landing from now on need another pass.
+            d.node
+                .bitmaps()
+                .clear_internal(d.bitmap, offset, u64::from(len));
+            // A failed read leaves the position here: a retry reads the
+            // chunk again, so nothing needs marking.
             let chunk = self.read_chunk(disk, offset, len, buf)?;
             self.bulk_offset += u64::from(len);
             self.bulk_left -= u64::from(len);
@@ -236,7 +262,8 @@ impl BlockMigration {
                 Ok(chunk) => Ok(Some(chunk)),
                 Err(e) => {
                     // Not copied: still dirty.
-                    self.disks[disk].node.bitmaps().mark(offset, len);
+                    let d = &self.disks[disk];
+                    d.node.bitmaps().mark_internal(d.bitmap, offset, len);
                     Err(e)
                 }
             };
@@ -271,6 +298,14 @@ impl BlockMigration {
             len,
             zero,
         })
+    }
+
+    /// How long each read may take before it fails (tests shorten it).
+    #[cfg(test)]
+    pub(super) fn set_timeout(&mut self, timeout: Duration) {
+        for d in &mut self.disks {
+            d.timeout = timeout;
+        }
     }
 
     /// Bytes still to send: what the bulk pass has left and what writes
