@@ -386,6 +386,7 @@ impl Graph {
             return Err(BlockError::Duplicate { name });
         }
         let read_only = options.read_only;
+        let opened_active = self.is_active();
         let mut claim = None;
         let driver: Box<dyn Driver<NodeRef>> = match options.driver {
             DriverOptions::File(options) => {
@@ -397,7 +398,7 @@ impl Graph {
                 }
                 // Inactive images (a migration destination) open without
                 // locks: the source still writes them.
-                let file = if self.is_active() {
+                let file = if opened_active {
                     driver::File::open(&name, &options, read_only)?
                 } else {
                     driver::File::open_unlocked(&name, &options, read_only)?
@@ -458,10 +459,17 @@ impl Graph {
                 Box::new(Qcow2::open(&name, file, backing, read_only)?)
             }
         };
+        // Held until the node is registered, so that an activation or
+        // inactivation running meanwhile either sees it or is seen here.
+        let _decide = lock(&self.shared.leases);
         if !self.is_active() {
             // A format opened while inactive must not write its image
-            // (nor trim it on close) before activation reads it again.
+            // (nor trim it on close) before activation reads it again;
+            // a file opened with locks lets go of them.
             driver.inactivate(&name)?;
+        } else if !opened_active {
+            // Activated while it opened: take it as the others were.
+            driver.activate(&name, read_only)?;
         }
         self.register(name, read_only, driver, claim, holder)
     }

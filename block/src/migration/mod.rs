@@ -152,6 +152,38 @@ impl AlignedBuf {
     }
 }
 
+/// The one iovec a disk hands its engine; boxed, so it stays put while
+/// the disk moves.
+struct Iovec(Box<[libc::iovec; 1]>);
+
+// SAFETY: it points into the buffer of the disk that owns it, which moves
+// with it; no other thread holds the pointer but the engine carrying out
+// the operation, which does not care which thread owns the disk.
+unsafe impl Send for Iovec {}
+
+impl Iovec {
+    fn new() -> Self {
+        Self(Box::new([libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }]))
+    }
+
+    /// Leaves the array allocated for good, as [`AlignedBuf::leak`].
+    fn leak(&mut self) {
+        std::mem::forget(std::mem::replace(self, Self::new()));
+    }
+
+    /// Points it at `buf`.
+    fn set(&mut self, buf: &mut [u8]) -> &[libc::iovec] {
+        self.0[0] = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        &self.0[..]
+    }
+}
+
 /// Waits for the completion tagged `user_data`: its result, or `None`
 /// after `timeout`.
 fn wait(io: &mut dyn AsyncIo, user_data: u64, timeout: Duration) -> Result<Option<i32>, IoError> {

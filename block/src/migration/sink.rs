@@ -1,7 +1,7 @@
 //! The destination side: writes what the stream carries into each disk
 //! through its own lease.
 
-use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK, IO_TIMEOUT};
+use super::{wait, AlignedBuf, Chunk, Iovec, MigrationError, CHUNK, IO_TIMEOUT};
 use crate::error::BlockError;
 use crate::graph::{Graph, Holder, Lease};
 use crate::io::AsyncIo;
@@ -16,20 +16,17 @@ struct Disk {
     size: u64,
     io: Box<dyn AsyncIo>,
     buf: AlignedBuf,
-    iov: Box<[libc::iovec; 1]>,
+    iov: Iovec,
     /// An operation never completed: its buffers must never be freed.
     stuck: bool,
     _lease: Lease,
 }
 
-// SAFETY: the iovec points into `buf`, which the disk owns and moves with
-// it; nothing else touches it.
-unsafe impl Send for Disk {}
-
 impl Drop for Disk {
     fn drop(&mut self) {
         if self.stuck {
             self.buf.leak();
+            self.iov.leak();
         }
     }
 }
@@ -44,6 +41,17 @@ impl Disk {
         len: u64,
         queue: impl FnOnce(&mut dyn AsyncIo) -> Result<(), crate::io::IoError>,
     ) -> Result<(), BlockError> {
+        let stalled = |d: &Self| MigrationError::Stalled {
+            what,
+            device: d.device.clone(),
+            node: d.node.clone(),
+            waited: IO_TIMEOUT,
+        };
+        if self.stuck {
+            // The operation that never came back may still complete, and
+            // its completion would pass for this one's.
+            return Err(stalled(self).into());
+        }
         let engine = |source| MigrationError::Engine {
             what,
             device: self.device.clone(),
@@ -54,13 +62,7 @@ impl Disk {
         self.io.submit().map_err(engine)?;
         let Some(result) = wait(self.io.as_mut(), OP, IO_TIMEOUT).map_err(engine)? else {
             self.stuck = true;
-            return Err(MigrationError::Stalled {
-                what,
-                device: self.device.clone(),
-                node: self.node.clone(),
-                waited: IO_TIMEOUT,
-            }
-            .into());
+            return Err(stalled(self).into());
         };
         let failed = if result < 0 {
             Some(std::io::Error::from_raw_os_error(-result))
@@ -132,10 +134,7 @@ impl BlockSink {
                 size,
                 io,
                 buf: AlignedBuf::new(CHUNK as usize),
-                iov: Box::new([libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }]),
+                iov: Iovec::new(),
                 stuck: false,
                 _lease: lease,
             });
@@ -202,11 +201,7 @@ impl BlockSink {
             if len > 0 {
                 let dst = d.buf.slice_mut(data.len());
                 dst.copy_from_slice(data);
-                d.iov[0] = libc::iovec {
-                    iov_base: dst.as_mut_ptr().cast(),
-                    iov_len: dst.len(),
-                };
-                let iov: *const [libc::iovec] = &d.iov[..];
+                let iov: *const [libc::iovec] = d.iov.set(dst);
                 d.run("writing", chunk.offset, len, |io| {
                     // SAFETY: the iovec and the buffer it points into are
                     // the disk's own, kept alive and untouched until the

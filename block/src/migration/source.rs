@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{wait, AlignedBuf, Chunk, MigrationError, CHUNK, IO_TIMEOUT};
+use super::{wait, AlignedBuf, Chunk, Iovec, MigrationError, CHUNK, IO_TIMEOUT};
 use crate::bitmap::default_granularity;
 use crate::error::BlockError;
 use crate::graph::{Access, Graph, Holder, NodeRef};
@@ -23,8 +23,8 @@ struct Disk {
     cursor: u64,
     io: Box<dyn AsyncIo>,
     buf: AlignedBuf,
-    /// The one iovec handed to the engine; boxed, so it stays put.
-    iov: Box<[libc::iovec; 1]>,
+    /// The one iovec handed to the engine.
+    iov: Iovec,
     /// A read never completed: its buffers must never be freed.
     stuck: bool,
     /// How long a read may take.
@@ -33,15 +33,12 @@ struct Disk {
     node: NodeRef,
 }
 
-// SAFETY: the iovec points into `buf`, which the disk owns and moves with
-// it; nothing else touches it.
-unsafe impl Send for Disk {}
-
 impl Drop for Disk {
     fn drop(&mut self) {
         self.node.bitmaps().remove_internal(self.bitmap);
         if self.stuck {
             self.buf.leak();
+            self.iov.leak();
         }
     }
 }
@@ -70,17 +67,14 @@ impl Disk {
         let mut done = 0usize;
         let len = len as usize;
         while done < len {
-            let rest = &mut self.buf.slice_mut(len)[done..];
-            self.iov[0] = libc::iovec {
-                iov_base: rest.as_mut_ptr().cast(),
-                iov_len: rest.len(),
-            };
+            let iov = self.iov.set(&mut self.buf.slice_mut(len)[done..]);
             // SAFETY: `buf` and the boxed iovec stay alive and untouched
             // until the completion is drained below; if it never comes,
-            // `stuck` keeps them allocated for good.
+            // `stuck` keeps the buffer allocated for good and no other
+            // read is started.
             unsafe {
                 self.io
-                    .read_vectored(offset + done as u64, &self.iov[..], READ)
+                    .read_vectored(offset + done as u64, iov, READ)
                     .map_err(|e| io_err("reading", e))?;
             }
             self.io.submit().map_err(|e| io_err("reading", e))?;
@@ -181,10 +175,7 @@ impl BlockMigration {
                 cursor: 0,
                 io,
                 buf: AlignedBuf::new(CHUNK as usize),
-                iov: Box::new([libc::iovec {
-                    iov_base: std::ptr::null_mut(),
-                    iov_len: 0,
-                }]),
+                iov: Iovec::new(),
                 stuck: false,
                 timeout: IO_TIMEOUT,
                 access,

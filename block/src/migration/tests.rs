@@ -112,6 +112,13 @@ pub(crate) fn contents(node: &NodeRef) -> Vec<u8> {
     out
 }
 
+#[test]
+fn both_sides_move_to_the_migration_thread() {
+    fn send<T: Send>() {}
+    send::<BlockMigration>();
+    send::<BlockSink>();
+}
+
 fn migration() -> Holder {
     Holder::Migration
 }

@@ -291,6 +291,16 @@ impl<C: Child> Driver<C> for Qcow2<C> {
             }));
         }
         let meta = Meta::open(meta_file, &header, read_only).map_err(|e| err(e.into()))?;
+        if !read_only {
+            // What the other process left may be what an open for
+            // writing refuses (marked corrupt, an internal snapshot).
+            if let Some(why) = meta.refusal() {
+                return Err(err(Qcow2Error::NotWritable {
+                    path: self.file.driver().filename(),
+                    why: why.to_string(),
+                }));
+            }
+        }
         *lock(&self.meta) = meta;
         Ok(())
     }
