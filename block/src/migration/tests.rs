@@ -310,14 +310,49 @@ fn serve(
 }
 
 #[test]
-fn writes_a_hosting_holder_completes_during_the_bulk_pass_are_sent_again() {
-    let src_raw = raw_image("live-src.raw", SIZE, true);
-    let dst_raw = raw_image("live-dst.raw", SIZE, false);
-    let _files = Files(vec![src_raw.clone(), dst_raw.clone()]);
+fn writes_a_hosting_holder_completes_during_the_bulk_pass_are_sent_again_raw() {
+    live_migration(ImageFormat::Raw);
+}
+
+#[test]
+fn writes_a_hosting_holder_completes_during_the_bulk_pass_are_sent_again_qcow2() {
+    live_migration(ImageFormat::Qcow2);
+}
+
+/// A disk of `format` with data at [`DATA`], and its path.
+fn source_image(name: &str, format: ImageFormat) -> PathBuf {
+    match format {
+        ImageFormat::Raw => raw_image(name, SIZE, true),
+        ImageFormat::Qcow2 => {
+            let path = qcow2_image(name, SIZE);
+            let g = Graph::new();
+            add(&g, "n", &path, format);
+            let lease = g
+                .get("n", Holder::Monitor)
+                .unwrap()
+                .take_lease(Holder::Monitor)
+                .unwrap();
+            for (offset, len, seed) in DATA {
+                write_at(&lease, offset, &pattern(len, seed));
+            }
+            path
+        }
+    }
+}
+
+/// A guest writing through its hosting dataplane during and after the
+/// bulk pass, a source disk of `format` into a destination of the same.
+fn live_migration(format: ImageFormat) {
+    let src_path = source_image(&format!("live-src.{}", format.name()), format);
+    let dst_path = match format {
+        ImageFormat::Raw => raw_image("live-dst.raw", SIZE, false),
+        ImageFormat::Qcow2 => qcow2_image("live-dst.qcow2", SIZE),
+    };
+    let _files = Files(vec![src_path.clone(), dst_path.clone()]);
     let src = Graph::new();
-    add(&src, "d0", &src_raw, ImageFormat::Raw);
+    add(&src, "d0", &src_path, format);
     let dst = Graph::new();
-    add(&dst, "t0", &dst_raw, ImageFormat::Raw);
+    add(&dst, "t0", &dst_path, format);
     let node = src.get("d0", Holder::Monitor).unwrap();
     let dp = Dataplane::start(&node, true);
 
