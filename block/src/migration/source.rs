@@ -140,7 +140,8 @@ pub struct BlockMigration {
 impl BlockMigration {
     /// Starts copying `disks` (device id, node-name) for `holder`: takes
     /// each node's lease, or hosting by its holder, and starts dirty
-    /// tracking on it. Read-only nodes are skipped. A node whose holder
+    /// tracking on it. Name the node the device serves: its holder marks
+    /// that node's bitmaps as writes complete, not those of nodes below. Read-only nodes are skipped. A node whose holder
     /// neither lets go nor hosts fails the whole start at once, naming
     /// node and holder, with nothing kept.
     pub fn start(
