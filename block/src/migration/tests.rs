@@ -226,6 +226,8 @@ fn raw_and_qcow2_disks_migrate_byte_for_byte_and_holes_cost_nothing() {
 struct Dataplane {
     writes: mpsc::Sender<(u64, Vec<u8>, mpsc::Sender<()>)>,
     stop: Arc<AtomicBool>,
+    /// Whether it carries out hosted reads (it leaves them queued if not).
+    reads: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Lease>>,
 }
 
@@ -236,12 +238,20 @@ impl Dataplane {
         let (writes, rx) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let thread = std::thread::spawn(move || serve(lease, host, rx, stopped));
+        let reads = Arc::new(AtomicBool::new(true));
+        let serving = reads.clone();
+        let thread = std::thread::spawn(move || serve(lease, host, rx, stopped, serving));
         Self {
             writes,
             stop,
+            reads,
             thread: Some(thread),
         }
+    }
+
+    /// Stops carrying out hosted reads (they stay queued).
+    fn ignore_reads(&self) {
+        self.reads.store(false, Ordering::Release);
     }
 
     fn write(&self, offset: u64, data: Vec<u8>) {
@@ -271,11 +281,13 @@ fn serve(
     host: Option<Arc<Host>>,
     writes: mpsc::Receiver<WriteRequest>,
     stop: Arc<AtomicBool>,
+    serving: Arc<AtomicBool>,
 ) -> Lease {
     let mut io = lease.open_io(8).unwrap();
     let mut reads = Vec::new();
     while !stop.load(Ordering::Acquire) {
-        if let Some(host) = host.as_ref().filter(|h| h.has_work()) {
+        let host = host.as_ref().filter(|_| serving.load(Ordering::Acquire));
+        if let Some(host) = host.filter(|h| h.has_work()) {
             host.take_reads(&mut reads);
             for read in reads.drain(..) {
                 // SAFETY: the reader keeps its buffers until it has the
@@ -575,5 +587,33 @@ fn a_read_its_holder_never_serves_fails_the_migration_and_nothing_is_freed_under
     drop(io);
     drop(lease);
     assert!(!node.bitmaps().is_recording());
+    assert!(node.take_lease(Holder::Monitor).is_ok());
+}
+
+#[test]
+fn a_dirty_range_whose_read_fails_stays_dirty() {
+    let src_raw = raw_image("dirty-fail.raw", SIZE, true);
+    let _files = Files(vec![src_raw.clone()]);
+    let src = Graph::new();
+    add(&src, "d0", &src_raw, ImageFormat::Raw);
+    let node = src.get("d0", Holder::Monitor).unwrap();
+    let dp = Dataplane::start(&node, true);
+    let disks = [("vda".to_string(), "d0".to_string())];
+    let mut source = BlockMigration::start(&src, &disks, migration()).unwrap();
+    let mut buf = Vec::new();
+    while source.next_chunk(&mut buf).unwrap().is_some() {}
+    dp.write(2 << 20, pattern(4096, 12));
+    assert_eq!(source.remaining(), 65536);
+    dp.ignore_reads();
+    source.set_timeout(Duration::from_millis(100));
+    assert!(source.next_chunk(&mut buf).is_err());
+    assert_eq!(
+        source.remaining(),
+        65536,
+        "the range it could not copy is still to copy"
+    );
+    drop(source);
+    let lease = dp.stop();
+    drop(lease);
     assert!(node.take_lease(Holder::Monitor).is_ok());
 }
