@@ -420,6 +420,11 @@ pub struct Bitmaps {
     recording: AtomicBool,
     /// Newest first, as QEMU lists them.
     entries: Mutex<Vec<Entry>>,
+    /// Whether any internal bitmap exists (they always record).
+    internal_recording: AtomicBool,
+    /// Bitmaps of the block layer's own (block migration's dirty
+    /// tracking), by id: never listed, named or touched by the user.
+    internal: Mutex<Vec<(u64, DirtyBitmap)>>,
 }
 
 impl Bitmaps {
@@ -428,9 +433,9 @@ impl Bitmaps {
         Self::default()
     }
 
-    /// Whether any bitmap records writes (one atomic load).
+    /// Whether any bitmap records writes (two atomic loads).
     pub fn is_recording(&self) -> bool {
-        self.recording.load(Ordering::Acquire)
+        self.recording.load(Ordering::Acquire) || self.internal_recording.load(Ordering::Acquire)
     }
 
     fn update_recording(&self, entries: &[Entry]) {
@@ -450,16 +455,76 @@ impl Bitmaps {
     /// Records that `[offset, offset + len)` was written, in every
     /// recording bitmap (a frozen one's successor instead of it).
     pub fn mark(&self, offset: u64, len: u64) {
-        if !self.is_recording() {
-            return;
-        }
-        let mut entries = lock(&self.entries);
-        for e in entries.iter_mut().filter(|e| e.enabled) {
-            match &mut e.successor {
-                Some(s) => s.mark(offset, len),
-                None => e.bitmap.mark(offset, len),
+        if self.recording.load(Ordering::Acquire) {
+            let mut entries = lock(&self.entries);
+            for e in entries.iter_mut().filter(|e| e.enabled) {
+                match &mut e.successor {
+                    Some(s) => s.mark(offset, len),
+                    None => e.bitmap.mark(offset, len),
+                }
             }
         }
+        if self.internal_recording.load(Ordering::Acquire) {
+            for (_, b) in lock(&self.internal).iter_mut() {
+                b.mark(offset, len);
+            }
+        }
+    }
+
+    /// A new clean internal bitmap over `size` bytes, recording from now
+    /// on until [`Bitmaps::remove_internal`]; its id.
+    pub fn add_internal(&self, size: u64, granularity: u64) -> Result<u64, BitmapError> {
+        let bitmap = DirtyBitmap::new(size, granularity)?;
+        let id = crate::graph::next_id();
+        let mut internal = lock(&self.internal);
+        internal.push((id, bitmap));
+        self.internal_recording.store(true, Ordering::Release);
+        Ok(id)
+    }
+
+    /// Removes internal bitmap `id`.
+    pub fn remove_internal(&self, id: u64) {
+        let mut internal = lock(&self.internal);
+        internal.retain(|(i, _)| *i != id);
+        self.internal_recording
+            .store(!internal.is_empty(), Ordering::Release);
+    }
+
+    /// Dirty bytes in internal bitmap `id` (0 if there is none).
+    pub fn internal_count(&self, id: u64) -> u64 {
+        lock(&self.internal)
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or(0, |(_, b)| b.count())
+    }
+
+    /// Clears `[offset, offset + len)` in internal bitmap `id`: the
+    /// caller is about to copy it anyway.
+    pub fn clear_internal(&self, id: u64, offset: u64, len: u64) {
+        if let Some((_, b)) = lock(&self.internal).iter_mut().find(|(i, _)| *i == id) {
+            b.unmark(offset, len);
+        }
+    }
+
+    /// Marks `[offset, offset + len)` in internal bitmap `id` only: a
+    /// copy of it failed, so it is still to copy.
+    pub fn mark_internal(&self, id: u64, offset: u64, len: u64) {
+        if let Some((_, b)) = lock(&self.internal).iter_mut().find(|(i, _)| *i == id) {
+            b.mark(offset, len);
+        }
+    }
+
+    /// Takes the first dirty extent of internal bitmap `id` at or after
+    /// `from` (else from the start), at most `max` bytes (a multiple of
+    /// its granularity), and clears it: the caller copies it now, and a
+    /// write landing from here on marks it again.
+    pub fn take_internal(&self, id: u64, from: u64, max: u64) -> Option<(u64, u64)> {
+        let mut internal = lock(&self.internal);
+        let (_, b) = internal.iter_mut().find(|(i, _)| *i == id)?;
+        let (offset, len) = b.extents_from(from).next().or_else(|| b.extents().next())?;
+        let len = len.min(max);
+        b.unmark(offset, len);
+        Some((offset, len))
     }
 
     /// `block-dirty-bitmap-add`: a new clean bitmap over `size` bytes.

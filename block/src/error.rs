@@ -140,6 +140,16 @@ pub enum BlockError {
         #[source]
         source: crate::driver::qcow2::Qcow2Error,
     },
+    /// The graph's images are inactive: the other side of a migration
+    /// owns them until they are activated again.
+    #[error("Node '{node}' is inactive: its image is handed over to the other side of a migration until the images are activated again")]
+    Inactive { node: String },
+    /// Images cannot be inactivated while someone does I/O on a node.
+    #[error("Cannot inactivate the images: node '{node}' is in use by {holder}")]
+    ActiveLease { node: String, holder: String },
+    /// Block migration refused a chunk, a size or a read.
+    #[error(transparent)]
+    Migration(#[from] crate::migration::MigrationError),
     /// An I/O engine could not be set up for the node.
     #[error("Node '{node}': {source}")]
     Io {

@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::lock::{self, LockError, Locking, Perms};
 
@@ -74,15 +75,29 @@ pub enum DiskError {
 #[derive(Debug)]
 pub struct DiskFile {
     file: File,
+    path: PathBuf,
     size: u64,
     id: FileId,
     options: DiskOptions,
-    locked: bool,
+    /// Whether it holds image locks now: dropped while its graph's images
+    /// are inactive (migration's handover), taken again on activation.
+    locked: AtomicBool,
 }
 
 impl DiskFile {
     /// Opens `path` as a disk.
     pub fn open(path: &Path, options: DiskOptions) -> Result<Self, DiskError> {
+        Self::open_with(path, options, true)
+    }
+
+    /// Opens `path` as a disk without taking image locks: for a migration
+    /// destination, whose source still writes the image; [`Self::relock`]
+    /// takes them once the source has let go.
+    pub fn open_unlocked(path: &Path, options: DiskOptions) -> Result<Self, DiskError> {
+        Self::open_with(path, options, false)
+    }
+
+    fn open_with(path: &Path, options: DiskOptions, take_locks: bool) -> Result<Self, DiskError> {
         let open_err = |source| DiskError::Open {
             path: path.to_path_buf(),
             source,
@@ -115,18 +130,20 @@ impl DiskFile {
         };
         // Our own descriptor's locks stay with it: closing the file (the
         // last engine and node gone) releases them.
-        let locked = lock::lock_image(
-            file.as_raw_fd(),
-            path,
-            Perms::for_image(options.read_only),
-            options.locking,
-        )?;
+        let locked = take_locks
+            && lock::lock_image(
+                file.as_raw_fd(),
+                path,
+                Perms::for_image(options.read_only),
+                options.locking,
+            )?;
         Ok(Self {
             file,
+            path: path.to_path_buf(),
             size,
             id: FileId::of(&meta),
             options,
-            locked,
+            locked: AtomicBool::new(locked),
         })
     }
 
@@ -192,8 +209,43 @@ impl DiskFile {
     /// write the image through this open again (an overlay above took
     /// over), so another may read it. The descriptor stays open as it was.
     pub fn release_write(&self) {
-        if self.locked {
+        if self.locked.load(Ordering::Acquire) {
             lock::release_write(self.file.as_raw_fd());
+        }
+    }
+
+    /// Lets go of every image lock, keeping the file open: another
+    /// process (a migration's other side) may take the image over.
+    pub fn unlock(&self) {
+        if self.locked.swap(false, Ordering::AcqRel) {
+            lock::unlock_image(self.file.as_raw_fd());
+        }
+    }
+
+    /// Takes the image locks again, as a `read_only` (or writing) open
+    /// takes them, with the `locking` it was opened with; on a conflict
+    /// it holds none and says who is in the way.
+    pub fn relock(&self, read_only: bool) -> Result<(), LockError> {
+        if self.locked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        match lock::lock_image(
+            fd,
+            &self.path,
+            Perms::for_image(read_only),
+            self.options.locking,
+        ) {
+            Ok(locked) => {
+                self.locked.store(locked, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                // Some bytes may be locked before the conflict was found;
+                // the descriptor stays open, so drop them here.
+                lock::unlock_image(fd);
+                Err(e)
+            }
         }
     }
 }
@@ -201,7 +253,7 @@ impl DiskFile {
 impl Drop for DiskFile {
     fn drop(&mut self) {
         // At once: the close that follows may release them only later.
-        if self.locked {
+        if *self.locked.get_mut() {
             lock::unlock_image(self.file.as_raw_fd());
         }
     }

@@ -13,7 +13,9 @@
 //! (`driver`: file, raw, null-co), kept alive by counted references and
 //! guarded by an exclusive, named in-use lease. Block jobs (`job`: backup)
 //! take leases and run on their own threads through QEMU's job state
-//! machine. This crate knows nothing of KVM or virtio.
+//! machine. Block migration (`migration`) copies disks to another
+//! process through the same leases. This crate knows nothing of KVM or
+//! virtio.
 
 pub mod bitmap;
 pub mod driver;
@@ -24,6 +26,7 @@ pub mod graph;
 pub mod io;
 pub mod job;
 pub mod lock;
+pub mod migration;
 pub mod name;
 pub mod throttle;
 

@@ -51,16 +51,39 @@ pub struct File {
 impl File {
     /// Opens the file `options` name for node `node`.
     pub fn open(node: &str, options: &FileOptions, read_only: bool) -> Result<Self, BlockError> {
+        Self::open_with(node, options, read_only, true)
+    }
+
+    /// Opens it as [`File::open`] does but takes no image locks, for a
+    /// graph whose images are inactive (a migration destination).
+    pub fn open_unlocked(
+        node: &str,
+        options: &FileOptions,
+        read_only: bool,
+    ) -> Result<Self, BlockError> {
+        Self::open_with(node, options, read_only, false)
+    }
+
+    fn open_with(
+        node: &str,
+        options: &FileOptions,
+        read_only: bool,
+        take_locks: bool,
+    ) -> Result<Self, BlockError> {
         let disk_options = DiskOptions {
             read_only,
             direct: options.direct,
             locking: options.locking,
         };
-        let disk =
-            DiskFile::open(&options.filename, disk_options).map_err(|source| BlockError::Open {
-                node: node.into(),
-                source,
-            })?;
+        let open = if take_locks {
+            DiskFile::open
+        } else {
+            DiskFile::open_unlocked
+        };
+        let disk = open(&options.filename, disk_options).map_err(|source| BlockError::Open {
+            node: node.into(),
+            source,
+        })?;
         Ok(Self {
             path: options.filename.display().to_string(),
             disk: Arc::new(disk),
@@ -101,6 +124,18 @@ impl<C> Driver<C> for File {
     fn give_up_write(&self, _node: &str) -> Result<(), BlockError> {
         self.disk.release_write();
         Ok(())
+    }
+
+    fn inactivate(&self, _node: &str) -> Result<(), BlockError> {
+        self.disk.unlock();
+        Ok(())
+    }
+
+    fn activate(&self, node: &str, read_only: bool) -> Result<(), BlockError> {
+        self.disk.relock(read_only).map_err(|e| BlockError::Open {
+            node: node.into(),
+            source: e.into(),
+        })
     }
 
     fn file_options(&self) -> Option<FileOptions> {

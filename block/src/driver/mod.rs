@@ -131,6 +131,22 @@ pub trait Driver<C>: Send + Sync {
         Ok(())
     }
 
+    /// Lets go of the image for another process (a migration's handover):
+    /// a format writes back what it cached and writes nothing more, a
+    /// `file` node drops its image locks; until [`Driver::activate`].
+    /// Nothing holds the node's lease meanwhile.
+    fn inactivate(&self, _node: &str) -> Result<(), BlockError> {
+        Ok(())
+    }
+
+    /// Takes the image back after [`Driver::inactivate`] (or an open
+    /// without locks): a `file` node locks it as a `read_only` (or
+    /// writing) open does, a format reads its metadata again, which the
+    /// other process may have changed.
+    fn activate(&self, _node: &str, _read_only: bool) -> Result<(), BlockError> {
+        Ok(())
+    }
+
     /// How a `file` node opened its host file, so that a backing file
     /// opened from an image's header opens the same way; `None` for
     /// anything but a `file` node.

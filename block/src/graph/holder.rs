@@ -18,6 +18,9 @@ pub enum Holder {
     Job { id: String },
     /// A block export (NBD), by its id.
     Export { id: String },
+    /// Block migration, copying a disk to (or receiving it from) another
+    /// process.
+    Migration,
 }
 
 impl fmt::Display for Holder {
@@ -29,6 +32,7 @@ impl fmt::Display for Holder {
             Holder::Dataplane { kind, id } => write!(f, "{kind} dataplane of device '{id}'"),
             Holder::Job { id } => write!(f, "block job '{id}'"),
             Holder::Export { id } => write!(f, "block export '{id}'"),
+            Holder::Migration => write!(f, "block migration"),
         }
     }
 }

@@ -30,6 +30,11 @@ impl NodeRef {
     pub fn take_lease(&self, holder: Holder) -> Result<Lease, BlockError> {
         let graph = self.node.graph.clone();
         let _decide = lock(&graph.leases);
+        if !graph.active.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(BlockError::Inactive {
+                node: self.name().to_string(),
+            });
+        }
         let covered = self.node.lease_cover();
         for n in &covered {
             if let Some((_, h)) = lock(&n.lease).as_ref() {

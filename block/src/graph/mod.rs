@@ -13,6 +13,7 @@
 //! the lease says who may do I/O on it. Releasing a lease never closes a
 //! node, and a lease holder always holds a reference.
 
+mod activation;
 mod files;
 mod holder;
 mod host;
@@ -22,7 +23,7 @@ mod snapshot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use base::sync::lock;
@@ -30,6 +31,7 @@ use base::sync::lock;
 pub use holder::Holder;
 pub use host::{Access, BeforeWrite, Host, Hosted, HostedRead, Replies};
 pub use lease::Lease;
+pub(crate) use node::next_id;
 pub use node::{Node, NodeRef};
 pub use snapshot::Appended;
 
@@ -49,8 +51,12 @@ pub const MAX_DEPTH: usize = 16;
 pub(crate) struct GraphShared {
     /// Every open node by name; weak, so the registry keeps nothing alive.
     nodes: Mutex<BTreeMap<String, Weak<Node>>>,
-    /// Held while deciding or releasing a lease.
+    /// Held while deciding or releasing a lease, and while the images
+    /// are inactivated or activated.
     leases: Mutex<()>,
+    /// Whether the images are active: locked, and leases may be taken.
+    /// Changed only under `leases`.
+    active: AtomicBool,
     /// Counter for the names of nodes the user did not name.
     auto_names: AtomicU64,
     /// The host files `file` nodes have open.
@@ -236,6 +242,7 @@ impl Graph {
             shared: Arc::new(GraphShared {
                 nodes: Mutex::new(BTreeMap::new()),
                 leases: Mutex::new(()),
+                active: AtomicBool::new(true),
                 auto_names: AtomicU64::new(1),
                 files: OpenFiles::default(),
             }),
@@ -379,6 +386,7 @@ impl Graph {
             return Err(BlockError::Duplicate { name });
         }
         let read_only = options.read_only;
+        let opened_active = self.is_active();
         let mut claim = None;
         let driver: Box<dyn Driver<NodeRef>> = match options.driver {
             DriverOptions::File(options) => {
@@ -388,7 +396,13 @@ impl Graph {
                 if let Ok(id) = FileId::of_path(&options.filename) {
                     self.shared.check_file(&path, id, !read_only)?;
                 }
-                let file = driver::File::open(&name, &options, read_only)?;
+                // Inactive images (a migration destination) open without
+                // locks: the source still writes them.
+                let file = if opened_active {
+                    driver::File::open(&name, &options, read_only)?
+                } else {
+                    driver::File::open_unlocked(&name, &options, read_only)?
+                };
                 // The file opened is the one that counts (the path may have
                 // changed since): claim it, or give it back.
                 claim = Some(
@@ -445,6 +459,18 @@ impl Graph {
                 Box::new(Qcow2::open(&name, file, backing, read_only)?)
             }
         };
+        // Held until the node is registered, so that an activation or
+        // inactivation running meanwhile either sees it or is seen here.
+        let _decide = lock(&self.shared.leases);
+        if !self.is_active() {
+            // A format opened while inactive must not write its image
+            // (nor trim it on close) before activation reads it again;
+            // a file opened with locks lets go of them.
+            driver.inactivate(&name)?;
+        } else if !opened_active {
+            // Activated while it opened: take it as the others were.
+            driver.activate(&name, read_only)?;
+        }
         self.register(name, read_only, driver, claim, holder)
     }
 
@@ -702,3 +728,6 @@ mod tests;
 
 #[cfg(test)]
 mod backing_tests;
+
+#[cfg(test)]
+mod activation_tests;

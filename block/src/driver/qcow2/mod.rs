@@ -57,6 +57,10 @@ pub enum Qcow2Error {
     /// Writes were asked for an image we must not write.
     #[error("image '{path}' cannot be opened for writing: {why}; open it read-only")]
     NotWritable { path: String, why: String },
+    /// The image another process wrote while ours was inactive has
+    /// another virtual size now; a device cannot follow that.
+    #[error("image '{path}' is {now} bytes now, but was {was} bytes when it was opened")]
+    Resized { path: String, was: u64, now: u64 },
 }
 
 /// A qcow2 node.
@@ -259,6 +263,45 @@ impl<C: Child> Driver<C> for Qcow2<C> {
         // From now on nothing may allocate or change a table here, even
         // through an engine opened before: the image is someone's backing.
         lock(&self.meta).refuse_writes("it is now a read-only backing image");
+        Ok(())
+    }
+
+    fn inactivate(&self, node: &str) -> Result<(), BlockError> {
+        self.write_back(node)?;
+        // The other process owns the tables now: nothing may allocate,
+        // trim or write a table here until they are read again.
+        lock(&self.meta).refuse_writes("its image is inactive (handed over for migration)");
+        Ok(())
+    }
+
+    fn activate(&self, node: &str, read_only: bool) -> Result<(), BlockError> {
+        let err = |source: Qcow2Error| BlockError::Qcow2 {
+            node: node.to_string(),
+            source,
+        };
+        // What we cached is stale: the other process may have allocated
+        // clusters and moved tables. Read everything again.
+        let meta_file = metadata_file(&self.file, read_only).map_err(err)?;
+        let header = Header::read_from(&meta_file).map_err(|e| err(e.into()))?;
+        if header.size != self.header.size {
+            return Err(err(Qcow2Error::Resized {
+                path: self.file.driver().filename(),
+                was: self.header.size,
+                now: header.size,
+            }));
+        }
+        let meta = Meta::open(meta_file, &header, read_only).map_err(|e| err(e.into()))?;
+        if !read_only {
+            // What the other process left may be what an open for
+            // writing refuses (marked corrupt, an internal snapshot).
+            if let Some(why) = meta.refusal() {
+                return Err(err(Qcow2Error::NotWritable {
+                    path: self.file.driver().filename(),
+                    why: why.to_string(),
+                }));
+            }
+        }
+        *lock(&self.meta) = meta;
         Ok(())
     }
 
