@@ -23,7 +23,12 @@
 //! bitmap again as its [`BitmapSyncMode`] says (QEMU's "abdicate" and
 //! "reclaim"), so no dirty bit is ever lost.
 //!
-//! [`Bitmaps::mark`] costs one atomic load while no bitmap records, so a
+//! Block migration keeps internal bitmaps beside the named ones
+//! ([`Bitmaps::add_internal`]): marked by the same writers, never listed
+//! or touched by the user, taken and cleared range by range as the
+//! migration copies them.
+//!
+//! [`Bitmaps::mark`] costs two atomic loads while no bitmap records, so a
 //! node without bitmaps pays nothing more on its write path.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -390,3 +390,37 @@ fn a_claim_reads_the_live_bitmap() {
     assert_eq!(claim.extent(0, 1 << 20), (false, 2 * K64));
     assert_eq!(claim.extent(2 * K64, 1 << 20), (true, K64));
 }
+
+#[test]
+fn internal_bitmaps_record_unlisted_and_are_taken_range_by_range() {
+    let bitmaps = Bitmaps::new();
+    assert!(!bitmaps.is_recording());
+    let id = bitmaps.add_internal(1 << 20, K64).unwrap();
+    assert!(bitmaps.is_recording(), "writers must mark it");
+    assert!(bitmaps.info().is_empty(), "the user never sees it");
+    bitmaps.mark(0, 1);
+    bitmaps.mark(5 * K64, 3 * K64);
+    assert_eq!(bitmaps.internal_count(id), 4 * K64);
+    // From a cursor past the first extent; at most two granules at once.
+    assert_eq!(
+        bitmaps.take_internal(id, K64, 2 * K64),
+        Some((5 * K64, 2 * K64))
+    );
+    assert_eq!(
+        bitmaps.take_internal(id, 7 * K64, 2 * K64),
+        Some((7 * K64, K64))
+    );
+    // Past the last one, it starts over from the front.
+    assert_eq!(bitmaps.take_internal(id, 9 * K64, 2 * K64), Some((0, K64)));
+    assert_eq!(bitmaps.take_internal(id, 0, 2 * K64), None);
+    bitmaps.mark_internal(id, 3 * K64, 1);
+    bitmaps.clear_internal(id, 0, 2 * K64);
+    assert_eq!(
+        bitmaps.internal_count(id),
+        K64,
+        "clearing elsewhere keeps it"
+    );
+    bitmaps.remove_internal(id);
+    assert!(!bitmaps.is_recording());
+    assert_eq!(bitmaps.internal_count(id), 0);
+}
