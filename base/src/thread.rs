@@ -43,11 +43,13 @@ pub enum ThreadKind {
     Spawner,
     /// The NBD server: its listener and one thread per client.
     Nbd,
+    /// A migration's sending or receiving thread.
+    Migration,
 }
 
 impl ThreadKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Dataplane,
@@ -56,6 +58,7 @@ impl ThreadKind {
         ThreadKind::SerialInput,
         ThreadKind::Spawner,
         ThreadKind::Nbd,
+        ThreadKind::Migration,
     ];
 
     fn index(self) -> usize {

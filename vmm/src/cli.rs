@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{MemorySize, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{Incoming, MemorySize, VmConfig, DEFAULT_CMDLINE};
 use crate::disk::DiskConfig;
 use crate::seccomp::SeccompMode;
 
@@ -14,8 +14,9 @@ use crate::seccomp::SeccompMode;
 #[command(name = "vmm", version, about, long_about = None)]
 pub struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH or 64-bit entry) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Not needed with --incoming.
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -43,12 +44,17 @@ pub struct Cli {
     /// outside a thread's list, `log` only logs it, `off` has none.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = SeccompMode::On)]
     pub seccomp: SeccompMode,
+    /// Receive a migration instead of booting: unix:PATH or tcp:HOST:PORT
+    /// (listen there), file:PATH (restore a state file), or defer (wait
+    /// for QMP's migrate-incoming).
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<Incoming>,
 }
 
 impl From<Cli> for VmConfig {
     fn from(cli: Cli) -> Self {
         VmConfig {
-            kernel: cli.kernel,
+            kernel: cli.kernel.unwrap_or_default(),
             initrd: cli.initrd,
             cmdline: cli.cmdline,
             memory: cli.memory,
@@ -56,6 +62,7 @@ impl From<Cli> for VmConfig {
             disks: cli.disks,
             qmp: cli.qmp,
             seccomp: cli.seccomp,
+            incoming: cli.incoming,
         }
     }
 }

@@ -5,6 +5,27 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::disk::DiskConfig;
+use crate::migration::MigrationUri;
+
+/// Where a VM built to receive a migration gets its state from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Wait for `migrate-incoming` over QMP (`--incoming defer`).
+    Defer,
+    /// Listen at a socket, or restore a state file, at start.
+    Uri(MigrationUri),
+}
+
+impl FromStr for Incoming {
+    type Err = crate::migration::uri::UriError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "defer" => Ok(Incoming::Defer),
+            uri => uri.parse().map(Incoming::Uri),
+        }
+    }
+}
 
 /// The command line a guest gets when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -29,6 +50,9 @@ pub struct VmConfig {
     pub qmp: Option<PathBuf>,
     /// Which seccomp filters the VM's threads run under.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Build the VM to receive a migration (or restore a state file)
+    /// instead of booting `kernel`.
+    pub incoming: Option<Incoming>,
 }
 
 impl VmConfig {
@@ -44,6 +68,7 @@ impl VmConfig {
             disks: Vec::new(),
             qmp: None,
             seccomp: Default::default(),
+            incoming: None,
         }
     }
 }

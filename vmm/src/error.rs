@@ -6,6 +6,9 @@ use std::path::PathBuf;
 /// Everything that can stop a VM from being built or started.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// An incoming migration or a state file could not be taken.
+    #[error("incoming migration failed: {0}")]
+    Migration(#[from] crate::migration::MigrationError),
     /// `/dev/kvm` does not exist.
     #[error("/dev/kvm does not exist: this host has no KVM (load the kvm module, or run on a host with virtualization)")]
     KvmMissing,

@@ -26,6 +26,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod host;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod qmp;
 pub mod runstate;

@@ -8,6 +8,8 @@
 //! 0x1_0000_0000 RAM beyond 3 GiB, if any
 //! ```
 
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Result};
@@ -114,6 +116,34 @@ pub fn memory_map(size: u64) -> Vec<MapEntry> {
         });
     }
     map
+}
+
+/// Tells KVM where guest RAM lives in this process, one memory slot per
+/// region (slot `i` is region `i`), with `flags` (`KVM_MEM_LOG_DIRTY_PAGES`
+/// while a migration tracks writes). Registering a slot again with only
+/// its flags changed is how KVM switches dirty logging.
+pub fn register_slots(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> std::result::Result<(), kvm_ioctls::Error> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| kvm_ioctls::Error::new(libc::EFAULT))?;
+        let table = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size`
+        // bytes, owned by `mem`, which the VM keeps (or leaks) until every
+        // vCPU has stopped; slots do not overlap (one per region).
+        unsafe { vm.set_user_memory_region(table) }?;
+    }
+    Ok(())
 }
 
 /// Maps anonymous, unreserved memory for the guest's RAM.

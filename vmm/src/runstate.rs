@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use base::state::{StateReader, StateWriter};
 use base::sync::{self, lock};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::ResumeError;
@@ -45,6 +46,18 @@ pub enum ContError {
     Device(#[from] ResumeError),
 }
 
+/// Where the VM stands with respect to migration, beyond running or paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Neither waiting for nor done with a migration.
+    Normal,
+    /// Built to receive a migration (`--incoming`): it must not run until
+    /// the whole state has come.
+    InMigrate,
+    /// Migrated away: stopped, its images handed to the destination.
+    PostMigrate,
+}
+
 /// The threads and devices of a running VM, and whether it runs.
 pub struct RunState {
     shared: Arc<Shared>,
@@ -60,6 +73,7 @@ pub struct RunState {
     running: Mutex<bool>,
     /// A copy of `running` for readers who must never wait for a drain.
     running_now: AtomicBool,
+    phase: Mutex<Phase>,
 }
 
 impl RunState {
@@ -72,7 +86,60 @@ impl RunState {
             transports: Mutex::new(transports),
             running: Mutex::new(true),
             running_now: AtomicBool::new(true),
+            phase: Mutex::new(Phase::Normal),
         }
+    }
+
+    /// A VM that waits for an incoming migration: paused from the start
+    /// (its vCPUs park before their first `KVM_RUN`), its devices not
+    /// started.
+    pub(crate) fn incoming(
+        shared: Arc<Shared>,
+        transports: Vec<Arc<Mutex<MmioTransport>>>,
+    ) -> Self {
+        shared.parking.requested.store(true, Ordering::Release);
+        let run = Self::new(shared, transports);
+        *lock(&run.running) = false;
+        run.running_now.store(false, Ordering::Release);
+        *lock(&run.phase) = Phase::InMigrate;
+        run
+    }
+
+    /// Where the VM stands with respect to migration.
+    pub fn phase(&self) -> Phase {
+        *lock(&self.phase)
+    }
+
+    /// Moves to `phase`.
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        *lock(&self.phase) = phase;
+    }
+
+    /// Appends every device's state to `w`; the VM must be paused.
+    pub(crate) fn save_devices(&self, w: &mut StateWriter) -> Result<(), String> {
+        let transports = lock(&self.transports);
+        w.u32(transports.len() as u32);
+        for t in transports.iter() {
+            lock(t).save(w).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Restores every device from what [`save_devices`](Self::save_devices)
+    /// wrote; the devices stay paused until [`resume`](Self::resume).
+    pub(crate) fn restore_devices(&self, r: &mut StateReader) -> Result<(), String> {
+        let transports = lock(&self.transports);
+        let count = r.u32("device count").map_err(|e| e.to_string())? as usize;
+        if count != transports.len() {
+            return Err(format!(
+                "the source has {count} virtio devices, this VM {}",
+                transports.len()
+            ));
+        }
+        for t in transports.iter() {
+            lock(t).restore(r).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     pub(crate) fn add_vcpu(&self, thread: JoinHandle<()>) {

@@ -24,16 +24,55 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base::{Sandbox, ThreadKind};
-use kvm_bindings::{kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_irqchip, kvm_lapic_state,
+    kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+// What a migration reads and writes of KVM's state (linux/kvm.h).
+ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
+ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
+ioctl_io_nr!(KVM_SET_TSC_KHZ, KVMIO, 0xa2);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
 
 /// What `--seccomp` asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -308,6 +347,26 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
             OPEN_ENGINE,
         ]
         .concat(),
+        // What QMP's `stop`/`cont` do (the migration pauses and resumes the
+        // VM, takes and hands over the images), plus the stream: connect
+        // or accept, send and receive with timeouts, write and sync a state
+        // file; and KVM's state and dirty log, through ioctls on the VM
+        // and vCPU descriptors (see `ioctls`).
+        Migration => [
+            extra(Qmp),
+            vec![
+                libc::SYS_connect,
+                libc::SYS_getsockopt,
+                libc::SYS_getsockname,
+                libc::SYS_getpeername,
+                libc::SYS_write,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_fallocate,
+            ],
+            POLL_READ.to_vec(),
+        ]
+        .concat(),
         // Every other kind's calls, and what a new thread does before its
         // own filter is in: name itself, set up its stack guard, its
         // signal stack, robust futex list and rseq area, then install.
@@ -347,7 +406,45 @@ fn ioctls(kind: ThreadKind) -> Vec<u64> {
         // KVM_RUN; the registers for a failure's message.
         Vcpu => vec![KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()],
         Qmp => vec![libc::FIONBIO, blk_get_size64],
-        Spawner => [ioctls(Vcpu), ioctls(Qmp)].concat(),
+        // Qmp's, and KVM's state and dirty log on the VM and vCPU fds.
+        Migration => [
+            ioctls(Qmp),
+            vec![
+                KVM_GET_MSR_INDEX_LIST(),
+                KVM_GET_DIRTY_LOG(),
+                KVM_SET_USER_MEMORY_REGION(),
+                KVM_GET_IRQCHIP(),
+                KVM_SET_IRQCHIP(),
+                KVM_GET_CLOCK(),
+                KVM_SET_CLOCK(),
+                KVM_GET_REGS(),
+                KVM_SET_REGS(),
+                KVM_GET_SREGS(),
+                KVM_SET_SREGS(),
+                KVM_GET_MSRS(),
+                KVM_SET_MSRS(),
+                KVM_GET_LAPIC(),
+                KVM_SET_LAPIC(),
+                KVM_GET_CPUID2(),
+                KVM_SET_CPUID2(),
+                KVM_GET_MP_STATE(),
+                KVM_SET_MP_STATE(),
+                KVM_GET_PIT2(),
+                KVM_SET_PIT2(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_SET_VCPU_EVENTS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_SET_DEBUGREGS(),
+                KVM_GET_TSC_KHZ(),
+                KVM_SET_TSC_KHZ(),
+                KVM_GET_XSAVE(),
+                KVM_SET_XSAVE(),
+                KVM_GET_XCRS(),
+                KVM_SET_XCRS(),
+            ],
+        ]
+        .concat(),
+        Spawner => [ioctls(Vcpu), ioctls(Migration)].concat(),
         _ => Vec::new(),
     }
 }
@@ -458,7 +555,11 @@ mod tests {
             })
             .join()
             .unwrap();
-            if matches!(kind, ThreadKind::Qmp | ThreadKind::Spawner) {
+            // The kinds that open files themselves.
+            if matches!(
+                kind,
+                ThreadKind::Qmp | ThreadKind::Migration | ThreadKind::Spawner
+            ) {
                 assert_eq!((glibc, other), (Ok(()), Ok(())), "{kind:?}");
             } else {
                 assert_eq!(glibc, Err(libc::EACCES), "{kind:?}");
@@ -472,5 +573,15 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(KVM_GET_DIRTY_LOG(), 0x4010_ae42);
+        assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(KVM_GET_LAPIC(), 0x8400_ae8e);
+        assert_eq!(KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
+        assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
+        assert_eq!(KVM_GET_IRQCHIP(), 0xc208_ae62);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_ae7c);
+        assert_eq!(KVM_GET_TSC_KHZ(), 0xaea3);
     }
 }

@@ -2,7 +2,9 @@
 //! the buses, and every way a vCPU can end turned into a [`VmExit`].
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use base::sync::lock;
 
 use devices::{Bus, GuestRequest};
 use kvm_bindings::{
@@ -19,7 +21,9 @@ const EMULATION_FLAG_INSTRUCTION_BYTES: u64 = 1;
 /// A vCPU and what its exits reach.
 pub(crate) struct Vcpu {
     pub id: u32,
-    pub fd: VcpuFd,
+    /// Held around each `KVM_RUN`; while the vCPU is parked a migration
+    /// takes it to read or write the vCPU's state.
+    pub fd: Arc<Mutex<VcpuFd>>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub shared: Arc<Shared>,
@@ -48,7 +52,9 @@ impl Vcpu {
     /// One `KVM_RUN`; `Some` when the VM must end.
     fn step(&mut self) -> Option<VmExit> {
         let id = self.id;
-        match self.fd.run() {
+        let shared_fd = self.fd.clone();
+        let mut fd = lock(&shared_fd);
+        match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !self.pio.read(u64::from(port), data) {
                     // Nothing there: an open ISA bus reads as all ones.
@@ -84,9 +90,9 @@ impl Vcpu {
             }),
             Ok(VcpuExit::Shutdown) => Some(VmExit::Failed(format!(
                 "vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN) at RIP {}",
-                self.rip()
+                rip(&fd)
             ))),
-            Ok(VcpuExit::InternalError) => Some(VmExit::Failed(self.internal_error())),
+            Ok(VcpuExit::InternalError) => Some(VmExit::Failed(internal_error(id, &mut fd))),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Failed(format!(
                 "vCPU {id}: KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
             ))),
@@ -96,43 +102,41 @@ impl Vcpu {
             Err(e) => Some(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         }
     }
+}
 
-    fn rip(&self) -> String {
-        self.fd
-            .get_regs()
-            .map_or_else(|_| "unknown".into(), |r| format!("{:#x}", r.rip))
-    }
+fn rip(fd: &VcpuFd) -> String {
+    fd.get_regs()
+        .map_or_else(|_| "unknown".into(), |r| format!("{:#x}", r.rip))
+}
 
-    /// One line naming the cause of a `KVM_EXIT_INTERNAL_ERROR`; for an
-    /// emulation failure, the guest RIP and the instruction bytes.
-    fn internal_error(&mut self) -> String {
-        let id = self.id;
-        let rip = self.rip();
-        // SAFETY: KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which the
-        // kernel fills the `internal` member of the exit union.
-        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
-        if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
-            return format!(
-                "vCPU {id}: KVM internal error (suberror {}) at RIP {rip}",
-                internal.suberror
-            );
-        }
-        // Emulation failure data: flags, then an instruction length byte
-        // and up to 15 instruction bytes.
-        let mut insn = String::new();
-        if internal.ndata >= 3 && internal.data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
-            let bytes: Vec<u8> = internal.data[1..3]
-                .iter()
-                .flat_map(|d| d.to_le_bytes())
-                .collect();
-            let len = usize::from(bytes[0]).min(15);
-            let hex: Vec<String> = bytes[1..=len].iter().map(|b| format!("{b:02x}")).collect();
-            insn = format!(", instruction bytes {}", hex.join(" "));
-        }
-        format!(
-            "vCPU {id}: KVM could not emulate an instruction (emulation failure) at RIP {rip}{insn}"
-        )
+/// One line naming the cause of a `KVM_EXIT_INTERNAL_ERROR`; for an
+/// emulation failure, the guest RIP and the instruction bytes.
+fn internal_error(id: u32, fd: &mut VcpuFd) -> String {
+    let rip = rip(fd);
+    // SAFETY: KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which the
+    // kernel fills the `internal` member of the exit union.
+    let internal = unsafe { fd.get_kvm_run().__bindgen_anon_1.internal };
+    if internal.suberror != KVM_INTERNAL_ERROR_EMULATION {
+        return format!(
+            "vCPU {id}: KVM internal error (suberror {}) at RIP {rip}",
+            internal.suberror
+        );
     }
+    // Emulation failure data: flags, then an instruction length byte
+    // and up to 15 instruction bytes.
+    let mut insn = String::new();
+    if internal.ndata >= 3 && internal.data[0] & EMULATION_FLAG_INSTRUCTION_BYTES != 0 {
+        let bytes: Vec<u8> = internal.data[1..3]
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect();
+        let len = usize::from(bytes[0]).min(15);
+        let hex: Vec<String> = bytes[1..=len].iter().map(|b| format!("{b:02x}")).collect();
+        insn = format!(", instruction bytes {}", hex.join(" "));
+    }
+    format!(
+        "vCPU {id}: KVM could not emulate an instruction (emulation failure) at RIP {rip}{insn}"
+    )
 }
 
 fn request_exit(req: GuestRequest) -> VmExit {

@@ -13,7 +13,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -22,20 +22,18 @@ use block::job::JobManager;
 use block::Graph;
 use devices::legacy::{self, ExitPort, Serial, I8042};
 use devices::Bus;
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, cmdline, InitrdImage, KernelImage};
-use crate::config::VmConfig;
+use crate::config::{Incoming, VmConfig};
 use crate::console::{Console, SerialLog};
 use crate::error::{kvm, Error, Result};
+use crate::migration::{self, Controller, Machine, MigrationDisk, MigrationUri, StateFile};
 use crate::monitor::Monitor;
-use crate::qmp::{QmpServer, QmpThread};
+use crate::qmp::{EventSink, QmpServer, QmpThread};
 use crate::runstate::{ContError, PauseError, RunState};
 pub use crate::shared::VmExit;
 use crate::shared::{install_kick_handler, Shared};
@@ -85,7 +83,7 @@ pub struct VmHandle {
     sandbox: Arc<base::Sandbox>,
     // KVM keeps using these until every vCPU has left KVM_RUN: dropped
     // only once every vCPU thread has ended, else leaked (see Drop).
-    vm: Option<VmFd>,
+    vm: Option<Arc<VmFd>>,
     memory: Option<GuestMemoryMmap>,
 }
 
@@ -240,30 +238,6 @@ fn open_kvm() -> Result<Kvm> {
     })
 }
 
-/// Tells KVM where guest RAM lives in this process.
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::MemoryAlloc {
-                size_mib: region.len() >> 20,
-                reason: e.to_string(),
-            })?;
-        let table = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
-        // SAFETY: the region is a live mapping of exactly `memory_size`
-        // bytes, owned by `mem`, which the VmHandle keeps until every vCPU
-        // has stopped; slots do not overlap (one per region).
-        unsafe { vm.set_user_memory_region(table) }.map_err(kvm("map guest memory"))?;
-    }
-    Ok(())
-}
-
 /// Passes this process's stdin to the guest's serial port until the VM ends.
 fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHandle<()>> {
     let name = "serial-input".to_string();
@@ -309,15 +283,11 @@ fn spawn_stdin(serial: Arc<Mutex<Serial>>, shared: Arc<Shared>) -> Result<JoinHa
     .map_err(|source| Error::Thread { name, source })
 }
 
-/// Builds the VM described by `config` and starts its vCPUs.
+/// Builds the VM described by `config` and starts its vCPUs; with
+/// `config.incoming`, builds it around an incoming migration's state
+/// instead of a kernel (see [`crate::migration`]).
 pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     // User input first, so a typo is reported before anything touches KVM.
-    let mut kernel = KernelImage::open(&config.kernel)?;
-    let mut initrd = config
-        .initrd
-        .as_deref()
-        .map(InitrdImage::open)
-        .transpose()?;
     let mem_size = config.memory.bytes();
     memory::validate_size(mem_size, host::total_memory())?;
     if config.cpus == 0 {
@@ -326,11 +296,37 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: mptable::MAX_CPUS,
         });
     }
+    let incoming = config.incoming.as_ref();
+    let state_file = match incoming {
+        Some(Incoming::Uri(MigrationUri::File(path))) => {
+            Some(StateFile::open(path, mem_size, config.cpus)?)
+        }
+        _ => None,
+    };
+    let mut boot_images = match incoming {
+        None => {
+            let kernel = KernelImage::open(&config.kernel)?;
+            let initrd = config
+                .initrd
+                .as_deref()
+                .map(InitrdImage::open)
+                .transpose()?;
+            Some((kernel, initrd))
+        }
+        Some(_) => None,
+    };
     let sandbox = crate::seccomp::sandbox(config.seccomp)?;
     // Every thread started from here on (and the threads those start) runs
     // under its kind's filter.
     let _sandboxed = sandbox.enter();
     let graph = Arc::new(Graph::new());
+    if incoming.is_some() {
+        // The source may still hold the images: they are taken (locked)
+        // only once its whole state has come.
+        graph
+            .inactivate_images()
+            .map_err(|e| Error::Migration(migration::MigrationError::Device(e.to_string())))?;
+    }
     let disks = virtio::open_disks(&graph, &config.disks)?;
     let pvm = host::is_pvm();
     let mut extra: Vec<String> = virtio::cmdline_params(disks.len());
@@ -350,7 +346,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: max_cpus,
         });
     }
-    let vm = kvm_fd.create_vm().map_err(kvm("create a VM"))?;
+    let vm = Arc::new(kvm_fd.create_vm().map_err(kvm("create a VM"))?);
     vm.set_tss_address(TSS_ADDR)
         .map_err(kvm("set the TSS address"))?;
     vm.create_irq_chip()
@@ -361,16 +357,22 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     };
     vm.create_pit2(pit).map_err(kvm("create the PIT"))?;
 
-    let mem = memory::create_guest_memory(mem_size)?;
-    register_memory(&vm, &mem)?;
-    let entry = boot::load(
-        &mem,
-        &mut kernel,
-        initrd.as_mut(),
-        &cmdline,
-        mem_size,
-        config.cpus,
-    )?;
+    let mem = match &state_file {
+        Some(state) => state.map_memory()?,
+        None => memory::create_guest_memory(mem_size)?,
+    };
+    memory::register_slots(&vm, &mem, 0).map_err(kvm("map guest memory"))?;
+    let entry = match boot_images.as_mut() {
+        Some((kernel, initrd)) => Some(boot::load(
+            &mem,
+            kernel,
+            initrd.as_mut(),
+            &cmdline,
+            mem_size,
+            config.cpus,
+        )?),
+        None => None,
+    };
 
     let shared = Arc::new(Shared::new().map_err(|e| Error::Device {
         name: "end-of-VM eventfd".into(),
@@ -422,17 +424,21 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     let mut mmio = Bus::new();
     let disk_controls = virtio::controls(&disks);
     // Pages the devices' threads write, which KVM's dirty log misses.
-    let ram_end = memory::ram_ranges(mem_size)
-        .last()
-        .map_or(0, |(start, len)| start.0 + len);
-    let dirty = Arc::new(devices::dirty::DirtyPages::new(ram_end));
+    let dirty = Arc::new(devices::dirty::DirtyPages::new(migration::ram_end(&mem)));
     let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks, &dirty)?;
-    let run = Arc::new(RunState::new(shared.clone(), transports));
-    // Devices take their nodes' leases now, before the guest can probe them.
-    run.start_devices().map_err(|e| Error::Device {
-        name: e.device.clone(),
-        reason: e.reason,
-    })?;
+    let run = match incoming {
+        // Nothing runs and no device starts before the state has come.
+        Some(_) => Arc::new(RunState::incoming(shared.clone(), transports)),
+        None => {
+            let run = Arc::new(RunState::new(shared.clone(), transports));
+            // Devices take their nodes' leases now, before the guest can probe them.
+            run.start_devices().map_err(|e| Error::Device {
+                name: e.device.clone(),
+                reason: e.reason,
+            })?;
+            run
+        }
+    };
     let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
 
     let supported = kvm_fd
@@ -450,12 +456,12 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         })?;
         fd.set_cpuid2(&table).map_err(kvm("set CPUID"))?;
         regs::setup_lapic(&fd)?;
-        if id == 0 {
+        if let (0, Some(entry)) = (id, entry) {
             regs::setup_boot_vcpu(&fd, entry)?;
         }
         vcpus.push(Vcpu {
             id,
-            fd,
+            fd: Arc::new(Mutex::new(fd)),
             pio: pio.clone(),
             mmio: mmio.clone(),
             shared: shared.clone(),
@@ -465,10 +471,35 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
 
     install_kick_handler()?;
     let jobs = Arc::new(JobManager::new());
+    let machine = Arc::new(Machine {
+        kvm: kvm_fd,
+        vm: vm.clone(),
+        mem: mem.clone(),
+        vcpus: vcpus.iter().map(|v| v.fd.clone()).collect(),
+        run: run.clone(),
+        shared: shared.clone(),
+        serial: serial.clone(),
+        graph: graph.clone(),
+        disks: disk_controls
+            .iter()
+            .zip(&config.disks)
+            .map(|(d, c)| MigrationDisk {
+                id: d.id.clone(),
+                read_only: c.read_only,
+                node: d.node.clone(),
+            })
+            .collect(),
+        dirty,
+        memory: mem_size,
+        msrs: OnceLock::new(),
+    });
+    let mut migration = None;
     let qmp = match &config.qmp {
         Some(path) => {
             let quit = shared.clone();
             let server = QmpServer::bind_with(path, |events| {
+                let ctl = Arc::new(Controller::new(machine.clone(), events.clone()));
+                migration = Some(ctl.clone());
                 Monitor::new(
                     run.clone(),
                     graph.clone(),
@@ -477,6 +508,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
                     events,
                     Box::new(move || quit.finish(VmExit::Quit)),
                 )
+                .with_migration(ctl)
             })
             .map_err(Error::Qmp)?;
             let _ = shared.events.set(server.events());
@@ -484,6 +516,13 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         }
         None => None,
     };
+    let migration = migration
+        .unwrap_or_else(|| Arc::new(Controller::new(machine.clone(), EventSink::discarding())));
+    if let Some(state) = &state_file {
+        // Before any vCPU thread exists: the guest starts from the file's
+        // state or not at all.
+        migration::restore_file(state, &machine)?;
+    }
     let mut handle = VmHandle {
         shared: shared.clone(),
         run: run.clone(),
@@ -508,6 +547,11 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         )
         .map_err(|source| Error::Thread { name, source })?;
         run.add_vcpu(thread);
+    }
+    if let Some(Incoming::Uri(uri)) = incoming {
+        if state_file.is_none() {
+            migration::listen(&migration, uri)?;
+        }
     }
     if wants_stdin {
         handle.input = Some(spawn_stdin(serial, shared)?);

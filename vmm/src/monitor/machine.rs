@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::Monitor;
 use crate::qmp::{version_triple, Args, QmpError};
-use crate::runstate::ContError;
+use crate::runstate::{ContError, Phase};
 
 /// `query-version`: our own version, in QEMU's shape.
 pub(super) fn query_version(args: Args) -> Result<Value, QmpError> {
@@ -25,10 +25,13 @@ fn version_info(version: &str) -> Value {
 pub(super) fn query_status(m: &Monitor, args: Args) -> Result<Value, QmpError> {
     args.finish()?;
     let running = m.run.is_running();
-    Ok(json!({
-        "running": running,
-        "status": if running { "running" } else { "paused" },
-    }))
+    let status = match m.run.phase() {
+        Phase::InMigrate => "inmigrate",
+        Phase::PostMigrate => "postmigrate",
+        Phase::Normal if running => "running",
+        Phase::Normal => "paused",
+    };
+    Ok(json!({"running": running, "status": status}))
 }
 
 /// `stop`: vCPUs parked, dataplanes drained, their leases released.
@@ -46,6 +49,22 @@ pub(super) fn stop(m: &Monitor, args: Args) -> Result<Value, QmpError> {
 /// left paused, while someone else holds one.
 pub(super) fn cont(m: &Monitor, args: Args) -> Result<Value, QmpError> {
     args.finish()?;
+    match m.run.phase() {
+        Phase::InMigrate => {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ))
+        }
+        Phase::PostMigrate => {
+            // The destination may run on these images: take them back
+            // only if nobody holds them (QEMU re-activates the same way).
+            m.graph
+                .activate_images()
+                .map_err(|e| QmpError::generic(e.to_string()))?;
+            m.run.set_phase(Phase::Normal);
+        }
+        Phase::Normal => {}
+    }
     match m.run.resume() {
         Ok(true) => m.events.emit("RESUME", None),
         Ok(false) => {}

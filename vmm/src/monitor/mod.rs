@@ -9,12 +9,14 @@
 //! - `snapshot.rs`: external snapshots (`blockdev-snapshot`,
 //!   `blockdev-snapshot-sync`).
 //! - `export.rs`: the NBD server and block exports.
+//! - `migration.rs`: `migrate` and its companions.
 
 mod bitmap;
 mod block;
 mod export;
 mod jobs;
 mod machine;
+mod migration;
 mod snapshot;
 mod stats;
 mod throttle;
@@ -65,6 +67,14 @@ const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "migrate",
+    "migrate-incoming",
+    "query-migrate",
+    "migrate_cancel",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
 ];
 
 /// The VM as QMP commands see it.
@@ -81,6 +91,8 @@ pub struct Monitor {
     quit: Box<dyn Fn() + Send + Sync>,
     /// Block exports and the NBD server (stopped when the monitor goes).
     exports: ::block::export::Exports,
+    /// The VM's migration (absent where commands run without a VM).
+    migration: Option<Arc<crate::migration::Controller>>,
 }
 
 impl Monitor {
@@ -103,7 +115,14 @@ impl Monitor {
             exports: export::exports(events.clone()),
             events,
             quit,
+            migration: None,
         }
+    }
+
+    /// Gives the migration commands their controller.
+    pub(crate) fn with_migration(mut self, ctl: Arc<crate::migration::Controller>) -> Self {
+        self.migration = Some(ctl);
+        self
     }
 }
 
@@ -176,6 +195,17 @@ impl Commands for Monitor {
             "block-export-add" => export::block_export_add(self, args),
             "block-export-del" => export::block_export_del(self, args),
             "query-block-exports" => export::query_block_exports(self, args),
+            _ if name.contains("migrate") && self.migration.is_none() => Err(QmpError::generic(
+                "migration needs a VM: these commands run without one",
+            )),
+            "migrate" => migration::migrate(self, args),
+            "migrate-incoming" => migration::migrate_incoming(self, args),
+            "query-migrate" => migration::query_migrate(self, args),
+            "migrate_cancel" => migration::migrate_cancel(self, args),
+            "migrate-set-parameters" => migration::migrate_set_parameters(self, args),
+            "query-migrate-parameters" => migration::query_migrate_parameters(self, args),
+            "migrate-set-capabilities" => migration::migrate_set_capabilities(self, args),
+            "query-migrate-capabilities" => migration::query_migrate_capabilities(self, args),
             other => Err(QmpError::command_not_found(format!(
                 "The command {other} has not been found"
             ))),

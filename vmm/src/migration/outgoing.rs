@@ -1,0 +1,400 @@
+//! The source side: a thread that sends the VM while it runs, pass after
+//! pass, then stops it and sends the rest. Whatever fails (the destination,
+//! the connection, a cancel), the source is left as it was: running if it
+//! ran, its images active, its disks' leases back with their holders.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base::state::StateWriter;
+use base::sync::lock;
+
+use super::control::{Capabilities, Controller, Parameters, Status};
+use super::cpu::{saveable_msrs, VcpuState};
+use super::format::{self, Kind, Reply};
+use super::machine::MachineState;
+use super::ram::{self, PageSet, Sent, PAGE};
+use super::transport::Conn;
+use super::{Machine, MigrationError, MigrationUri};
+use crate::runstate::Phase;
+
+/// How long a send or a reply may block before the destination counts as gone.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination may take to load the last state and start.
+const DONE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Checks what can be checked at once, then starts the migration thread.
+pub(super) fn start(ctl: &Arc<Controller>, uri: MigrationUri) -> Result<(), String> {
+    let m = &ctl.machine;
+    if m.shared.exit().is_some() {
+        return Err("The VM has ended".into());
+    }
+    match m.run.phase() {
+        Phase::InMigrate => {
+            return Err("Guest is waiting for an incoming migration".into());
+        }
+        Phase::PostMigrate => {
+            return Err(
+                "The VM was migrated already and its images are inactive; 'cont' takes them back"
+                    .into(),
+            );
+        }
+        Phase::Normal => {}
+    }
+    let (params, caps) = ctl.begin()?;
+    if caps.block {
+        return Err("Block migration is not available yet: migrate without the 'block' capability (shared storage)".into());
+    }
+    ctl.set_status(Status::Setup);
+    let thread_ctl = ctl.clone();
+    let spawned = base::spawn(
+        base::ThreadKind::Migration,
+        "migration".to_string(),
+        move || run(&thread_ctl, &uri, params, caps),
+        {
+            let ctl = ctl.clone();
+            move || ctl.fail("the migration thread panicked".into())
+        },
+    );
+    match spawned {
+        Ok(thread) => {
+            ctl.set_thread(thread);
+            Ok(())
+        }
+        Err(e) => {
+            ctl.fail(format!("cannot start the migration thread: {e}"));
+            Err(format!("cannot start the migration thread: {e}"))
+        }
+    }
+}
+
+fn run(ctl: &Arc<Controller>, uri: &MigrationUri, params: Parameters, caps: Capabilities) {
+    let _ = caps;
+    match migrate(ctl, uri, params) {
+        Ok(()) => ctl.set_status(Status::Completed),
+        Err(_) if ctl.cancelled() => ctl.set_status(Status::Cancelled),
+        Err(e) => {
+            log::warn!("migration to {uri} failed: {e}");
+            ctl.fail(e.to_string());
+        }
+    }
+}
+
+/// Where the stream goes.
+enum Sink {
+    Stream {
+        out: BufWriter<Conn>,
+        back: Conn,
+    },
+    File {
+        file: BufWriter<File>,
+        /// Where guest RAM's image starts.
+        ram_offset: u64,
+    },
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Stream { out, .. } => out,
+            Sink::File { file, .. } => file,
+        }
+    }
+
+    fn reply(&mut self, timeout: Duration) -> Result<(), MigrationError> {
+        let Sink::Stream { out, back } = self else {
+            return Ok(());
+        };
+        out.flush().map_err(MigrationError::send)?;
+        back.set_timeouts(timeout)
+            .map_err(MigrationError::receive)?;
+        match format::read_reply(back) {
+            Ok(Reply::Error(text)) => Err(MigrationError::Peer(text)),
+            Ok(_) => Ok(()),
+            Err(format::FormatError::Truncated) => Err(MigrationError::Peer(
+                "it closed the connection without saying why".into(),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Keeps the stream to `max_bandwidth` and stops at a cancel.
+struct Pacer<'a> {
+    ctl: &'a Controller,
+    bandwidth: u64,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pacer<'_> {
+    fn account(&mut self, bytes: u64) -> Result<(), MigrationError> {
+        self.bytes += bytes;
+        loop {
+            if self.ctl.cancelled() {
+                return Err(MigrationError::Cancelled);
+            }
+            let due = Duration::from_secs_f64(self.bytes as f64 / self.bandwidth.max(1) as f64);
+            let elapsed = self.started.elapsed();
+            if due <= elapsed {
+                return Ok(());
+            }
+            std::thread::sleep((due - elapsed).min(Duration::from_millis(50)));
+        }
+    }
+}
+
+/// Switches dirty logging off however the migration ends.
+struct Logging<'a>(&'a Machine);
+
+impl Drop for Logging<'_> {
+    fn drop(&mut self) {
+        self.0.dirty.stop();
+        if let Err(e) = ram::set_dirty_logging(&self.0.vm, &self.0.mem, false) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+fn migrate(
+    ctl: &Arc<Controller>,
+    uri: &MigrationUri,
+    params: Parameters,
+) -> Result<(), MigrationError> {
+    let m = &*ctl.machine;
+    let started = Instant::now();
+    let mut shape = m.shape(|_| false);
+    let mut sink = match uri {
+        MigrationUri::File(path) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .map_err(|source| MigrationError::Io {
+                    what: "cannot create the state file",
+                    source,
+                })?;
+            Sink::File {
+                file: BufWriter::new(file),
+                ram_offset: 0,
+            }
+        }
+        _ => {
+            let conn = Conn::connect(uri)?;
+            conn.set_timeouts(PEER_TIMEOUT)
+                .map_err(MigrationError::send)?;
+            ctl.set_socket(conn.dup_fd().map_err(MigrationError::send)?);
+            let back = conn.try_clone().map_err(MigrationError::send)?;
+            Sink::Stream {
+                out: BufWriter::with_capacity(1 << 20, conn),
+                back,
+            }
+        }
+    };
+    // The Config frame; a state file's RAM image follows it, page aligned.
+    let mut w = StateWriter::new();
+    shape.encode(&mut w);
+    if let Sink::File { ram_offset, .. } = &mut sink {
+        let end = format::HEADER_LEN + format::FRAME_OVERHEAD + w.as_slice().len() as u64;
+        *ram_offset = end.div_ceil(PAGE) * PAGE;
+        shape.ram_offset = Some(*ram_offset);
+        w = StateWriter::new();
+        shape.encode(&mut w);
+    }
+    format::write_header(sink.writer()).map_err(MigrationError::send)?;
+    format::write_frame(sink.writer(), Kind::Config, &[w.as_slice()])
+        .map_err(MigrationError::send)?;
+    let image = match &mut sink {
+        Sink::File { file, ram_offset } => {
+            file.flush().map_err(MigrationError::send)?;
+            let f = file.get_ref();
+            // Pages never written are holes: zeros, as a fresh guest's.
+            f.set_len(*ram_offset + m.memory)
+                .map_err(MigrationError::send)?;
+            Some((f.try_clone().map_err(MigrationError::send)?, *ram_offset))
+        }
+        Sink::Stream { .. } => None,
+    };
+    sink.reply(PEER_TIMEOUT)?;
+    ctl.update(|f| {
+        f.setup_ms = started.elapsed().as_millis() as u64;
+        f.ram_total = m.memory;
+    });
+    ctl.set_status(Status::Active);
+
+    ram::set_dirty_logging(&m.vm, &m.mem, true)?;
+    m.dirty.start();
+    let _logging = Logging(m);
+    let mut pacer = Pacer {
+        ctl,
+        bandwidth: params.max_bandwidth,
+        started: Instant::now(),
+        bytes: 0,
+    };
+    let mut buf = Vec::new();
+    let mut set = PageSet::all(&m.mem);
+    let mut pass = 1u64;
+    ctl.pass(pass);
+    loop {
+        let t = Instant::now();
+        let sent = send(&mut sink, &image, m, &set, pass == 1, &mut buf, &mut pacer)?;
+        record(ctl, &sent);
+        let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
+        set.clear();
+        ram::sync_dirty(&m.vm, &m.mem, &m.dirty, &mut set)?;
+        pass += 1;
+        ctl.pass(pass);
+        let remaining = set.len() * PAGE;
+        // Bytes per millisecond this pass reached, within the limit.
+        let rate = (sent.bytes as f64 / pass_ms.max(1.0))
+            .max(1.0)
+            .min(params.max_bandwidth as f64 / 1000.0);
+        let expected = (remaining as f64 / rate) as u64;
+        ctl.update(|f| {
+            f.ram_remaining = remaining;
+            f.expected_downtime_ms = expected;
+            f.mbps = rate * 1000.0 * 8.0 / 1e6;
+        });
+        if expected <= params.downtime_limit || !m.run.is_running() {
+            break;
+        }
+        if ctl.cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+    }
+
+    // Switchover: from here the guest is stopped until the destination runs it.
+    let stopped_at = Instant::now();
+    let paused = m
+        .run
+        .pause()
+        .map_err(|e| MigrationError::Device(format!("cannot stop the VM: {e}")))?;
+    let result = finish(
+        ctl, m, &mut sink, &image, &mut set, &mut buf, &mut pacer, pass,
+    );
+    match result {
+        Ok(()) => {
+            ctl.update(|f| {
+                f.downtime_ms = Some(stopped_at.elapsed().as_millis() as u64);
+                f.ram_remaining = 0;
+            });
+            m.run.set_phase(Phase::PostMigrate);
+            if paused {
+                if let Some(events) = m.shared.events.get() {
+                    events.emit("STOP", None);
+                }
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Give the source back what it had: its images, then its run.
+            if !m.graph.is_active() {
+                if let Err(err) = m.graph.activate_images() {
+                    log::error!("after a failed migration, cannot take the images back: {err}");
+                    return Err(MigrationError::Device(format!(
+                        "{e}; and the images cannot be taken back ({err}), so the VM stays stopped"
+                    )));
+                }
+            }
+            if paused {
+                if let Err(err) = m.run.resume() {
+                    log::error!("after a failed migration, cannot resume the VM: {err}");
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The stopped part: the last pages, the device and vCPU state, the
+/// images handed over, the destination's word that it runs.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    ctl: &Controller,
+    m: &Machine,
+    sink: &mut Sink,
+    image: &Option<(File, u64)>,
+    set: &mut PageSet,
+    buf: &mut Vec<u8>,
+    pacer: &mut Pacer,
+    pass: u64,
+) -> Result<(), MigrationError> {
+    // `set` holds what the last pass left (dirtied while it ran); add what
+    // changed since, up to the stop (devices drained: their writes are in).
+    ram::sync_dirty(&m.vm, &m.mem, &m.dirty, set)?;
+    // Downtime is not paced: the guest waits for every byte.
+    pacer.bandwidth = u64::MAX;
+    let sent = send(sink, image, m, set, false, buf, pacer)?;
+    record(ctl, &sent);
+    if let Sink::File { file, ram_offset } = sink {
+        // The state frames follow the RAM image.
+        file.seek(SeekFrom::Start(*ram_offset + m.memory))
+            .map_err(MigrationError::send)?;
+    }
+    let w = sink.writer();
+    format::write_frame(w, Kind::Pass, &[&(pass as u32).to_le_bytes()])
+        .map_err(MigrationError::send)?;
+
+    let mut state = StateWriter::new();
+    lock(&m.serial).save(&mut state);
+    m.run
+        .save_devices(&mut state)
+        .map_err(MigrationError::Device)?;
+    format::write_frame(w, Kind::Devices, &[state.as_slice()]).map_err(MigrationError::send)?;
+    let mut state = StateWriter::new();
+    MachineState::save(&m.vm)?.encode(&mut state);
+    format::write_frame(w, Kind::Machine, &[state.as_slice()]).map_err(MigrationError::send)?;
+    for (i, vcpu) in m.vcpus.iter().enumerate() {
+        let fd = lock(vcpu);
+        let msrs = match m.msrs.get() {
+            Some(list) => list,
+            None => {
+                let list = saveable_msrs(&m.kvm, &fd)?;
+                m.msrs.get_or_init(|| list)
+            }
+        };
+        let mut state = StateWriter::new();
+        state.u32(i as u32);
+        VcpuState::save(&fd, msrs)?.encode(&mut state);
+        format::write_frame(w, Kind::Vcpu, &[state.as_slice()]).map_err(MigrationError::send)?;
+    }
+    // The destination may take the images' locks once we have let go.
+    m.graph
+        .inactivate_images()
+        .map_err(|e| MigrationError::Device(e.to_string()))?;
+    format::write_frame(w, Kind::End, &[]).map_err(MigrationError::send)?;
+    w.flush().map_err(MigrationError::send)?;
+    if let Sink::File { file, .. } = sink {
+        file.get_ref().sync_all().map_err(MigrationError::send)?;
+    }
+    sink.reply(DONE_TIMEOUT)
+}
+
+/// Sends one pass's pages: frames on a stream, the RAM image in a file.
+fn send(
+    sink: &mut Sink,
+    image: &Option<(File, u64)>,
+    m: &Machine,
+    set: &PageSet,
+    first: bool,
+    buf: &mut Vec<u8>,
+    pacer: &mut Pacer,
+) -> Result<Sent, MigrationError> {
+    match image {
+        Some((file, base)) => {
+            ram::write_image(file, *base, &m.mem, set, first, buf, |b| pacer.account(b))
+        }
+        None => ram::send_pages(sink.writer(), &m.mem, set, first, buf, |b| pacer.account(b)),
+    }
+}
+
+fn record(ctl: &Controller, sent: &Sent) {
+    ctl.update(|f| {
+        f.ram_transferred += sent.bytes;
+        f.normal += sent.normal;
+        f.duplicate += sent.zero;
+    });
+}
