@@ -503,6 +503,19 @@ impl Bitmaps {
             .map_or(0, |(_, b)| b.count())
     }
 
+    /// Dirty bytes of internal bitmap `id` below `end`.
+    pub fn internal_count_below(&self, id: u64, end: u64) -> u64 {
+        lock(&self.internal)
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or(0, |(_, b)| {
+                b.extents()
+                    .take_while(|&(offset, _)| offset < end)
+                    .map(|(offset, len)| len.min(end - offset))
+                    .sum()
+            })
+    }
+
     /// Clears `[offset, offset + len)` in internal bitmap `id`: the
     /// caller is about to copy it anyway.
     pub fn clear_internal(&self, id: u64, offset: u64, len: u64) {

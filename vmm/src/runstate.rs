@@ -115,6 +115,15 @@ impl RunState {
         *lock(&self.phase) = phase;
     }
 
+    /// Every paused device lets go of what it kept (a disk's lease while
+    /// it hosted jobs), so the images can be handed to another process.
+    pub(crate) fn release_devices(&self) -> Result<(), ResumeError> {
+        for t in lock(&self.transports).iter() {
+            lock(t).release()?;
+        }
+        Ok(())
+    }
+
     /// Appends every device's state to `w`; the VM must be paused.
     pub(crate) fn save_devices(&self, w: &mut StateWriter) -> Result<(), String> {
         let transports = lock(&self.transports);

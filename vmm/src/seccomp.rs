@@ -365,6 +365,8 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_fallocate,
             ],
             POLL_READ.to_vec(),
+            // Block migration's reads and writes through its own engines.
+            DO_IO.to_vec(),
         ]
         .concat(),
         // Every other kind's calls, and what a new thread does before its

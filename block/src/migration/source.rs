@@ -306,11 +306,22 @@ impl BlockMigration {
         self.bulk_left + self.dirty()
     }
 
-    /// Bytes marked dirty and not yet sent again.
+    /// Bytes marked dirty and not yet sent again. Marks ahead of the bulk
+    /// pass do not count: the bulk pass reads those ranges anyway.
     pub fn dirty(&self) -> u64 {
         self.disks
             .iter()
-            .map(|d| d.node.bitmaps().internal_count(d.bitmap))
+            .enumerate()
+            .map(|(i, d)| {
+                let bitmaps = d.node.bitmaps();
+                match i.cmp(&self.bulk_disk) {
+                    std::cmp::Ordering::Less => bitmaps.internal_count(d.bitmap),
+                    std::cmp::Ordering::Equal => {
+                        bitmaps.internal_count_below(d.bitmap, self.bulk_offset)
+                    }
+                    std::cmp::Ordering::Greater => 0,
+                }
+            })
             .sum()
     }
 

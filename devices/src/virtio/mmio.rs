@@ -187,6 +187,12 @@ impl MmioTransport {
         self.device.pause();
     }
 
+    /// The paused VM hands its images over: the device lets go of what
+    /// `pause` kept, or says who still needs it.
+    pub fn release(&mut self) -> Result<(), ResumeError> {
+        self.device.release()
+    }
+
     /// The VM resumes: the device takes back what it released, or says why
     /// it cannot.
     pub fn resume(&mut self) -> Result<(), ResumeError> {

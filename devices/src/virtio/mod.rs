@@ -226,6 +226,13 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self) -> Result<(), ResumeError> {
         Ok(())
     }
+    /// The paused VM's images go to another process (a migration's
+    /// switchover): let go of everything `pause` may have kept (a disk's
+    /// lease, kept while it serves hosted jobs), or say who still needs
+    /// it. `resume` takes it back.
+    fn release(&mut self) -> Result<(), ResumeError> {
+        Ok(())
+    }
     /// Where each parked queue of a paused active device stands, for
     /// saving it; the error says why it cannot be saved now.
     fn parked_queues(&self) -> Result<Vec<QueuePosition>, SaveError> {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use base::state::StateReader;
 use base::sync::lock;
+use block::migration::{BlockSink, Chunk};
 use vm_memory::GuestMemoryMmap;
 
 use super::control::{Controller, Status};
@@ -34,6 +35,8 @@ struct Loader<'a> {
     machine: bool,
     /// RAM frames are refused in a state file (its RAM is the image).
     ram_frames: bool,
+    /// Where block migration's disk chunks go, when the source copies disks.
+    disks: Option<BlockSink>,
 }
 
 impl<'a> Loader<'a> {
@@ -44,7 +47,38 @@ impl<'a> Loader<'a> {
             devices: false,
             machine: false,
             ram_frames,
+            disks: None,
         }
+    }
+
+    /// The source copies the disks its Config frame marks: this VM's
+    /// images are its own (not the source's), so they are taken now and
+    /// written as the chunks come.
+    fn expect_disks(&mut self, shape: &Shape) -> Result<(), MigrationError> {
+        let copied: Vec<(String, String, u64)> = shape
+            .disks
+            .iter()
+            .zip(&self.m.disks)
+            .filter(|(theirs, _)| theirs.copied)
+            .map(|(theirs, ours)| {
+                (
+                    ours.id.clone(),
+                    ours.node.with(|n| n.name().to_string()),
+                    theirs.size,
+                )
+            })
+            .collect();
+        if copied.is_empty() {
+            return Ok(());
+        }
+        self.m
+            .graph
+            .activate_images()
+            .map_err(|e| MigrationError::Device(e.to_string()))?;
+        let sink = BlockSink::open(&self.m.graph, &copied, block::Holder::Migration)
+            .map_err(|e| MigrationError::Device(e.to_string()))?;
+        self.disks = Some(sink);
+        Ok(())
     }
 
     /// Applies one frame; true at `End`, once everything has come.
@@ -59,10 +93,27 @@ impl<'a> Loader<'a> {
             }
             Kind::Ram => return Err(invalid("Ram frame", "a state file keeps RAM in its image")),
             Kind::Disk => {
-                return Err(invalid(
-                    "Disk frame",
-                    "this stream copies no disk (block migration was not announced)",
-                ))
+                let Some(sink) = self.disks.as_mut() else {
+                    return Err(invalid(
+                        "Disk frame",
+                        "this stream copies no disk (block migration was not announced)",
+                    ));
+                };
+                let mut r = StateReader::new(payload);
+                let chunk = Chunk {
+                    disk: r.u32("disk chunk's disk")? as usize,
+                    offset: r.u64("disk chunk's offset")?,
+                    len: r.u32("disk chunk's length")?,
+                    zero: r.bool("disk chunk's zero flag")?,
+                };
+                let data = if chunk.zero {
+                    &[][..]
+                } else {
+                    r.raw("disk chunk's data", chunk.len as usize)?
+                };
+                r.finish("a disk chunk")?;
+                sink.write(&chunk, data)
+                    .map_err(|e| MigrationError::Device(e.to_string()))?;
             }
             Kind::Pass => {}
             Kind::Devices => {
@@ -112,6 +163,10 @@ impl<'a> Loader<'a> {
                 };
                 if let Some(what) = missing {
                     return Err(invalid("End frame", &format!("{what} never came")));
+                }
+                if let Some(sink) = self.disks.take() {
+                    sink.finish()
+                        .map_err(|e| MigrationError::Device(e.to_string()))?;
                 }
                 return Ok(true);
             }
@@ -338,12 +393,13 @@ fn receive(m: &Machine, conn: Conn) -> Result<(), MigrationError> {
     let mut back = conn.try_clone().map_err(MigrationError::receive)?;
     let mut r = BufReader::with_capacity(1 << 20, conn);
     let here = m.shape(|_| false);
-    if let Err(e) = read_config(&mut r, &here) {
+    let mut loader = Loader::new(m, true);
+    let ready = read_config(&mut r, &here).and_then(|shape| loader.expect_disks(&shape));
+    if let Err(e) = ready {
         let _ = format::write_reply(&mut back, &Reply::Error(e.to_string()));
         return Err(e);
     }
     format::write_reply(&mut back, &Reply::Ready).map_err(MigrationError::receive)?;
-    let mut loader = Loader::new(m, true);
     let mut payload = Vec::new();
     loop {
         let kind = format::read_frame(&mut r, &mut payload)?;

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use base::state::StateWriter;
 use base::sync::lock;
 
-use super::control::{Capabilities, Controller, Parameters, Status};
+use block::migration::BlockMigration;
+
+use super::control::{Controller, Parameters, Status};
 use super::cpu::{saveable_msrs, VcpuState};
 use super::format::{self, Kind, Reply};
 use super::machine::MachineState;
@@ -44,15 +46,29 @@ pub(super) fn start(ctl: &Arc<Controller>, uri: MigrationUri) -> Result<(), Stri
         Phase::Normal => {}
     }
     let (params, caps) = ctl.begin()?;
-    if caps.block {
-        return Err("Block migration is not available yet: migrate without the 'block' capability (shared storage)".into());
-    }
+    // Block migration contends for each disk's lease like any job: a
+    // holder that refuses (a running guest's dataplane with
+    // live-jobs=off) refuses it here, before anything starts.
+    let disks = if caps.block {
+        let wanted: Vec<(String, String)> = m
+            .disks
+            .iter()
+            .filter(|d| !d.read_only)
+            .map(|d| (d.id.clone(), d.node.with(|n| n.name().to_string())))
+            .collect();
+        Some(
+            BlockMigration::start(&m.graph, &wanted, block::Holder::Migration)
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        None
+    };
     ctl.set_status(Status::Setup);
     let thread_ctl = ctl.clone();
     let spawned = base::spawn(
         base::ThreadKind::Migration,
         "migration".to_string(),
-        move || run(&thread_ctl, &uri, params, caps),
+        move || run(&thread_ctl, &uri, params, disks),
         {
             let ctl = ctl.clone();
             move || ctl.fail("the migration thread panicked".into())
@@ -70,9 +86,13 @@ pub(super) fn start(ctl: &Arc<Controller>, uri: MigrationUri) -> Result<(), Stri
     }
 }
 
-fn run(ctl: &Arc<Controller>, uri: &MigrationUri, params: Parameters, caps: Capabilities) {
-    let _ = caps;
-    match migrate(ctl, uri, params) {
+fn run(
+    ctl: &Arc<Controller>,
+    uri: &MigrationUri,
+    params: Parameters,
+    disks: Option<BlockMigration>,
+) {
+    match migrate(ctl, uri, params, disks) {
         Ok(()) => ctl.set_status(Status::Completed),
         Err(_) if ctl.cancelled() => ctl.set_status(Status::Cancelled),
         Err(e) => {
@@ -162,10 +182,20 @@ fn migrate(
     ctl: &Arc<Controller>,
     uri: &MigrationUri,
     params: Parameters,
+    mut disks: Option<BlockMigration>,
 ) -> Result<(), MigrationError> {
     let m = &*ctl.machine;
     let started = Instant::now();
-    let mut shape = m.shape(|_| false);
+    let copied: Vec<String> = disks
+        .as_ref()
+        .map(|b| b.disks().into_iter().map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    let mut shape = m.shape(|d| copied.contains(&d.id));
+    if disks.is_some() && matches!(uri, MigrationUri::File(_)) {
+        return Err(MigrationError::Config(
+            "block migration needs a destination VM; a state file keeps no disks".into(),
+        ));
+    }
     let mut sink = match uri {
         MigrationUri::File(path) => {
             let file = OpenOptions::new()
@@ -222,6 +252,10 @@ fn migrate(
     ctl.update(|f| {
         f.setup_ms = started.elapsed().as_millis() as u64;
         f.ram_total = m.memory;
+        if let Some(b) = &disks {
+            f.disk_total = b.total();
+            f.disk_remaining = b.remaining();
+        }
     });
     ctl.set_status(Status::Active);
 
@@ -242,19 +276,29 @@ fn migrate(
         let t = Instant::now();
         let sent = send(&mut sink, &image, m, &set, pass == 1, &mut buf, &mut pacer)?;
         record(ctl, &sent);
+        // The disks: the bulk pass first, then what the guest dirtied,
+        // as much as was left when this pass began.
+        let disk_bytes = match disks.as_mut() {
+            Some(b) => {
+                let budget = b.remaining();
+                send_disks(ctl, &mut sink, b, budget, &mut buf, &mut pacer)?
+            }
+            None => 0,
+        };
         let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
         set.clear();
         ram::sync_dirty(&m.vm, &m.mem, &m.dirty, &mut set)?;
         pass += 1;
         ctl.pass(pass);
-        let remaining = set.len() * PAGE;
+        let disk_left = disks.as_ref().map_or(0, |b| b.remaining());
+        let remaining = set.len() * PAGE + disk_left;
         // Bytes per millisecond this pass reached, within the limit.
-        let rate = (sent.bytes as f64 / pass_ms.max(1.0))
+        let rate = ((sent.bytes + disk_bytes) as f64 / pass_ms.max(1.0))
             .max(1.0)
             .min(params.max_bandwidth as f64 / 1000.0);
         let expected = (remaining as f64 / rate) as u64;
         ctl.update(|f| {
-            f.ram_remaining = remaining;
+            f.ram_remaining = remaining - disk_left;
             f.expected_downtime_ms = expected;
             f.mbps = rate * 1000.0 * 8.0 / 1e6;
         });
@@ -273,7 +317,7 @@ fn migrate(
         .pause()
         .map_err(|e| MigrationError::Device(format!("cannot stop the VM: {e}")))?;
     let result = finish(
-        ctl, m, &mut sink, &image, &mut set, &mut buf, &mut pacer, pass,
+        ctl, m, &mut sink, &image, &mut set, &mut disks, &mut buf, &mut pacer, pass,
     );
     match result {
         Ok(()) => {
@@ -318,6 +362,7 @@ fn finish(
     sink: &mut Sink,
     image: &Option<(File, u64)>,
     set: &mut PageSet,
+    disks: &mut Option<BlockMigration>,
     buf: &mut Vec<u8>,
     pacer: &mut Pacer,
     pass: u64,
@@ -329,6 +374,12 @@ fn finish(
     pacer.bandwidth = u64::MAX;
     let sent = send(sink, image, m, set, false, buf, pacer)?;
     record(ctl, &sent);
+    if let Some(b) = disks.as_mut() {
+        // Nothing dirties the disks now: send all that is left.
+        send_disks(ctl, sink, b, u64::MAX, buf, pacer)?;
+    }
+    // Its leases (or hosted handles) go before the images are handed over.
+    *disks = None;
     if let Sink::File { file, ram_offset } = sink {
         // The state frames follow the RAM image.
         file.seek(SeekFrom::Start(*ram_offset + m.memory))
@@ -361,7 +412,11 @@ fn finish(
         VcpuState::save(&fd, msrs)?.encode(&mut state);
         format::write_frame(w, Kind::Vcpu, &[state.as_slice()]).map_err(MigrationError::send)?;
     }
-    // The destination may take the images' locks once we have let go.
+    // The destination may take the images' locks once we have let go:
+    // first the devices let go of what they kept while paused.
+    m.run
+        .release_devices()
+        .map_err(|e| MigrationError::Device(e.reason))?;
     m.graph
         .inactivate_images()
         .map_err(|e| MigrationError::Device(e.to_string()))?;
@@ -389,6 +444,47 @@ fn send(
         }
         None => ram::send_pages(sink.writer(), &m.mem, set, first, buf, |b| pacer.account(b)),
     }
+}
+
+/// Sends disk chunks until `budget` bytes went or nothing is left; the
+/// bytes sent.
+fn send_disks(
+    ctl: &Controller,
+    sink: &mut Sink,
+    b: &mut BlockMigration,
+    budget: u64,
+    buf: &mut Vec<u8>,
+    pacer: &mut Pacer,
+) -> Result<u64, MigrationError> {
+    let mut sent = 0u64;
+    while sent < budget {
+        let Some(chunk) = b
+            .next_chunk(buf)
+            .map_err(|e| MigrationError::Device(e.to_string()))?
+        else {
+            break;
+        };
+        let mut head = [0u8; 17];
+        head[..4].copy_from_slice(&(chunk.disk as u32).to_le_bytes());
+        head[4..12].copy_from_slice(&chunk.offset.to_le_bytes());
+        head[12..16].copy_from_slice(&chunk.len.to_le_bytes());
+        head[16] = u8::from(chunk.zero);
+        let data: &[u8] = if chunk.zero {
+            &[]
+        } else {
+            &buf[..chunk.len as usize]
+        };
+        format::write_frame(sink.writer(), Kind::Disk, &[&head, data])
+            .map_err(MigrationError::send)?;
+        let bytes = format::FRAME_OVERHEAD + head.len() as u64 + data.len() as u64;
+        sent += u64::from(chunk.len);
+        ctl.update(|f| {
+            f.disk_transferred = b.transferred();
+            f.disk_remaining = b.remaining();
+        });
+        pacer.account(bytes)?;
+    }
+    Ok(sent)
 }
 
 fn record(ctl: &Controller, sent: &Sent) {

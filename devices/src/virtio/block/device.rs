@@ -653,6 +653,41 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn release(&mut self) -> Result<(), ResumeError> {
+        if self.worker.is_some() {
+            return Err(ResumeError {
+                device: self.config.id.clone(),
+                reason: format!("virtio-blk device '{}' is not paused", self.config.id),
+            });
+        }
+        if self.stuck {
+            return Err(ResumeError {
+                device: self.config.id.clone(),
+                reason: format!(
+                    "virtio-blk device '{}' keeps its node for good: its earlier I/O never completed",
+                    self.config.id
+                ),
+            });
+        }
+        if let Some(guests) = self.host.as_ref().map(|h| h.guests()) {
+            if let Some(guest) = guests.first() {
+                return Err(ResumeError {
+                    device: self.config.id.clone(),
+                    reason: format!(
+                        "virtio-blk device '{}' still hosts {guest} on its node",
+                        self.config.id
+                    ),
+                });
+            }
+        }
+        // Nobody is hosted: the loop that served hosted jobs while paused
+        // has nothing left to do, and the lease can go.
+        self.stop_paused_host();
+        self.host = None;
+        self.lease = None;
+        Ok(())
+    }
+
     fn resume(&mut self) -> Result<(), ResumeError> {
         if self.stuck {
             // The VM runs on; this disk stays in DEVICE_NEEDS_RESET.
