@@ -384,7 +384,9 @@ fn live_migration(format: ImageFormat) {
     // The guest writes where the bulk pass has been and where it has not.
     dp.write(4096, pattern(8192, 9));
     dp.write(SIZE - 4096, pattern(4096, 10));
-    assert_eq!(source.remaining(), SIZE - u64::from(CHUNK) + 2 * 65536);
+    // The write ahead of the bulk pass is not counted twice: the bulk
+    // pass reads that range anyway.
+    assert_eq!(source.remaining(), SIZE - u64::from(CHUNK) + 65536);
     let sent = pump(&mut source, &mut sink);
     // The three bulk chunks left, then the one granule written behind
     // the bulk pass: the bulk pass itself copied the write ahead of it.
