@@ -24,6 +24,8 @@ mod control;
 mod cpu;
 pub mod format;
 mod incoming;
+#[doc(hidden)]
+pub mod inspect;
 mod machine;
 mod outgoing;
 mod ram;
