@@ -282,6 +282,26 @@ fn block_migration_is_refused_by_a_serving_dataplane_and_runs_once_the_guest_is_
     let dest = destination(&uri, &format!("path={}", s(&dst_disk)));
     wait_listening(&uri);
     qmp.ok("stop", json!({}));
+    // A job on the disk cannot hand it over at switchover: refused first.
+    let target = dir.file("backup.img");
+    sparse(&target);
+    qmp.ok(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "tgt", "filename": target}),
+    );
+    qmp.ok(
+        "blockdev-backup",
+        json!({"job-id": "job0", "device": "drive0", "target": "tgt", "sync": "full", "speed": 1024}),
+    );
+    let err = qmp.err("migrate", json!({"uri": uri}));
+    assert_eq!(
+        err.desc,
+        "Node 'drive0' of device 'vda' is in use by block job 'job0': finish or cancel it before migrating"
+    );
+    qmp.ok("job-cancel", json!({"id": "job0"}));
+    qmp.wait_event("BLOCK_JOB_CANCELLED", Duration::from_secs(30), |d| {
+        d["device"] == "job0"
+    });
     qmp.ok("migrate", json!({"uri": uri}));
     let info = wait_migration(&mut qmp);
     assert_eq!(info["status"], "completed", "{info}");

@@ -45,6 +45,20 @@ pub(super) fn start(ctl: &Arc<Controller>, uri: MigrationUri) -> Result<(), Stri
         }
         Phase::Normal => {}
     }
+    // A job on a disk would have to hand the disk over at switchover,
+    // which it cannot: refuse now rather than stop the guest for nothing.
+    for d in &m.disks {
+        let info = d.node.with(|n| m.graph.info(n));
+        let job = info.hosted.first().cloned().or(info
+            .lease
+            .filter(|h| !matches!(h, block::Holder::Dataplane { .. })));
+        if let Some(job) = job {
+            return Err(format!(
+                "Node '{}' of device '{}' is in use by {job}: finish or cancel it before migrating",
+                info.name, d.id
+            ));
+        }
+    }
     let (params, caps) = ctl.begin()?;
     // Block migration contends for each disk's lease like any job: a
     // holder that refuses (a running guest's dataplane with
