@@ -321,7 +321,7 @@ fn a_running_source_survives_every_failed_migration() {
 fn a_cancelled_migration_leaves_the_source_running_and_the_next_one_completes() {
     let dir = TempDir::new("migfail-cancel");
     let disk_path = disk(&dir, "disk.img", DISK);
-    let (vm, mut q) = source(&disk_path, 400_000, &dir.file("q.sock"));
+    let (vm, mut q) = source(&disk_path, 250_000, &dir.file("q.sock"));
     q.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "events", "state": true}]}),
@@ -366,6 +366,10 @@ fn a_cancelled_migration_leaves_the_source_running_and_the_next_one_completes() 
     q.ok("migrate", json!({"uri": uri}));
     q.wait_event("MIGRATION", Duration::from_secs(60), is("completed"));
     assert_eq!(q.ok("query-status", json!({}))["status"], "postmigrate");
+    // The destination holds the image now: the source cannot take it back.
+    let e = q.err("cont", json!({}));
+    assert_eq!(e.class, "GenericError");
+    assert!(e.desc.contains("\"write\" lock"), "{}", e.desc);
     let end = dest.wait(Duration::from_secs(120));
     assert_eq!(end.code, Some(0), "{}{}", end.stdout, end.stderr);
     assert!(
@@ -473,6 +477,75 @@ fn state_frames(bytes: &[u8], memory: usize) -> (usize, Vec<Frame>) {
     (ram, frames)
 }
 
+/// Every whole frame of a stream, after its header.
+fn walk(bytes: &[u8]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut at = 12;
+    while at + 9 <= bytes.len() {
+        let f = frame_at(bytes, at);
+        frames.push(f);
+        at = f.payload().end;
+    }
+    frames
+}
+
+/// What a source would have sent for the state in a state file: its
+/// header and Config (without a RAM offset), RAM frames of the image's
+/// non-zero pages, then the same state frames.
+fn stream_from_state(file: &[u8], memory: usize) -> Vec<u8> {
+    let config = frame_at(file, 12);
+    let (ram, frames) = state_frames(file, memory);
+    let mut out = file[..config.payload().end].to_vec();
+    let end = out.len();
+    out[end - 8..].copy_from_slice(&0u64.to_le_bytes());
+    reseal(&mut out, config);
+    let mut frame = |kind: u8, payload: &[u8]| {
+        out.push(kind);
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+    };
+    let image = &file[ram..ram + memory];
+    for (i, run) in image.chunks(256 * 4096).enumerate() {
+        if run.iter().all(|&b| b == 0) {
+            continue;
+        }
+        // u64 address, u32 page count, the zero flag, the pages.
+        let mut payload = ((i * 256 * 4096) as u64).to_le_bytes().to_vec();
+        payload.extend_from_slice(&((run.len() / 4096) as u32).to_le_bytes());
+        payload.push(0);
+        payload.extend_from_slice(run);
+        frame(2, &payload);
+    }
+    for f in frames {
+        out.extend_from_slice(&file[f.at..f.payload().end]);
+    }
+    out
+}
+
+/// Connects to a destination at `socket` as a source would, sends
+/// `bytes` (as far as the destination takes them), and returns the
+/// replies it sent back: (code, text), 1 ready, 2 done, 3 error.
+fn fake_source(socket: &Path, bytes: &[u8]) -> Vec<(u8, String)> {
+    let mut conn = UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // A destination that refuses stops reading: the rest cannot go.
+    let _ = conn.write_all(bytes);
+    let _ = conn.shutdown(std::net::Shutdown::Write);
+    let mut back = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut conn, &mut back);
+    let mut replies = Vec::new();
+    let mut r = &back[..];
+    while r.len() >= 5 {
+        let len = u32::from_le_bytes(r[1..5].try_into().unwrap()) as usize;
+        let text = String::from_utf8_lossy(&r[5..5 + len]).into_owned();
+        replies.push((r[0], text));
+        r = &r[5 + len..];
+    }
+    replies
+}
+
 /// Rewrites a frame's payload checksum after an edit.
 fn reseal(bytes: &mut [u8], f: Frame) {
     let crc = crc32(&bytes[f.payload()]);
@@ -484,7 +557,7 @@ fn reseal(bytes: &mut [u8], f: Frame) {
 fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
     let dir = TempDir::new("migfail-files");
     let disk_path = disk(&dir, "disk.img", DISK);
-    let (vm, mut q) = source(&disk_path, 200_000, &dir.file("q.sock"));
+    let (vm, mut q) = source(&disk_path, 60_000, &dir.file("q.sock"));
     expect_line(&vm, "testguest: blk vda: capacity", Duration::from_secs(30));
     q.ok("stop", json!({}));
     let state = dir.file("vm.state");
@@ -579,6 +652,96 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
             "{what}: {line}"
         );
     }
+
+    // A state file of another shape: the difference, named.
+    std::fs::write(&file, &good).unwrap();
+    let small = disk(&dir, "small.img", DISK / 2);
+    let small_opt = format!("path={}", small.display());
+    for (memory, disk_opt, difference) in [
+        (
+            "128M",
+            &disk_opt,
+            "the source has 64 MiB of RAM, this VM 128 MiB",
+        ),
+        (
+            MEMORY,
+            &small_opt,
+            "disk 'vda' has 16777216 bytes on the source, 8388608 here",
+        ),
+    ] {
+        let end = Process::spawn(&[
+            "--incoming",
+            &incoming,
+            "--memory",
+            memory,
+            "--disk",
+            disk_opt,
+        ])
+        .wait(Duration::from_secs(20));
+        let line = end.one_line_failure();
+        assert!(line.contains(difference), "{line}");
+    }
+
+    // The same state forged into a stream by a fake source: each bad
+    // frame is refused on the return path and by the destination.
+    let copy = dir.file("copy.img");
+    std::fs::copy(&disk_path, &copy).unwrap();
+    let stream = stream_from_state(&good, memory);
+    let frames = walk(&stream);
+    let find = |kind| *frames.iter().rev().find(|f| f.kind == kind).unwrap();
+    let (ram, devices, vcpu) = (find(2), find(4), find(6));
+    let mut cases: Vec<(&str, Vec<u8>, &str)> = Vec::new();
+    let mut bad = stream.clone();
+    bad[vcpu.payload().start..][..4].copy_from_slice(&5u32.to_le_bytes());
+    reseal(&mut bad, vcpu);
+    cases.push(("a vCPU beyond the VM's", bad, "there is no such vCPU here"));
+    let mut bad = stream.clone();
+    let p = devices.payload().start;
+    let input = u32::from_le_bytes(bad[p + 9..p + 13].try_into().unwrap()) as usize;
+    bad[p + 13 + input..][..4].copy_from_slice(&2u32.to_le_bytes());
+    reseal(&mut bad, devices);
+    cases.push((
+        "a device count that does not match",
+        bad,
+        "the source has 2 virtio devices, this VM 1",
+    ));
+    let mut bad = stream.clone();
+    bad[ram.payload().start..][..8].copy_from_slice(&(64u64 << 20).to_le_bytes());
+    reseal(&mut bad, ram);
+    cases.push(("a RAM frame past the end of RAM", bad, "outside guest RAM"));
+    let mut bad = stream[..vcpu.at].to_vec();
+    bad.extend_from_slice(&stream[vcpu.payload().end..]);
+    cases.push(("no Vcpu frame", bad, "a vCPU's state never came"));
+    cases.push((
+        "a stream that stops in a RAM frame",
+        stream[..ram.at + 100].to_vec(),
+        "the migration stream ended early (truncated)",
+    ));
+    let socket = dir.file("m.sock");
+    let copy_opt: &Path = &copy;
+    for (what, bytes, error) in &cases {
+        let mut dest = Process::destination(&socket, &[copy_opt], MEMORY, &[]);
+        let replies = fake_source(&socket, bytes);
+        let last = replies.last().unwrap_or_else(|| panic!("{what}: no reply"));
+        assert!(last.0 == 3 && last.1.contains(error), "{what}: {replies:?}");
+        let line = dest.wait(Duration::from_secs(20)).one_line_failure();
+        assert!(
+            line.starts_with("vmm: the VM failed: incoming migration failed: ")
+                && line.contains(error),
+            "{what}: {line}"
+        );
+    }
+    let mut dest = Process::destination(&socket, &[copy_opt], MEMORY, &[]);
+    let replies = fake_source(&socket, &stream);
+    assert_eq!(replies, [(1, String::new()), (2, String::new())]);
+    let end = dest.wait(Duration::from_secs(120));
+    assert_eq!(end.code, Some(0), "{}{}", end.stdout, end.stderr);
+    assert!(
+        end.stdout.contains("testguest: blk random vda: ok"),
+        "{}",
+        end.stdout
+    );
+    assert!(end.stdout.contains(&fnv1a64_file(&copy)), "{}", end.stdout);
 
     // The file these came from restores, and its guest finishes.
     let incoming = format!("file:{}", state.display());
