@@ -203,6 +203,64 @@ fn failed_migration(q: &mut Qmp, uri: &str) -> String {
         .to_string()
 }
 
+/// A second `vmm` writing `disk`, which must be refused: its stderr.
+fn second_writer(disk: &Path) -> String {
+    let kernel = image("testguest");
+    let other = Process::spawn(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "exit=3",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ])
+    .wait(Duration::from_secs(10));
+    assert_eq!(other.code, Some(1), "{}", other.stderr);
+    other.stderr
+}
+
+/// A fake destination at `socket` for one source: it answers Ready to the
+/// Config frame, reads every frame up to End, then answers an error with
+/// `at_end`'s text, or closes without a word. Returns the frame kinds.
+fn fake_destination(
+    socket: &Path,
+    at_end: Option<&'static str>,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    let _ = std::fs::remove_file(socket);
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut back = conn.try_clone().unwrap();
+        let mut r = std::io::BufReader::new(conn);
+        let mut head = [0u8; 12];
+        std::io::Read::read_exact(&mut r, &mut head).unwrap();
+        let mut kinds = Vec::new();
+        let mut payload = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            std::io::Read::read_exact(&mut r, &mut head).unwrap();
+            let len = u32::from_le_bytes(head[1..5].try_into().unwrap()) as usize;
+            payload.resize(len, 0);
+            std::io::Read::read_exact(&mut r, &mut payload).unwrap();
+            kinds.push(head[0]);
+            match head[0] {
+                1 => back.write_all(&[1, 0, 0, 0, 0]).unwrap(),
+                8 => break,
+                _ => {}
+            }
+        }
+        if let Some(text) = at_end {
+            let mut reply = vec![3];
+            reply.extend_from_slice(&(text.len() as u32).to_le_bytes());
+            reply.extend_from_slice(text.as_bytes());
+            back.write_all(&reply).unwrap();
+        }
+        kinds
+    })
+}
+
 /// The source's guest ends with its workload done: `ok`, the checksum of
 /// the disk, status 0.
 fn finishes_ok(vm: VmHandle, disk: &Path) {
@@ -221,7 +279,7 @@ fn finishes_ok(vm: VmHandle, disk: &Path) {
 fn a_running_source_survives_every_failed_migration() {
     let dir = TempDir::new("migfail-source");
     let disk_path = disk(&dir, "disk.img", DISK);
-    let (vm, mut q) = source(&disk_path, 400_000, &dir.file("q.sock"));
+    let (vm, mut q) = source(&disk_path, 600_000, &dir.file("q.sock"));
     let started = Instant::now();
 
     // Bad input: QEMU's error shape, nothing started.
@@ -298,18 +356,50 @@ fn a_running_source_survives_every_failed_migration() {
     let _ = dest.wait(Duration::from_secs(10));
     still_running(&vm, &mut q);
     // The source still holds its image: a second writer is refused.
-    let kernel = image("testguest");
-    let other = Process::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "exit=3",
-        "--disk",
-        &format!("path={}", disk_path.display()),
-    ])
-    .wait(Duration::from_secs(10));
-    assert_eq!(other.code, Some(1), "{}", other.stderr);
-    assert!(other.stderr.contains("\"write\" lock"), "{}", other.stderr);
+    let other = second_writer(&disk_path);
+    assert!(other.contains("\"write\" lock"), "{other}");
+
+    // A destination that takes the whole stream and then fails (or just
+    // goes): the source had stopped and let go of its image for it, and
+    // takes both back.
+    q.ok(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 30, "downtime-limit": 300}),
+    );
+    for (at_end, said) in [
+        (
+            Some("cannot start here"),
+            "the destination failed: cannot start here",
+        ),
+        (None, "it closed the connection without saying why"),
+    ] {
+        let fake = fake_destination(&socket, at_end);
+        let desc = failed_migration(&mut q, &uri);
+        assert!(desc.contains(said), "{desc}");
+        let kinds = fake.join().unwrap();
+        assert_eq!(
+            kinds.last(),
+            Some(&8),
+            "the stream went to its End: {kinds:?}"
+        );
+        still_running(&vm, &mut q);
+        let other = second_writer(&disk_path);
+        assert!(other.contains("\"write\" lock"), "{other}");
+    }
+
+    // A destination that never answers: `migrate_cancel` ends the wait.
+    let _ = std::fs::remove_file(&socket);
+    let silent = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    q.ok("migrate", json!({"uri": uri}));
+    std::thread::sleep(Duration::from_millis(200));
+    let info = q.ok("query-migrate", json!({}));
+    assert_eq!(info["status"], "setup", "{info}");
+    let cancelled_at = Instant::now();
+    q.ok("migrate_cancel", json!({}));
+    migration_reaches(&mut q, &["cancelled"], Duration::from_secs(5));
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+    drop(silent);
+    still_running(&vm, &mut q);
 
     eprintln!("failure cases took {:?}", started.elapsed());
     still_running(&vm, &mut q);
@@ -401,12 +491,37 @@ fn a_silent_then_garbage_source_starts_no_guest() {
         &["--qmp", qd_path.to_str().unwrap()],
     );
     let mut qd = Qmp::connect(&qd_path);
+    // A second destination at the same address is refused, and the first
+    // keeps waiting for its source.
+    let incoming = format!("unix:{}", socket.display());
+    let disk_opt = format!("path={}", disk_path.display());
+    let second = Process::spawn(&[
+        "--incoming",
+        &incoming,
+        "--memory",
+        MEMORY,
+        "--disk",
+        &disk_opt,
+    ])
+    .wait(Duration::from_secs(10));
+    assert_eq!(second.code, Some(1), "{}", second.stderr);
+    assert_eq!(
+        second.stderr,
+        format!(
+            "vmm: incoming migration failed: cannot listen for the incoming migration: \
+             something already listens on {}\n",
+            socket.display()
+        )
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(dest.running().is_some(), "the first destination ended");
+    assert_eq!(qd.ok("query-migrate", json!({}))["status"], "setup");
     let mut conn = UnixStream::connect(&socket).unwrap();
     // Connected and silent: the destination waits (up to its 60 s read
-    // timeout), no guest runs.
-    migration_reaches(&mut qd, &["active"], Duration::from_secs(10));
+    // timeout) for the stream to begin; no guest runs.
     std::thread::sleep(Duration::from_millis(300));
     assert!(dest.running().is_some());
+    assert_eq!(qd.ok("query-migrate", json!({}))["status"], "setup");
     assert_eq!(qd.ok("query-status", json!({}))["status"], "inmigrate");
     let started = Instant::now();
     conn.write_all(b"QEVM\0\0\0\x03garbage").unwrap();
