@@ -279,7 +279,7 @@ fn finishes_ok(vm: VmHandle, disk: &Path) {
 fn a_running_source_survives_every_failed_migration() {
     let dir = TempDir::new("migfail-source");
     let disk_path = disk(&dir, "disk.img", DISK);
-    let (vm, mut q) = source(&disk_path, 600_000, &dir.file("q.sock"));
+    let (vm, mut q) = source(&disk_path, 450_000, &dir.file("q.sock"));
     let started = Instant::now();
 
     // Bad input: QEMU's error shape, nothing started.
@@ -293,6 +293,14 @@ fn a_running_source_survives_every_failed_migration() {
     assert_eq!(e.class, "GenericError");
     assert_eq!(e.desc, "'-incoming' was not specified on the command line");
     assert_eq!(q.ok("query-migrate", json!({})), json!({}));
+
+    // A state file that cannot be made.
+    let desc = failed_migration(&mut q, "file:/nonexistent/vm.state");
+    assert_eq!(
+        desc,
+        "cannot create the state file: No such file or directory (os error 2)"
+    );
+    still_running(&vm, &mut q);
 
     // Nobody listening.
     let nobody = dir.file("nobody.sock");
@@ -447,6 +455,12 @@ fn a_cancelled_migration_leaves_the_source_running_and_the_next_one_completes() 
     let e = qd.err("cont", json!({}));
     assert_eq!(e.class, "GenericError");
     assert_eq!(e.desc, "Guest is waiting for an incoming migration");
+    let e = qd.err("migrate", json!({"uri": "unix:/nonexistent"}));
+    assert_eq!(e.class, "GenericError");
+    assert_eq!(e.desc, "Guest is waiting for an incoming migration");
+    let e = qd.err("migrate-incoming", json!({"uri": uri}));
+    assert_eq!(e.class, "GenericError");
+    assert_eq!(e.desc, "The incoming migration has already been started");
 
     // The next migration goes through; the guest finishes there.
     q.ok(
@@ -534,6 +548,51 @@ fn a_silent_then_garbage_source_starts_no_guest() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     drop(qd);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn migrate_incoming_after_defer_refuses_what_it_cannot_take() {
+    let dir = TempDir::new("migfail-defer");
+    let disk_path = disk(&dir, "disk.img", DISK);
+    let qd_path = dir.file("qd.sock");
+    let disk_opt = format!("path={}", disk_path.display());
+    let mut dest = Process::spawn(&[
+        "--incoming",
+        "defer",
+        "--memory",
+        MEMORY,
+        "--disk",
+        &disk_opt,
+        "--qmp",
+        qd_path.to_str().unwrap(),
+    ]);
+    let mut qd = Qmp::connect(&qd_path);
+    assert_eq!(qd.ok("query-status", json!({}))["status"], "inmigrate");
+    assert_eq!(qd.ok("query-migrate", json!({})), json!({}));
+    for (uri, desc) in [
+        ("exec:cat", "unknown migration protocol: exec:cat"),
+        (
+            "tcp:127.0.0.1",
+            "invalid migration URI 'tcp:127.0.0.1': a TCP address is HOST:PORT",
+        ),
+        (
+            "file:/tmp/x",
+            "a state file is restored with --incoming file:PATH on the command line",
+        ),
+    ] {
+        let e = qd.err("migrate-incoming", json!({ "uri": uri }));
+        assert_eq!((e.class.as_str(), e.desc.as_str()), ("GenericError", desc));
+    }
+    let socket = dir.file("m.sock");
+    let uri = format!("unix:{}", socket.display());
+    qd.ok("migrate-incoming", json!({ "uri": uri }));
+    assert!(socket.exists());
+    let e = qd.err("migrate-incoming", json!({ "uri": uri }));
+    assert_eq!(e.desc, "The incoming migration has already been started");
+    drop(qd);
+    dest.kill();
+    let _ = dest.wait(Duration::from_secs(10));
 }
 
 /// CRC-32 (IEEE), as the stream's frames carry it.
