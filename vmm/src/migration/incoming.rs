@@ -121,7 +121,7 @@ impl<'a> Loader<'a> {
 }
 
 /// Reads a stream's header and Config frame and checks it against `here`.
-fn read_config(r: &mut impl Read, here: &Shape) -> Result<Shape, MigrationError> {
+pub(super) fn read_config(r: &mut impl Read, here: &Shape) -> Result<Shape, MigrationError> {
     format::read_header(r)?;
     let mut payload = Vec::new();
     let kind = format::read_frame(r, &mut payload)?;
