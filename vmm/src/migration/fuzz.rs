@@ -117,7 +117,7 @@ pub fn seed() -> Vec<u8> {
         format::write_frame(&mut out, kind, &[payload]).expect("a Vec takes every write")
     };
     frame(Kind::Config, w.as_slice());
-    for (addr, pages, zero) in [(0u64, 2u32, false), (8 * 4096, 1, true)] {
+    for (addr, pages, zero) in [(0u64, 1u32, false), (8 * 4096, 2, true)] {
         let mut w = StateWriter::new();
         w.u64(addr).u32(pages).bool(zero);
         if !zero {
