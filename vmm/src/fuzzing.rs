@@ -142,3 +142,15 @@ pub fn qmp(data: &[u8]) {
     }
     jobs.cancel_all_and_wait();
 }
+
+/// The incoming migration stream: `data[0]` bit 0 gives every frame the
+/// checksum of its payload first (so that mutations reach the decoders),
+/// the rest is what a source sends. It ends in an error or at `End`.
+pub fn migration_stream(data: &[u8]) {
+    crate::migration::fuzz::stream(data);
+}
+
+/// A small valid input for [`migration_stream`]: the corpus's seed.
+pub fn migration_stream_seed() -> Vec<u8> {
+    crate::migration::fuzz::seed()
+}

@@ -176,7 +176,7 @@ impl<'a> Loader<'a> {
 }
 
 /// Reads a stream's header and Config frame and checks it against `here`.
-fn read_config(r: &mut impl Read, here: &Shape) -> Result<Shape, MigrationError> {
+pub(super) fn read_config(r: &mut impl Read, here: &Shape) -> Result<Shape, MigrationError> {
     format::read_header(r)?;
     let mut payload = Vec::new();
     let kind = format::read_frame(r, &mut payload)?;
@@ -328,21 +328,30 @@ pub fn listen(ctl: &Arc<Controller>, uri: &MigrationUri) -> Result<(), Migration
 /// the VM with one line saying why not.
 fn serve(ctl: &Controller, listener: Listener) {
     let m = &*ctl.machine;
-    let conn = match accept(m, &listener) {
-        Some(Ok(conn)) => conn,
-        Some(Err(e)) => {
-            let e = MigrationError::receive(e);
-            ctl.fail(e.to_string());
-            m.shared
-                .finish(VmExit::Failed(format!("incoming migration failed: {e}")));
-            return;
+    let (conn, first) = loop {
+        let accepted = accept(m, &listener).map(|conn| {
+            let mut conn = conn?;
+            Ok((first_byte(&mut conn)?, conn))
+        });
+        match accepted {
+            Some(Ok((Some(first), conn))) => break (conn, first),
+            // Closed before saying anything: a probe (a second destination
+            // checking that nobody listens here, a port scan), not a source.
+            Some(Ok((None, _))) => log::info!("a connection closed before any stream came"),
+            Some(Err(e)) => {
+                let e = MigrationError::receive(e);
+                ctl.fail(e.to_string());
+                m.shared
+                    .finish(VmExit::Failed(format!("incoming migration failed: {e}")));
+                return;
+            }
+            None => return,
         }
-        None => return,
     };
     drop(listener);
     ctl.set_status(Status::Active);
     let mut back = conn.try_clone().ok();
-    match receive(m, conn) {
+    match receive(m, conn, first) {
         Ok(()) => {
             if let Some(back) = back.as_mut() {
                 // The source may have gone meanwhile; the guest runs here anyway.
@@ -387,11 +396,26 @@ fn accept(m: &Machine, listener: &Listener) -> Option<std::io::Result<Conn>> {
     }
 }
 
-fn receive(m: &Machine, conn: Conn) -> Result<(), MigrationError> {
+/// The stream's first byte, waiting for it up to [`SOURCE_TIMEOUT`];
+/// `None` if the peer closed the connection first.
+fn first_byte(conn: &mut Conn) -> std::io::Result<Option<u8>> {
+    conn.set_timeouts(SOURCE_TIMEOUT)?;
+    let mut byte = [0u8];
+    loop {
+        match conn.read(&mut byte) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(byte[0])),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn receive(m: &Machine, conn: Conn, first: u8) -> Result<(), MigrationError> {
     conn.set_timeouts(SOURCE_TIMEOUT)
         .map_err(MigrationError::receive)?;
     let mut back = conn.try_clone().map_err(MigrationError::receive)?;
-    let mut r = BufReader::with_capacity(1 << 20, conn);
+    let mut r = BufReader::with_capacity(1 << 20, std::io::Cursor::new([first]).chain(conn));
     let here = m.shape(|_| false);
     let mut loader = Loader::new(m, true);
     let ready = read_config(&mut r, &here).and_then(|shape| loader.expect_disks(&shape));

@@ -23,6 +23,7 @@
 mod control;
 mod cpu;
 pub mod format;
+pub(crate) mod fuzz;
 mod incoming;
 #[doc(hidden)]
 pub mod inspect;
