@@ -502,9 +502,14 @@ mod tests {
         for kind in ThreadKind::ALL {
             let vcpu_like = matches!(kind, ThreadKind::Vcpu | ThreadKind::Spawner);
             assert_eq!(ioctls(kind).contains(&KVM_RUN()), vcpu_like, "{kind:?}");
+            // Block migration reads and writes disks through engines too.
             let io = matches!(
                 kind,
-                ThreadKind::Dataplane | ThreadKind::Job | ThreadKind::Spawner | ThreadKind::Nbd
+                ThreadKind::Dataplane
+                    | ThreadKind::Job
+                    | ThreadKind::Spawner
+                    | ThreadKind::Nbd
+                    | ThreadKind::Migration
             );
             assert_eq!(
                 calls(kind).contains(&libc::SYS_io_uring_enter),
