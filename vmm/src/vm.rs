@@ -361,7 +361,20 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         Some(state) => state.map_memory()?,
         None => memory::create_guest_memory(mem_size)?,
     };
-    memory::register_slots(&vm, &mem, 0).map_err(kvm("map guest memory"))?;
+    // Registering guest RAM with KVM waits (asleep, in the kernel's SRCU
+    // grace period) for milliseconds; nothing but KVM_RUN needs it done, so
+    // it runs beside the rest of the set-up and is joined before any vCPU
+    // state that may point into RAM is loaded or any vCPU runs.
+    let slots = {
+        let (vm, mem) = (vm.clone(), mem.clone());
+        std::thread::Builder::new()
+            .name("memslots".into())
+            .spawn(move || memory::register_slots(&vm, &mem, 0))
+            .map_err(|source| Error::Thread {
+                name: "memslots".into(),
+                source,
+            })?
+    };
     let entry = match boot_images.as_mut() {
         Some((kernel, initrd)) => Some(boot::load(
             &mem,
@@ -470,6 +483,13 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     }
 
     install_kick_handler()?;
+    slots
+        .join()
+        .map_err(|_| Error::Device {
+            name: "guest memory".into(),
+            reason: "registering it with KVM panicked".into(),
+        })?
+        .map_err(kvm("map guest memory"))?;
     let jobs = Arc::new(JobManager::new());
     let machine = Arc::new(Machine {
         kvm: kvm_fd,
