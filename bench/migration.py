@@ -50,6 +50,8 @@ MAX_BANDWIDTH = 8 << 30
 # still running when the migration completes (the script checks that the
 # result line comes from the destination).
 WRITE_OPS = 300_000
+# blk.seconds of the dma guest: likewise.
+DMA_SECONDS = 4
 # The snapshot's workload: durable rounds print one line each (every ~ms),
 # so the first line after a restore shows the workload running again.
 RESTORE_MEMORY_MIB = 128
@@ -161,6 +163,15 @@ def qemu_cmd(cmdline, memory_mib, disk, qmp, incoming=None):
     ]
 
 
+def random_disk(work):
+    path = work / "random.img"
+    if not path.exists():
+        with open(path, "wb") as f:
+            for _ in range(DISK_MIB):
+                f.write(os.urandom(1 << 20))
+    return path
+
+
 def make_disk(path, mib=DISK_MIB):
     with open(path, "wb") as f:
         f.truncate(mib << 20)
@@ -169,15 +180,34 @@ def make_disk(path, mib=DISK_MIB):
 # ---------------------------------------------------------------- 1. migration
 
 
-def migrate_once(who, memory_mib, writing, work, ops):
+# The guest's workload while it migrates: its command line, the line
+# that shows it started, the result line the destination must print.
+WORKLOADS = {
+    "idle": ("idle", b"testguest: idle", None),
+    # 4 KiB random reads and writes, each read checked against what was
+    # written, from RAM that moved: dirties little RAM (buffers, tables).
+    "writing": ("blk=random blk.ops={ops} blk.qd=8 blk.timeout=600", b"testguest: blk vda:",
+                b"blk random vda: ok"),
+    # Sequential 128 KiB reads, 128 in flight: the device (not the vCPU)
+    # writes 16 MiB of guest buffers over and over, which KVM's dirty log
+    # does not see; the VMM must track them itself.
+    "dma": ("blk.bench=seqread128k blk.qd=128 blk.seconds={seconds} blk.timeout=600",
+            b"testguest: blk vda:", b"blk bench seqread128k vda: qd="),
+}
+
+
+def migrate_once(who, memory_mib, workload, work, ops, seconds):
     """One migration; the figures from the source's last query-migrate."""
     disk = work / "mig.img"
-    make_disk(disk)
+    # Random contents, so what the dma guest reads into its RAM is not
+    # zero pages (which both VMMs send as a marker only).
+    shutil.copyfile(random_disk(work), disk)
     qsock, msock = work / "src.qmp", work / "mig.sock"
     for p in (qsock, msock):
         if p.exists():
             p.unlink()
-    cmdline = f"blk=random blk.ops={ops} blk.qd=8 blk.timeout=600" if writing else "idle"
+    template, started_line, result_line = WORKLOADS[workload]
+    cmdline = template.format(ops=ops, seconds=seconds)
     if who == "ours":
         src = Run(vmm_cmd(cmdline, memory_mib, disk, qsock))
         dst_cmd = vmm_incoming(f"unix:{msock}", memory_mib, f"path={disk}")
@@ -190,7 +220,7 @@ def migrate_once(who, memory_mib, writing, work, ops):
     try:
         # Idle: the guest has printed its last line. Writing: the device
         # line comes just before the workload starts.
-        src.wait_line(b"testguest: blk vda:" if writing else b"testguest: idle")
+        src.wait_line(started_line)
         dst = Run(dst_cmd)
         wait_path(msock, dst)
         qmp = Qmp(qsock)
@@ -198,14 +228,14 @@ def migrate_once(who, memory_mib, writing, work, ops):
                                               "max-bandwidth": MAX_BANDWIDTH})
         info = migrate(qmp, f"unix:{msock}", src)
         qmp.close()
-        if writing:
+        if result_line:
             _, status = dst.wait_exit(timeout_s=120)
-            if any(b"blk random vda: ok" in l for _, l in src.lines):
+            if any(result_line in l for _, l in src.lines):
                 raise BenchError(src.describe(
-                    "the workload finished on the source before the migration completed: raise --ops"))
-            if status != want_status or not any(b"blk random vda: ok" in l for _, l in dst.lines):
+                    "the workload finished on the source before the migration completed: raise --ops/--seconds"))
+            if status != want_status or not any(result_line in l for _, l in dst.lines):
                 raise BenchError(dst.describe(f"destination: exit status {status} (expected {want_status}) "
-                                              "or no 'blk random vda: ok' line"))
+                                              f"or no {result_line.decode()!r} line"))
         elif dst.proc.poll() is not None:
             dst.wait_exit()
             raise BenchError(dst.describe("the destination ended after an idle migration"))
@@ -398,6 +428,10 @@ def main():
     ap.add_argument("--fleet", type=int, default=20, help="restored processes at once (default 20)")
     ap.add_argument("--ops", type=int, default=WRITE_OPS,
                     help=f"blk.ops of the writing guest (default {WRITE_OPS})")
+    ap.add_argument("--seconds", type=int, default=DMA_SECONDS,
+                    help=f"blk.seconds of the dma guest (default {DMA_SECONDS})")
+    ap.add_argument("--workloads", default="idle,writing,dma",
+                    help="migration workloads, comma-separated (default idle,writing,dma)")
     ap.add_argument("--only", choices=["migration", "restore", "fleet"], action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
@@ -405,6 +439,9 @@ def main():
     if min(args.runs, args.restore_runs, args.fleet) < 1:
         ap.error("--runs, --restore-runs and --fleet must be at least 1")
     parts = set(args.only or ["migration", "restore", "fleet"])
+    args.workloads = args.workloads.split(",")
+    if not set(args.workloads) <= set(WORKLOADS):
+        ap.error(f"--workloads: known ones are {', '.join(WORKLOADS)}")
 
     check_kvm()
     ensure_kernel()
@@ -418,15 +455,15 @@ def main():
     try:
         if "migration" in parts:
             mig = {}
-            for memory_mib in (128, 1024):
-                for writing in (False, True):
-                    key = f"{memory_mib if memory_mib < 1024 else '1G'}{'M' if memory_mib < 1024 else ''}" \
-                          f" {'writing' if writing else 'idle'}"
+            for memory_mib, size in ((128, "128M"), (1024, "1G")):
+                for workload in args.workloads:
+                    key = f"{size} {workload}"
                     samples = {"ours": [], "qemu": []}
                     log(f"migration {key}: {args.runs} runs each, alternating")
                     for _ in range(args.runs):
                         for who in ("ours", "qemu"):
-                            samples[who].append(migrate_once(who, memory_mib, writing, work, args.ops))
+                            samples[who].append(
+                                migrate_once(who, memory_mib, workload, work, args.ops, args.seconds))
                     mig[key] = {who: {k: stat([s[k] for s in ss]) for k in ss[0]}
                                 for who, ss in samples.items()}
             res["migration"] = mig
@@ -480,7 +517,7 @@ def print_report(res, args):
         print()
         print(f"1. Live migration over a Unix socket, shared storage; median (min-max) of {args.runs}; "
               f"max-bandwidth {MAX_BANDWIDTH >> 20} MiB/s and downtime-limit {DOWNTIME_LIMIT_MS} ms for both; "
-              f"writing = blk=random blk.ops={args.ops} blk.qd=8")
+              f"workloads: {'; '.join(k + ' = ' + WORKLOADS[k][0].format(ops=args.ops, seconds=args.seconds) for k in args.workloads)}")
         print(f"   QEMU: {res['qemu_version']}, microvm")
         print(migration_table(res["migration"]))
     if "snapshot" in res:
