@@ -183,30 +183,36 @@ def make_disk(path, mib=DISK_MIB):
 # The guest's workload while it migrates: its command line, the line
 # that shows it started, the result line the destination must print.
 WORKLOADS = {
-    "idle": ("idle", b"testguest: idle", None),
+    "idle": ("idle", b"testguest: idle", None, "random"),
     # 4 KiB random reads and writes, each read checked against what was
     # written, from RAM that moved: dirties little RAM (buffers, tables).
     "writing": ("blk=random blk.ops={ops} blk.qd=8 blk.timeout=600", b"testguest: blk vda:",
-                b"blk random vda: ok"),
+                b"blk random vda: ok", "random"),
     # Sequential 128 KiB reads, 128 in flight: the device (not the vCPU)
     # writes 16 MiB of guest buffers over and over, which KVM's dirty log
     # does not see; the VMM must track them itself.
     "dma": ("blk.bench=seqread128k blk.qd=128 blk.seconds={seconds} blk.timeout=600",
-            b"testguest: blk vda:", b"blk bench seqread128k vda: qd="),
+            b"testguest: blk vda:", b"blk bench seqread128k vda: qd=", "random"),
+    # The same from a disk of zeros: the pages the device dirties are zero.
+    "dma-zero": ("blk.bench=seqread128k blk.qd=128 blk.seconds={seconds} blk.timeout=600",
+                 b"testguest: blk vda:", b"blk bench seqread128k vda: qd=", "zero"),
 }
 
 
 def migrate_once(who, memory_mib, workload, work, ops, seconds):
     """One migration; the figures from the source's last query-migrate."""
+    template, started_line, result_line, contents = WORKLOADS[workload]
     disk = work / "mig.img"
     # Random contents, so what the dma guest reads into its RAM is not
-    # zero pages (which both VMMs send as a marker only).
-    shutil.copyfile(random_disk(work), disk)
+    # zero pages (which both VMMs send as a marker only); dma-zero wants those.
+    if contents == "zero":
+        make_disk(disk)
+    else:
+        shutil.copyfile(random_disk(work), disk)
     qsock, msock = work / "src.qmp", work / "mig.sock"
     for p in (qsock, msock):
         if p.exists():
             p.unlink()
-    template, started_line, result_line = WORKLOADS[workload]
     cmdline = template.format(ops=ops, seconds=seconds)
     if who == "ours":
         src = Run(vmm_cmd(cmdline, memory_mib, disk, qsock))
@@ -454,8 +460,8 @@ def main():
                     help=f"blk.ops of the writing guest (default {WRITE_OPS})")
     ap.add_argument("--seconds", type=int, default=DMA_SECONDS,
                     help=f"blk.seconds of the dma guest (default {DMA_SECONDS})")
-    ap.add_argument("--workloads", default="idle,writing,dma",
-                    help="migration workloads, comma-separated (default idle,writing,dma)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help=f"migration workloads, comma-separated (default {','.join(WORKLOADS)})")
     ap.add_argument("--only", choices=["migration", "restore", "fleet"], action="append",
                     help="run only these parts (repeatable; default all)")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
@@ -541,7 +547,7 @@ def print_report(res, args):
         print()
         print(f"1. Live migration over a Unix socket, shared storage; median (min-max) of {args.runs}; "
               f"max-bandwidth {MAX_BANDWIDTH >> 20} MiB/s and downtime-limit {DOWNTIME_LIMIT_MS} ms for both; "
-              f"workloads: {'; '.join(k + ' = ' + WORKLOADS[k][0].format(ops=args.ops, seconds=args.seconds) for k in args.workloads)}")
+              f"workloads: {'; '.join(k + ' = ' + WORKLOADS[k][0].format(ops=args.ops, seconds=args.seconds) + ', disk ' + WORKLOADS[k][3] for k in args.workloads)}")
         print(f"   QEMU: {res['qemu_version']}, microvm")
         print(migration_table(res["migration"]))
     if "snapshot" in res:
