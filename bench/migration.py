@@ -67,17 +67,19 @@ TRACE_ENV = {**os.environ, "VMM_TRACE_STARTUP": "1"}
 class Qmp:
     """A minimal QMP client over a Unix socket."""
 
-    def __init__(self, path, timeout_s=20):
+    def __init__(self, path, run, timeout_s=20):
         deadline = time.monotonic() + timeout_s
         while True:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self.sock.connect(str(path))
                 break
-            except OSError:
+            except OSError as e:
                 self.sock.close()
                 if time.monotonic() > deadline:
-                    raise BenchError(f"cannot connect to QMP at {path}")
+                    alive = "running" if run.proc.poll() is None else f"exited {run.proc.returncode}"
+                    raise BenchError(run.describe(f"cannot connect to QMP at {path} within {timeout_s} s "
+                                                  f"({e.strerror}; the process is {alive})"))
                 time.sleep(0.01)
         self.buf = b""
         self._read()  # greeting
@@ -229,7 +231,7 @@ def migrate_once(who, memory_mib, workload, work, ops, seconds):
         src.wait_line(started_line)
         dst = Run(dst_cmd)
         wait_path(msock, dst)
-        qmp = Qmp(qsock)
+        qmp = Qmp(qsock, src)
         qmp.cmd("migrate-set-parameters", **{"downtime-limit": DOWNTIME_LIMIT_MS,
                                               "max-bandwidth": MAX_BANDWIDTH})
         info = migrate(qmp, f"unix:{msock}", src)
@@ -271,7 +273,7 @@ def take_snapshot(work):
     src = Run(vmm_cmd(f"blk=durable blk.bytes={DURABLE_BYTES}", RESTORE_MEMORY_MIB, base, qsock))
     try:
         src.wait_line(b"durable vda: flushed round=")
-        qmp = Qmp(qsock)
+        qmp = Qmp(qsock, src)
         qmp.cmd("stop")
         migrate(qmp, f"file:{state}", src)
         qmp.close()
