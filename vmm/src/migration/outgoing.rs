@@ -290,8 +290,10 @@ fn migrate(
         let t = Instant::now();
         let sent = send(&mut sink, &image, m, &set, pass == 1, &mut buf, &mut pacer)?;
         record(ctl, &sent);
+        let ram_ms = t.elapsed().as_secs_f64() * 1000.0;
         // The disks: the bulk pass first, then what the guest dirtied,
         // as much as was left when this pass began.
+        let t = Instant::now();
         let disk_bytes = match disks.as_mut() {
             Some(b) => {
                 let budget = b.remaining();
@@ -299,22 +301,30 @@ fn migrate(
             }
             None => 0,
         };
-        let pass_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
         set.clear();
         ram::sync_dirty(&m.vm, &m.mem, &m.dirty, &mut set)?;
         pass += 1;
         ctl.pass(pass);
         let disk_left = disks.as_ref().map_or(0, |b| b.remaining());
-        let remaining = set.len() * PAGE + disk_left;
-        // Bytes per millisecond this pass reached, within the limit.
-        let rate = ((sent.bytes + disk_bytes) as f64 / pass_ms.max(1.0))
-            .max(1.0)
-            .min(params.max_bandwidth as f64 / 1000.0);
-        let expected = (remaining as f64 / rate) as u64;
+        // What is left would take as long per page (zero or not: a zero
+        // page costs a look, not a send) and per disk byte as this pass
+        // took, pacing included.
+        let pages = sent.normal + sent.zero;
+        let ram_expected = match pages {
+            0 => set.len() as f64 * PAGE as f64 / (params.max_bandwidth as f64 / 1000.0),
+            _ => set.len() as f64 * ram_ms / pages as f64,
+        };
+        let disk_expected = match disk_bytes {
+            0 => disk_left as f64 / (params.max_bandwidth as f64 / 1000.0),
+            _ => disk_left as f64 * disk_ms / disk_bytes as f64,
+        };
+        let expected = (ram_expected + disk_expected) as u64;
+        let wire_ms = (ram_ms + disk_ms).max(0.001);
         ctl.update(|f| {
-            f.ram_remaining = remaining - disk_left;
+            f.ram_remaining = set.len() * PAGE;
             f.expected_downtime_ms = expected;
-            f.mbps = rate * 1000.0 * 8.0 / 1e6;
+            f.mbps = (sent.bytes + disk_bytes) as f64 / wire_ms * 1000.0 * 8.0 / 1e6;
         });
         if expected <= params.downtime_limit || !m.run.is_running() {
             break;
