@@ -155,16 +155,47 @@ pub fn cmdline_params(count: usize) -> Vec<String> {
         .collect()
 }
 
-/// Puts each disk on the MMIO bus and wires its interrupt and notifications;
-/// the disks record the guest pages they write in `dirty`.
+/// A queue's notify eventfd, to be registered with KVM as an ioeventfd.
+pub struct QueueNotifier {
+    device: String,
+    queue: u32,
+    addr: u64,
+    fd: EventFd,
+}
+
+/// Registers each queue's notification as an ioeventfd, so that a notify
+/// no longer leaves KVM. Until then (and if it fails) the transport's
+/// notify register signals the same eventfd on the MMIO exit, so this may
+/// run while the guest already runs: each registration waits for an SRCU
+/// grace period in the kernel (milliseconds here), which a guest's start
+/// need not wait for.
+pub fn register_notifiers(vm: &VmFd, notifiers: Vec<QueueNotifier>) {
+    for n in notifiers {
+        if let Err(e) = vm.register_ioevent(&n.fd, &IoEventAddress::Mmio(n.addr), n.queue) {
+            log::warn!(
+                "{}: queue {}'s notification stays an MMIO exit: cannot register it with KVM: {e}",
+                n.device,
+                n.queue
+            );
+        }
+    }
+}
+
+/// The disks' transports on the MMIO bus.
+pub type Transports = Vec<Arc<Mutex<MmioTransport>>>;
+
+/// Puts each disk on the MMIO bus and wires its interrupt; the disks
+/// record the guest pages they write in `dirty`. Returns the transports
+/// and their queues' notifiers for [`register_notifiers`].
 pub fn attach_disks(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     bus: &mut Bus,
     disks: Vec<OpenDisk>,
     dirty: &Arc<DirtyPages>,
-) -> Result<Vec<Arc<Mutex<MmioTransport>>>> {
+) -> Result<(Transports, Vec<QueueNotifier>)> {
     let mut transports = Vec::with_capacity(disks.len());
+    let mut notifiers = Vec::new();
     for (i, disk) in disks.into_iter().enumerate() {
         let name = disk.config.id.clone();
         let fail = |reason: String| Error::Device {
@@ -185,15 +216,21 @@ pub fn attach_disks(
         )
         .map_err(|e| fail(e.to_string()))?;
         for (q, fd) in transport.notifiers().iter().enumerate() {
-            vm.register_ioevent(fd, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), q as u32)
-                .map_err(|e| fail(format!("cannot register queue {q}'s notification: {e}")))?;
+            notifiers.push(QueueNotifier {
+                device: name.clone(),
+                queue: q as u32,
+                addr: base + NOTIFY_OFFSET,
+                fd: fd
+                    .try_clone()
+                    .map_err(|e| fail(format!("cannot pass queue {q}'s notification: {e}")))?,
+            });
         }
         let transport = Arc::new(Mutex::new(transport));
         bus.insert(&name, base, MMIO_LEN, transport.clone())
             .map_err(|e| fail(e.to_string()))?;
         transports.push(transport);
     }
-    Ok(transports)
+    Ok((transports, notifiers))
 }
 
 #[cfg(test)]

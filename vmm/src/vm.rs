@@ -315,27 +315,6 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         }
         Some(_) => None,
     };
-    let sandbox = crate::seccomp::sandbox(config.seccomp)?;
-    // Every thread started from here on (and the threads those start) runs
-    // under its kind's filter.
-    let _sandboxed = sandbox.enter();
-    let graph = Arc::new(Graph::new());
-    if incoming.is_some() {
-        // The source may still hold the images: they are taken (locked)
-        // only once its whole state has come.
-        graph
-            .inactivate_images()
-            .map_err(|e| Error::Migration(migration::MigrationError::Device(e.to_string())))?;
-    }
-    let disks = virtio::open_disks(&graph, &config.disks)?;
-    let pvm = host::is_pvm();
-    let mut extra: Vec<String> = virtio::cmdline_params(disks.len());
-    if pvm {
-        extra.extend(cpuid::PVM_KERNEL_PARAMS.iter().map(|p| p.to_string()));
-    }
-    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let cmdline = cmdline::compose(&config.cmdline, &extra)?;
-
     let kvm_fd = open_kvm()?;
     let max_cpus = u32::try_from(kvm_fd.get_max_vcpus())
         .unwrap_or(u32::MAX)
@@ -363,18 +342,52 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     };
     // Registering guest RAM with KVM waits (asleep, in the kernel's SRCU
     // grace period) for milliseconds; nothing but KVM_RUN needs it done, so
-    // it runs beside the rest of the set-up and is joined before any vCPU
-    // state that may point into RAM is loaded or any vCPU runs.
-    let slots = {
+    // it runs beside the rest of the set-up (the seccomp filters' compiling
+    // included: this comes first for that) and is waited for before any
+    // vCPU state that may point into RAM is loaded or any vCPU runs. The
+    // queues' ioeventfds, which wait for grace periods too, are registered
+    // after it on the same thread while the guest starts (see
+    // `virtio::register_notifiers`). The thread is started before the
+    // sandbox, so it runs under no filter: it makes these ioctls, on
+    // nothing a guest or user chose, and ends.
+    let (slots_done, slots) = std::sync::mpsc::channel();
+    let (notifiers_tx, notifiers_rx) = std::sync::mpsc::channel::<Vec<virtio::QueueNotifier>>();
+    {
         let (vm, mem) = (vm.clone(), mem.clone());
         std::thread::Builder::new()
             .name("memslots".into())
-            .spawn(move || memory::register_slots(&vm, &mem, 0))
+            .spawn(move || {
+                let _ = slots_done.send(memory::register_slots(&vm, &mem, 0));
+                if let Ok(notifiers) = notifiers_rx.recv() {
+                    virtio::register_notifiers(&vm, notifiers);
+                }
+            })
             .map_err(|source| Error::Thread {
                 name: "memslots".into(),
                 source,
-            })?
-    };
+            })?;
+    }
+    let sandbox = crate::seccomp::sandbox(config.seccomp)?;
+    // Every thread started from here on (and the threads those start) runs
+    // under its kind's filter.
+    let _sandboxed = sandbox.enter();
+    let graph = Arc::new(Graph::new());
+    if incoming.is_some() {
+        // The source may still hold the images: they are taken (locked)
+        // only once its whole state has come.
+        graph
+            .inactivate_images()
+            .map_err(|e| Error::Migration(migration::MigrationError::Device(e.to_string())))?;
+    }
+    let disks = virtio::open_disks(&graph, &config.disks)?;
+    let pvm = host::is_pvm();
+    let mut extra: Vec<String> = virtio::cmdline_params(disks.len());
+    if pvm {
+        extra.extend(cpuid::PVM_KERNEL_PARAMS.iter().map(|p| p.to_string()));
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let cmdline = cmdline::compose(&config.cmdline, &extra)?;
+
     let entry = match boot_images.as_mut() {
         Some((kernel, initrd)) => Some(boot::load(
             &mem,
@@ -438,7 +451,9 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     let disk_controls = virtio::controls(&disks);
     // Pages the devices' threads write, which KVM's dirty log misses.
     let dirty = Arc::new(devices::dirty::DirtyPages::new(migration::ram_end(&mem)));
-    let transports = virtio::attach_disks(&vm, &mem, &mut mmio, disks, &dirty)?;
+    let (transports, notifiers) = virtio::attach_disks(&vm, &mem, &mut mmio, disks, &dirty)?;
+    // The thread takes them once guest RAM is registered.
+    let _ = notifiers_tx.send(notifiers);
     let run = match incoming {
         // Nothing runs and no device starts before the state has come.
         Some(_) => Arc::new(RunState::incoming(shared.clone(), transports)),
@@ -484,7 +499,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
 
     install_kick_handler()?;
     slots
-        .join()
+        .recv()
         .map_err(|_| Error::Device {
             name: "guest memory".into(),
             reason: "registering it with KVM panicked".into(),
@@ -575,6 +590,9 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     }
     if wants_stdin {
         handle.input = Some(spawn_stdin(serial, shared)?);
+    }
+    if let Some(mem) = &handle.memory {
+        memory::advise_huge_pages(mem);
     }
     Ok(handle)
 }
