@@ -210,11 +210,12 @@ def image_format(image):
     return "qcow2" if str(image).endswith(".qcow2") else "raw"
 
 
-def ours_cmd(cmdline, image, queues=1):
+def ours_cmd(cmdline, image, queues=1, stats=True):
     q = f",queues={queues}" if queues > 1 else ""
     f = ",format=qcow2" if image_format(image) == "qcow2" else ""
+    a = "" if stats else ",stats=off"
     return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS),
-            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}", "--cmdline", cmdline]
+            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}{a}", "--cmdline", cmdline]
 
 
 def qemu_cmd(cmdline, image, boot=None, queues=1):
@@ -246,6 +247,8 @@ NO_THP = ("import ctypes, os, sys\n"
 def vmm_cmd(vmm, cmdline, image, queues=1):
     if vmm == "ours":
         return ours_cmd(cmdline, image, queues)
+    if vmm == "ours-nostats":
+        return ours_cmd(cmdline, image, queues, stats=False)
     if vmm == "qemu":
         return qemu_cmd(cmdline, image, queues=queues)
     if vmm == "qemu-nothp":
@@ -404,7 +407,7 @@ def run_guest(vmm, spec, qd, seconds, image, extra="", sample=True, strace=False
         if b"FAILED" in dev:
             raise BenchError(run.describe("the guest could not set up the disk"))
         pid = run.proc.pid
-        tids = find_threads(pid, "ours" if vmm == "ours" else "qemu")
+        tids = find_threads(pid, "ours" if vmm.startswith("ours") else "qemu")
         if strace:
             for role, tid in tids.items():
                 out = Path(f"/tmp/blk-bench-strace-{os.getpid()}-{role}.txt")
@@ -640,6 +643,18 @@ def table1(rows):
     return "\n".join(out)
 
 
+def table5(rows):
+    head = (f"{'':24} | {'stats=on (timed)':^33} | {'stats=off (counts only)':^33} | {'off/':>5}\n"
+            f"{'':24} | {'IOPS':>9} {'min-max':>15} {'cpu µs':>6} | {'IOPS':>9} {'min-max':>15} {'cpu µs':>6} | {'on':>5}")
+    out = [head, "-" * len(head.splitlines()[1])]
+    for r in rows:
+        label = row_label(r["spec"], r["qd"], r.get("queues", 1))
+        cells = [f"{num(r[k]['iops'], 9)} {spread(r[k]):>15} {num(cpu_us_per_req(r[k]), 6, 1)}"
+                 for k in ("ours", "ours-nostats")]
+        out.append(f"{label:24} | {' | '.join(cells)} | {ratio(r['ours-nostats']['iops'], r['ours']['iops']):>5}")
+    return "\n".join(out)
+
+
 def table2(rows, t1):
     head = (f"{'':19} {'guest':20} | {'ours':^33} | {'QEMU':^33} | {'ours/':>5} | {'table 1 IOPS':^17}\n"
             f"{'':19} {'':20} | {'IOPS':>9} {'lat µs':>9} {'ntf/req':>8} {'oth':>4} | {'IOPS':>9} {'lat µs':>9} "
@@ -720,6 +735,8 @@ def main():
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
     ap.add_argument("--reps", type=int, default=1, metavar="N",
                     help="table 1: N alternating repetitions of every row; the median run counts, min-max shown")
+    ap.add_argument("--no-accounting", action="store_true",
+                    help="leave out table 5 (our I/O accounting on and off)")
     ap.add_argument("--wait-load", type=float, metavar="LOAD", default=None,
                     help="first wait (30 s steps, at most 15 min) until the 1-minute load average is below LOAD")
     args = ap.parse_args()
@@ -811,6 +828,26 @@ def main():
                                              sample=False, strace=True)
         evidence.append(e)
 
+    # Table 5: what our I/O accounting costs: the table 1 rows with `stats=off` (counters
+    # only, no clock reads) against the default, alternating.
+    t5 = []
+    if not args.no_accounting:
+        log(f"table 5: {len(t1_rows)} rows x (stats=on, stats=off) x {args.reps} repetitions, {seconds} s each")
+        for i, (spec, qd, queues) in enumerate(t1_rows):
+            row = {"spec": spec, "qd": qd, "queues": queues}
+            runs = {"ours": [], "ours-nostats": []}
+            for rep in range(args.reps):
+                order = ["ours", "ours-nostats"] if (i + rep) % 2 == 0 else ["ours-nostats", "ours"]
+                for who in order:
+                    runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
+            for who, xs in runs.items():
+                ranked = sorted(xs, key=lambda x: x["iops"])
+                row[who] = dict(ranked[(len(ranked) - 1) // 2])
+                row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+            log(f"  {row_label(spec, qd, queues)}: stats=on {row['ours']['iops']:.0f}, "
+                f"stats=off {row['ours-nostats']['iops']:.0f} IOPS")
+            t5.append(row)
+
     # Table 4: the same rows with fio inside a Linux guest, where guest user space can run.
     pvm = Path("/sys/module/kvm_pvm").exists()
     t4 = []
@@ -837,7 +874,7 @@ def main():
         "ours_cmd": " ".join(ours_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "qemu_cmd": " ".join(qemu_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "fio_cmd": " ".join(fio_cmd("randread4k", "QD", seconds, image)),
-        "table1": t1, "table2": t2, "table3": evidence, "table4": t4,
+        "table1": t1, "table2": t2, "table3": evidence, "table4": t4, "table5": t5,
         "duration_s": round(time.monotonic() - started, 1),
     }
 
@@ -880,6 +917,13 @@ def main():
         print(f"Table 4: fio inside a Linux guest (vmlinux + initramfs, {LINUX_MEMORY_MIB} MiB, {CPUS} vCPU; "
               "fio io_uring direct=1 on /dev/vda; same VMM settings)")
         print(table4(t4))
+    if t5:
+        print()
+        print(f"Table 5: our I/O accounting on and off (ours only, table 1's rows and settings): stats=on (the "
+              f"default) times every request for query-blockstats' *_total_time_ns and the latency histograms; "
+              f"stats=off keeps the counts and skips the clock. IOPS: median of {args.reps} alternating "
+              f"repetitions, min-max; cpu µs: the dataplane thread's CPU time per request, median run")
+        print(table5(t5))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
