@@ -1,15 +1,17 @@
 """Shared by the benchmarks in bench/: paths, errors, the checks and
 builds they need (/dev/kvm, the vmm, the test guest, QEMU 7.2 installed
 beside qemu-utils), a VM process whose serial lines are read as they
-arrive, logging and a description of the machine. Python 3 standard
-library only.
+arrive, a QMP client, logging and a description of the machine. Python 3
+standard library only.
 """
 
+import json
 import os
 import platform
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -228,6 +230,56 @@ class Run:
         err = self.stderr.decode(errors="replace").strip()
         return (f"{what}: {' '.join(self.cmd)}\n--- serial output (last lines):\n{out}"
                 f"\n--- stderr:\n{err}")
+
+
+# ---------------------------------------------------------------- QMP
+
+
+class Qmp:
+    """A minimal QMP client over a Unix socket. `run`, the VM process
+    serving it (if given), says in the error whether it is still alive."""
+
+    def __init__(self, path, run=None, timeout_s=20):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError as e:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    why = f"cannot connect to QMP at {path} within {timeout_s} s ({e.strerror}"
+                    if run is None:
+                        raise BenchError(why + ")")
+                    alive = "running" if run.proc.poll() is None else f"exited {run.proc.returncode}"
+                    raise BenchError(run.describe(f"{why}; the process is {alive})"))
+                time.sleep(0.01)
+        self.buf = b""
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self):
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise BenchError("QMP connection closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name, **args):
+        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if "event" in msg:
+                continue
+            if "error" in msg:
+                raise BenchError(f"QMP {name}: {msg['error']['desc']}")
+            return msg["return"]
+
+    def close(self):
+        self.sock.close()
 
 
 # ---------------------------------------------------------------- report

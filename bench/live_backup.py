@@ -24,58 +24,14 @@ repetitions with min-max.
 
 import argparse
 import datetime
-import json
 import os
-import socket
 import time
 
 import blk
-from common import (REPO, BenchError, Run, check_kvm, ensure_qemu, ensure_vmm, log, machine,
+from common import (REPO, BenchError, Qmp, Run, check_kvm, ensure_qemu, ensure_vmm, log, machine,
                     run_main)
 
 MODES = ["alone", "full", "none"]
-
-
-class Qmp:
-    """A minimal QMP client over a Unix socket (the standard library only)."""
-
-    def __init__(self, path, timeout_s=20):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise BenchError(f"cannot connect to QMP at {path}")
-                time.sleep(0.02)
-        self.buf = b""
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise BenchError("QMP connection closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            msg = self._read()
-            if "event" in msg:
-                continue
-            if "error" in msg:
-                raise BenchError(f"QMP {name}: {msg['error']['desc']}")
-            return msg["return"]
-
-    def close(self):
-        self.sock.close()
 
 
 def run(who, mode, image, target, qd, seconds, size):

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 from startup import TRACE_RE
-from common import (KERNEL, QEMU_BIN, REPO, SEABIOS_DIR, VMM, BenchError, Run, check_kvm,
+from common import (KERNEL, QEMU_BIN, REPO, SEABIOS_DIR, VMM, BenchError, Qmp, Run, check_kvm,
                     ensure_kernel, ensure_qemu, ensure_vmm, log, machine, ms, now_ns, run_main)
 
 CPUS = 1
@@ -59,53 +58,6 @@ DURABLE_BYTES = 6 << 20  # 256 rounds of 24 KiB, ~3 ms each here
 MIGRATE_TIMEOUT_S = 120.0
 # Our vmm then prints when vCPU 0 first enters KVM_RUN (see startup.py).
 TRACE_ENV = {**os.environ, "VMM_TRACE_STARTUP": "1"}
-
-
-# ---------------------------------------------------------------- QMP
-
-
-class Qmp:
-    """A minimal QMP client over a Unix socket."""
-
-    def __init__(self, path, run, timeout_s=20):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError as e:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    alive = "running" if run.proc.poll() is None else f"exited {run.proc.returncode}"
-                    raise BenchError(run.describe(f"cannot connect to QMP at {path} within {timeout_s} s "
-                                                  f"({e.strerror}; the process is {alive})"))
-                time.sleep(0.01)
-        self.buf = b""
-        self._read()  # greeting
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise BenchError("QMP connection closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name, **args):
-        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
-        while True:
-            msg = self._read()
-            if "event" in msg:
-                continue
-            if "error" in msg:
-                raise BenchError(f"QMP {name}: {msg['error']['desc']}")
-            return msg["return"]
-
-    def close(self):
-        self.sock.close()
 
 
 def wait_path(path, run, timeout_s=20):

@@ -141,6 +141,18 @@ impl Ended {
         );
         self.stderr.trim_end().to_string()
     }
+
+    /// A guest that finished its workload: status 0, `ok` and the
+    /// checksum of `disk` on its serial output.
+    fn finished_ok(&self, disk: &Path) {
+        assert_eq!(self.code, Some(0), "{}{}", self.stdout, self.stderr);
+        assert!(
+            self.stdout.contains("testguest: blk random vda: ok"),
+            "{}",
+            self.stdout
+        );
+        assert!(self.stdout.contains(&fnv1a64_file(disk)), "{}", self.stdout);
+    }
 }
 
 /// The test guest running a long `blk=random,checksum` workload on `disk`
@@ -475,17 +487,7 @@ fn a_cancelled_migration_leaves_the_source_running_and_the_next_one_completes() 
     assert_eq!(e.class, "GenericError");
     assert!(e.desc.contains("\"write\" lock"), "{}", e.desc);
     let end = dest.wait(Duration::from_secs(120));
-    assert_eq!(end.code, Some(0), "{}{}", end.stdout, end.stderr);
-    assert!(
-        end.stdout.contains("testguest: blk random vda: ok"),
-        "{}",
-        end.stdout
-    );
-    assert!(
-        end.stdout.contains(&fnv1a64_file(&disk_path)),
-        "{}",
-        end.stdout
-    );
+    end.finished_ok(&disk_path);
     drop(qd);
     vm.kill();
     vm.wait();
@@ -909,13 +911,7 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
     let replies = fake_source(&socket, &stream);
     assert_eq!(replies, [(1, String::new()), (2, String::new())]);
     let end = dest.wait(Duration::from_secs(120));
-    assert_eq!(end.code, Some(0), "{}{}", end.stdout, end.stderr);
-    assert!(
-        end.stdout.contains("testguest: blk random vda: ok"),
-        "{}",
-        end.stdout
-    );
-    assert!(end.stdout.contains(&fnv1a64_file(&copy)), "{}", end.stdout);
+    end.finished_ok(&copy);
 
     // The file these came from restores, and its guest finishes.
     let incoming = format!("file:{}", state.display());
@@ -928,15 +924,5 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
         &disk_opt,
     ])
     .wait(Duration::from_secs(120));
-    assert_eq!(end.code, Some(0), "{}{}", end.stdout, end.stderr);
-    assert!(
-        end.stdout.contains("testguest: blk random vda: ok"),
-        "{}",
-        end.stdout
-    );
-    assert!(
-        end.stdout.contains(&fnv1a64_file(&disk_path)),
-        "{}",
-        end.stdout
-    );
+    end.finished_ok(&disk_path);
 }

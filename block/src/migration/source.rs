@@ -47,16 +47,16 @@ impl Disk {
     /// Reads `[offset, offset + len)` into `buf`, waiting for it.
     fn read(&mut self, offset: u64, len: u32) -> Result<(), BlockError> {
         let node = self.node.name().to_string();
+        let stalled = || MigrationError::Stalled {
+            what: "reading",
+            device: self.device.clone(),
+            node: node.clone(),
+            waited: self.timeout,
+        };
         if self.stuck {
             // The read that never came back may still land in the buffer,
             // and its completion would pass for the next read's.
-            return Err(MigrationError::Stalled {
-                what: "reading",
-                device: self.device.clone(),
-                node,
-                waited: self.timeout,
-            }
-            .into());
+            return Err(stalled().into());
         }
         let io_err = |what, source| MigrationError::Engine {
             what,
@@ -84,13 +84,7 @@ impl Disk {
                 Some(r) => r,
                 None => {
                     self.stuck = true;
-                    return Err(MigrationError::Stalled {
-                        what: "reading",
-                        device: self.device.clone(),
-                        node,
-                        waited: self.timeout,
-                    }
-                    .into());
+                    return Err(stalled().into());
                 }
             };
             if result <= 0 {

@@ -81,6 +81,17 @@ impl<'a> Loader<'a> {
         Ok(())
     }
 
+    /// Reads and applies frames from `r` up to and including `End`.
+    fn load(&mut self, r: &mut impl Read) -> Result<(), MigrationError> {
+        let mut payload = Vec::new();
+        loop {
+            let kind = format::read_frame(r, &mut payload)?;
+            if self.frame(kind, &payload)? {
+                return Ok(());
+            }
+        }
+    }
+
     /// Applies one frame; true at `End`, once everything has come.
     fn frame(&mut self, kind: Kind, payload: &[u8]) -> Result<bool, MigrationError> {
         let invalid = |what: &'static str, reason: &str| {
@@ -265,13 +276,7 @@ pub(crate) fn restore_file(state: &StateFile, m: &Machine) -> Result<(), Migrati
     .map_err(MigrationError::receive)?;
     let mut r = BufReader::new(file);
     let mut loader = Loader::new(m, false);
-    let mut payload = Vec::new();
-    loop {
-        let kind = format::read_frame(&mut r, &mut payload)?;
-        if loader.frame(kind, &payload)? {
-            break;
-        }
-    }
+    loader.load(&mut r)?;
     start_guest(m)
 }
 
@@ -424,12 +429,6 @@ fn receive(m: &Machine, conn: Conn, first: u8) -> Result<(), MigrationError> {
         return Err(e);
     }
     format::write_reply(&mut back, &Reply::Ready).map_err(MigrationError::receive)?;
-    let mut payload = Vec::new();
-    loop {
-        let kind = format::read_frame(&mut r, &mut payload)?;
-        if loader.frame(kind, &payload)? {
-            break;
-        }
-    }
+    loader.load(&mut r)?;
     start_guest(m)
 }

@@ -171,6 +171,31 @@ fn page_is_zero(mem: &GuestMemoryMmap, gpa: u64) -> bool {
     acc == 0
 }
 
+/// The runs of `set` (at most a frame's worth each) split further into
+/// runs of pages on which `zero` agrees: (first page, count, zero).
+fn split_runs<'a>(
+    set: &'a PageSet,
+    zero: impl Fn(u64) -> bool + Copy + 'a,
+) -> impl Iterator<Item = (u64, u64, bool)> + 'a {
+    set.runs(RAM_FRAME_PAGES as u64)
+        .flat_map(move |(first, count)| {
+            let end = first + count;
+            let mut page = first;
+            std::iter::from_fn(move || {
+                if page >= end {
+                    return None;
+                }
+                let start = page;
+                let z = zero(page);
+                page += 1;
+                while page < end && zero(page) == z {
+                    page += 1;
+                }
+                Some((start, page - start, z))
+            })
+        })
+}
+
 /// Sends the pages of `set` as `Ram` frames: runs of non-zero pages with
 /// their contents, runs of zero pages as a flag alone. In a first pass
 /// (`skip_zero`) zero pages are not sent at all: the destination's RAM
@@ -185,37 +210,27 @@ pub fn send_pages<W: Write + ?Sized>(
     mut pace: impl FnMut(u64) -> Result<(), MigrationError>,
 ) -> Result<Sent, MigrationError> {
     let mut sent = Sent::default();
-    for (first, count) in set.runs(RAM_FRAME_PAGES as u64) {
-        let mut page = first;
-        while page < first + count {
-            let zero = page_is_zero(mem, page * PAGE);
-            let start = page;
-            page += 1;
-            while page < first + count && page_is_zero(mem, page * PAGE) == zero {
-                page += 1;
+    for (start, pages, zero) in split_runs(set, move |p| page_is_zero(mem, p * PAGE)) {
+        if zero {
+            sent.zero += pages;
+            if skip_zero {
+                continue;
             }
-            let pages = page - start;
-            if zero {
-                sent.zero += pages;
-                if skip_zero {
-                    continue;
-                }
-            } else {
-                sent.normal += pages;
-                buf.resize((pages * PAGE) as usize, 0);
-                mem.read_slice(buf, GuestAddress(start * PAGE))
-                    .map_err(|e| MigrationError::Guest(format!("cannot read guest RAM: {e}")))?;
-            }
-            let mut head = [0u8; 13];
-            head[..8].copy_from_slice(&(start * PAGE).to_le_bytes());
-            head[8..12].copy_from_slice(&(pages as u32).to_le_bytes());
-            head[12] = u8::from(zero);
-            let data: &[u8] = if zero { &[] } else { buf };
-            format::write_frame(w, Kind::Ram, &[&head, data]).map_err(MigrationError::send)?;
-            let bytes = format::FRAME_OVERHEAD + head.len() as u64 + data.len() as u64;
-            sent.bytes += bytes;
-            pace(bytes)?;
+        } else {
+            sent.normal += pages;
+            buf.resize((pages * PAGE) as usize, 0);
+            mem.read_slice(buf, GuestAddress(start * PAGE))
+                .map_err(|e| MigrationError::Guest(format!("cannot read guest RAM: {e}")))?;
         }
+        let mut head = [0u8; 13];
+        head[..8].copy_from_slice(&(start * PAGE).to_le_bytes());
+        head[8..12].copy_from_slice(&(pages as u32).to_le_bytes());
+        head[12] = u8::from(zero);
+        let data: &[u8] = if zero { &[] } else { buf };
+        format::write_frame(w, Kind::Ram, &[&head, data]).map_err(MigrationError::send)?;
+        let bytes = format::FRAME_OVERHEAD + head.len() as u64 + data.len() as u64;
+        sent.bytes += bytes;
+        pace(bytes)?;
     }
     Ok(sent)
 }
@@ -291,35 +306,25 @@ pub fn write_image(
 ) -> Result<Sent, MigrationError> {
     use std::os::unix::fs::FileExt;
     let mut sent = Sent::default();
-    for (first, count) in set.runs(RAM_FRAME_PAGES as u64) {
-        let mut page = first;
-        while page < first + count {
-            // In a first pass zero pages stay holes; later a page that
-            // became zero must overwrite what the image had.
-            let skip = |p: u64| skip_zero && page_is_zero(mem, p * PAGE);
-            let skipped = skip(page);
-            let start = page;
-            page += 1;
-            while page < first + count && skip(page) == skipped {
-                page += 1;
-            }
-            let pages = page - start;
-            if skipped {
-                sent.zero += pages;
-                continue;
-            }
-            let len = (pages * PAGE) as usize;
-            buf.resize(len, 0);
-            let gpa = start * PAGE;
-            mem.read_slice(buf, GuestAddress(gpa))
-                .map_err(|e| MigrationError::Guest(format!("cannot read guest RAM: {e}")))?;
-            let offset = image_offset(mem, gpa).expect("runs come from guest RAM");
-            file.write_all_at(buf, base + offset)
-                .map_err(MigrationError::send)?;
-            sent.normal += pages;
-            sent.bytes += len as u64;
-            pace(len as u64)?;
+    // In a first pass zero pages stay holes; later a page that became
+    // zero must overwrite what the image had.
+    let skip = move |p: u64| skip_zero && page_is_zero(mem, p * PAGE);
+    for (start, pages, skipped) in split_runs(set, skip) {
+        if skipped {
+            sent.zero += pages;
+            continue;
         }
+        let len = (pages * PAGE) as usize;
+        buf.resize(len, 0);
+        let gpa = start * PAGE;
+        mem.read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| MigrationError::Guest(format!("cannot read guest RAM: {e}")))?;
+        let offset = image_offset(mem, gpa).expect("runs come from guest RAM");
+        file.write_all_at(buf, base + offset)
+            .map_err(MigrationError::send)?;
+        sent.normal += pages;
+        sent.bytes += len as u64;
+        pace(len as u64)?;
     }
     Ok(sent)
 }
@@ -379,6 +384,26 @@ mod tests {
         assert_eq!(set.len(), 3 + 3 + 1 + 600);
         set.insert(u64::MAX / 2);
         assert_eq!(set.len(), 607, "pages past the end are ignored");
+    }
+
+    #[test]
+    fn runs_split_where_the_zero_look_changes() {
+        let mut set = PageSet::empty(1 << 30);
+        for p in (0..6).chain(10..12) {
+            set.insert(p);
+        }
+        let zero = |p: u64| p == 2 || p == 3 || p == 11;
+        let runs: Vec<_> = split_runs(&set, zero).collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0, 2, false),
+                (2, 2, true),
+                (4, 2, false),
+                (10, 1, false),
+                (11, 1, true)
+            ]
+        );
     }
 
     #[test]
