@@ -386,3 +386,59 @@ fn restoring_a_snapshot_then_saving_it_gives_the_same_device_and_vcpu_state() {
     let diffs = vmm::migration::inspect::state_differences(&first, &second).unwrap();
     assert!(diffs.is_empty(), "differences: {diffs:?}");
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_vm_with_a_pit_restores_only_into_a_vm_with_one() {
+    let dir = TempDir::new("mig-pit");
+    let disk = dir.file("disk.img");
+    sparse(&disk);
+    let qmp_path = dir.file("src.qmp");
+    let mut config = testguest(
+        WORKLOAD,
+        &[format!("path={},id=vda", s(&disk))],
+        Some(&qmp_path),
+    );
+    config.pit = true;
+    let vm = boot(&config);
+    let mut qmp = Qmp::connect(&qmp_path);
+    expect_line(&vm, "testguest: blk vda:", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    qmp.ok("stop", json!({}));
+    let state = dir.file("vm.state");
+    qmp.ok("migrate", json!({"uri": format!("file:{}", s(&state))}));
+    assert_eq!(wait_migration(&mut qmp)["status"], "completed");
+    qmp.ok("quit", json!({}));
+    vm.wait();
+    let incoming = format!("file:{}", s(&state));
+    let disk_opt = format!("path={}", s(&disk));
+    // Without a PIT here: refused, naming it, before any guest runs.
+    let refused = wait(destination(&incoming, &disk_opt));
+    assert_ne!(refused.code, Some(0));
+    assert_eq!(refused.stderr.lines().count(), 1, "{}", refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("the source has a PIT, this VM no PIT"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!refused.stdout.contains("testguest:"), "{}", refused.stdout);
+    // With one: the guest finishes from where it was.
+    let child = Command::new(vmm_binary())
+        .args([
+            "--incoming",
+            &incoming,
+            "--memory",
+            "128M",
+            "--pit",
+            "on",
+            "--disk",
+            &disk_opt,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_finished(&wait(child), &disk);
+}

@@ -49,6 +49,18 @@ pub struct Cli {
     /// for QMP's migrate-incoming).
     #[arg(long, value_name = "URI")]
     pub incoming: Option<Incoming>,
+    /// An in-kernel i8254 PIT for the guest: on or off (QEMU microvm's
+    /// pit=). Linux and the test guest need none.
+    #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub pit: bool,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is not on or off")),
+    }
 }
 
 impl From<Cli> for VmConfig {
@@ -63,6 +75,7 @@ impl From<Cli> for VmConfig {
             qmp: cli.qmp,
             seccomp: cli.seccomp,
             incoming: cli.incoming,
+            pit: cli.pit,
         }
     }
 }
@@ -148,6 +161,27 @@ mod tests {
             panic!("parse failed")
         };
         assert_eq!(*cfg, VmConfig::new("k"));
+    }
+
+    #[test]
+    fn the_pit_is_off_unless_asked_for_and_incoming_needs_no_kernel() {
+        let pit = |args: &[&str]| match parse(["vmm", "--kernel", "k"].iter().chain(args)) {
+            Parsed::Run(cfg) => cfg.pit,
+            other => panic!("parse failed: {other:?}"),
+        };
+        assert!(!pit(&[]));
+        assert!(pit(&["--pit", "on"]));
+        assert!(!pit(&["--pit=off"]));
+        assert!(usage(&["--kernel", "k", "--pit", "yes"]).contains("'yes' is not on or off"));
+        let Parsed::Run(cfg) = parse(["vmm", "--incoming", "unix:/tmp/m.sock"]) else {
+            panic!("--incoming without --kernel did not parse")
+        };
+        assert!(matches!(
+            cfg.incoming,
+            Some(crate::config::Incoming::Uri(_))
+        ));
+        assert!(usage(&[]).contains("--kernel"), "{}", usage(&[]));
+        assert!(usage(&["--incoming", "exec:cat"]).contains("unknown migration protocol"));
     }
 
     #[test]

@@ -135,7 +135,7 @@ pub fn seed() -> Vec<u8> {
     frame(Kind::Devices, w.as_slice());
     let mut machine = MachineState {
         irqchips: [kvm_irqchip::default(); 3],
-        pit: kvm_pit_state2::default(),
+        pit: Some(kvm_pit_state2::default()),
         clock: 12345,
     };
     for (id, chip) in machine.irqchips.iter_mut().enumerate() {

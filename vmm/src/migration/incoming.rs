@@ -147,7 +147,7 @@ impl<'a> Loader<'a> {
                 let mut r = StateReader::new(payload);
                 let state = MachineState::decode(&mut r)?;
                 r.finish("the machine state")?;
-                state.restore(&self.m.vm)?;
+                state.restore(&self.m.vm, self.m.pit)?;
                 self.machine = true;
             }
             Kind::Vcpu => {

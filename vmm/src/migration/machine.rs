@@ -21,13 +21,15 @@ const CHIPS: [(u32, &str); 3] = [
 /// The VM's interrupt controllers, PIT and clock.
 pub struct MachineState {
     pub irqchips: [kvm_irqchip; 3],
-    pub pit: kvm_pit_state2,
+    /// The PIT's state, if the VM has one.
+    pub pit: Option<kvm_pit_state2>,
     pub clock: u64,
 }
 
 impl MachineState {
-    /// Reads the state of a VM whose vCPUs are parked.
-    pub fn save(vm: &VmFd) -> Result<Self, MigrationError> {
+    /// Reads the state of a VM whose vCPUs are parked; `pit` says whether
+    /// it has one.
+    pub fn save(vm: &VmFd, pit: bool) -> Result<Self, MigrationError> {
         let mut irqchips = [kvm_irqchip::default(); 3];
         for (chip, (id, _)) in irqchips.iter_mut().zip(CHIPS) {
             chip.chip_id = id;
@@ -36,8 +38,9 @@ impl MachineState {
         }
         Ok(Self {
             irqchips,
-            pit: vm
-                .get_pit2()
+            pit: pit
+                .then(|| vm.get_pit2())
+                .transpose()
                 .map_err(|e| MigrationError::kvm("read the PIT", e))?,
             clock: vm
                 .get_clock()
@@ -46,14 +49,25 @@ impl MachineState {
         })
     }
 
-    /// Loads the state into a VM whose vCPUs have not run yet.
-    pub fn restore(&self, vm: &VmFd) -> Result<(), MigrationError> {
+    /// Loads the state into a VM whose vCPUs have not run yet; `pit` says
+    /// whether this VM has one, which must agree with the state.
+    pub fn restore(&self, vm: &VmFd, pit: bool) -> Result<(), MigrationError> {
+        if self.pit.is_some() != pit {
+            let has = |p: bool| if p { "a PIT" } else { "no PIT" };
+            return Err(MigrationError::Config(format!(
+                "the source has {}, this VM {} (--pit)",
+                has(self.pit.is_some()),
+                has(pit)
+            )));
+        }
         for chip in &self.irqchips {
             vm.set_irqchip(chip)
                 .map_err(|e| MigrationError::kvm("set the interrupt controllers", e))?;
         }
-        vm.set_pit2(&self.pit)
-            .map_err(|e| MigrationError::kvm("set the PIT", e))?;
+        if let Some(state) = &self.pit {
+            vm.set_pit2(state)
+                .map_err(|e| MigrationError::kvm("set the PIT", e))?;
+        }
         let clock = kvm_clock_data {
             clock: self.clock,
             ..Default::default()
@@ -67,7 +81,11 @@ impl MachineState {
         for chip in &self.irqchips {
             w.bytes(chip.as_bytes());
         }
-        w.bytes(self.pit.as_bytes()).u64(self.clock);
+        w.bool(self.pit.is_some());
+        if let Some(pit) = &self.pit {
+            w.bytes(pit.as_bytes());
+        }
+        w.u64(self.clock);
     }
 
     /// Reads a state written by [`encode`](Self::encode); each controller
@@ -85,7 +103,10 @@ impl MachineState {
         }
         Ok(Self {
             irqchips,
-            pit: kvm_struct(r, "PIT")?,
+            pit: match r.bool("PIT present")? {
+                true => Some(kvm_struct(r, "PIT")?),
+                false => None,
+            },
             clock: r.u64("kvmclock")?,
         })
     }
@@ -99,7 +120,7 @@ mod tests {
     fn controllers_in_the_wrong_place_are_refused() {
         let mut state = MachineState {
             irqchips: [kvm_irqchip::default(); 3],
-            pit: kvm_pit_state2::default(),
+            pit: Some(kvm_pit_state2::default()),
             clock: 5,
         };
         for (chip, (id, _)) in state.irqchips.iter_mut().zip(CHIPS) {

@@ -136,6 +136,8 @@ pub(crate) struct Machine {
     pub dirty: Arc<DirtyPages>,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Whether the VM has an in-kernel PIT (`--pit on`).
+    pub pit: bool,
     /// The MSRs a vCPU can save, probed once.
     pub msrs: OnceLock<Vec<u32>>,
 }

@@ -420,7 +420,7 @@ fn finish(
         .map_err(MigrationError::Device)?;
     format::write_frame(w, Kind::Devices, &[state.as_slice()]).map_err(MigrationError::send)?;
     let mut state = StateWriter::new();
-    MachineState::save(&m.vm)?.encode(&mut state);
+    MachineState::save(&m.vm, m.pit)?.encode(&mut state);
     format::write_frame(w, Kind::Machine, &[state.as_slice()]).map_err(MigrationError::send)?;
     for (i, vcpu) in m.vcpus.iter().enumerate() {
         let fd = lock(vcpu);
