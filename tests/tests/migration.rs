@@ -322,6 +322,16 @@ fn a_snapshot_taken_mid_workload_restores_twice_and_saves_again_the_same() {
     let disk = dir.file("disk.img");
     sparse(&disk);
     let (vm, mut qmp) = source(&dir, &format!("path={},id=vda", s(&disk)));
+    // A state file over the guest's own disk is refused, the disk untouched.
+    let err = qmp.err("migrate", json!({"uri": format!("file:{}", s(&disk))}));
+    assert!(
+        err.desc.contains("is an image this VM has open")
+            && err.desc.contains("would overwrite it"),
+        "{}",
+        err.desc
+    );
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), DISK);
+    assert_eq!(qmp.ok("query-migrate", json!({})), json!({}));
     let state = dir.file("vm.state");
     qmp.ok("migrate", json!({"uri": format!("file:{}", s(&state))}));
     let info = wait_migration(&mut qmp);

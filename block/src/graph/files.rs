@@ -63,6 +63,18 @@ fn conflict(entries: &[Entry], id: FileId, writes: bool) -> Option<(String, bool
         .map(|e| (e.node.clone(), !writes))
 }
 
+impl super::Graph {
+    /// The node that has the host file at `path` open, whatever path or
+    /// link it was opened by; `None` if none has (or `path` names nothing).
+    pub fn node_with_file(&self, path: &std::path::Path) -> Option<String> {
+        let id = FileId::of_path(path).ok()?;
+        lock(&self.shared.files.0)
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.node.clone())
+    }
+}
+
 impl GraphShared {
     /// Fails if opening image `id` at `path` (writing or not) conflicts
     /// with a node that has it open.

@@ -602,3 +602,30 @@ fn a_raw_disk_must_be_whole_sectors_but_its_file_need_not() {
     );
     assert!(names(&graph).is_empty(), "nothing is left open");
 }
+
+#[test]
+fn the_node_with_a_file_open_is_found_by_any_path_to_it() {
+    let file = TempFile::new("with-file", 1 << 20);
+    let other = TempFile::new("with-file-other", 1 << 20);
+    let link = file.0.with_extension("link");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&file.0, &link).unwrap();
+    let graph = Graph::new();
+    graph
+        .add_disk("drive0", false, FileOptions::new(file.0.clone()))
+        .unwrap();
+    let file_node = graph
+        .nodes()
+        .into_iter()
+        .find(|n| n.driver == "file")
+        .unwrap()
+        .name;
+    assert_eq!(graph.node_with_file(&file.0), Some(file_node.clone()));
+    assert_eq!(graph.node_with_file(&link), Some(file_node));
+    assert_eq!(graph.node_with_file(&other.0), None);
+    assert_eq!(
+        graph.node_with_file(std::path::Path::new("/nonexistent")),
+        None
+    );
+    std::fs::remove_file(&link).unwrap();
+}

@@ -45,6 +45,16 @@ pub(super) fn start(ctl: &Arc<Controller>, uri: MigrationUri) -> Result<(), Stri
         }
         Phase::Normal => {}
     }
+    // A state file is created by truncating whatever is at its path: never
+    // one of this VM's own images (a careless `file:` path to the disk).
+    if let MigrationUri::File(path) = &uri {
+        if let Some(node) = m.graph.node_with_file(path) {
+            return Err(format!(
+                "'{}' is an image this VM has open (node '{node}'): a state file there would overwrite it",
+                path.display()
+            ));
+        }
+    }
     // A job on a disk would have to hand the disk over at switchover,
     // which it cannot: refuse now rather than stop the guest for nothing.
     for d in &m.disks {
