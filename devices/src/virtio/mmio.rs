@@ -831,8 +831,8 @@ mod tests {
         t.write(offset, &value.to_le_bytes());
     }
 
-    /// Negotiates `features` and sets up queue 0 with `size` at valid rings.
-    fn set_up(t: &mut MmioTransport, features: u64, size: u32) -> u32 {
+    /// Negotiates `features`; the status register after FEATURES_OK.
+    fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
         w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(t, reg::DRIVER_FEATURES_SEL, 0);
         w(t, reg::DRIVER_FEATURES, features as u32);
@@ -843,13 +843,23 @@ mod tests {
             reg::STATUS,
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         );
-        let accepted = r(t, reg::STATUS);
+        r(t, reg::STATUS)
+    }
+
+    /// Sets up queue 0 with `size` entries at the given ring addresses.
+    fn set_up_queue(t: &mut MmioTransport, size: u32, rings: [u64; 3]) {
         w(t, reg::QUEUE_SEL, 0);
         w(t, reg::QUEUE_NUM, size);
-        w(t, reg::QUEUE_DESC_LOW, 0x1000);
-        w(t, reg::QUEUE_DRIVER_LOW, 0x2000);
-        w(t, reg::QUEUE_DEVICE_LOW, 0x3000);
+        w(t, reg::QUEUE_DESC_LOW, rings[0] as u32);
+        w(t, reg::QUEUE_DRIVER_LOW, rings[1] as u32);
+        w(t, reg::QUEUE_DEVICE_LOW, rings[2] as u32);
         w(t, reg::QUEUE_READY, 1);
+    }
+
+    /// Negotiates `features` and sets up queue 0 with `size` at valid rings.
+    fn set_up(t: &mut MmioTransport, features: u64, size: u32) -> u32 {
+        let accepted = negotiate(t, features);
+        set_up_queue(t, size, [0x1000, 0x2000, 0x3000]);
         accepted
     }
 
@@ -1117,23 +1127,9 @@ mod tests {
 
         /// Sets the device up as a driver does, queue 0 at `mock`'s rings.
         fn drive(t: &mut MmioTransport, mock: &MockSplitQueue<GuestMemoryMmap>) {
-            let features = F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
-            w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-            w(t, reg::DRIVER_FEATURES_SEL, 0);
-            w(t, reg::DRIVER_FEATURES, features as u32);
-            w(t, reg::DRIVER_FEATURES_SEL, 1);
-            w(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
-            w(
-                t,
-                reg::STATUS,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
-            w(t, reg::QUEUE_SEL, 0);
-            w(t, reg::QUEUE_NUM, 256);
-            w(t, reg::QUEUE_DESC_LOW, mock.desc_table_addr().0 as u32);
-            w(t, reg::QUEUE_DRIVER_LOW, mock.avail_addr().0 as u32);
-            w(t, reg::QUEUE_DEVICE_LOW, mock.used_addr().0 as u32);
-            w(t, reg::QUEUE_READY, 1);
+            negotiate(t, F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX);
+            let rings = [mock.desc_table_addr(), mock.avail_addr(), mock.used_addr()];
+            set_up_queue(t, 256, rings.map(|a| a.0));
             w(t, reg::STATUS, DRIVER_OK);
             assert_eq!(r(t, reg::STATUS), DRIVER_OK);
         }
