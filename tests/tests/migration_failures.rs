@@ -42,6 +42,11 @@ impl Process {
         Self(Some(child))
     }
 
+    /// `vmm --incoming URI --memory MEMORY --disk DISK`.
+    fn incoming(uri: &str, memory: &str, disk: &str) -> Self {
+        Self::spawn(&["--incoming", uri, "--memory", memory, "--disk", disk])
+    }
+
     /// A destination waiting at `unix:SOCKET` with `disks`, `memory` and
     /// `extra` options; returns once it listens.
     fn destination(socket: &Path, disks: &[&Path], memory: &str, extra: &[&str]) -> Self {
@@ -511,15 +516,7 @@ fn a_silent_then_garbage_source_starts_no_guest() {
     // keeps waiting for its source.
     let incoming = format!("unix:{}", socket.display());
     let disk_opt = format!("path={}", disk_path.display());
-    let second = Process::spawn(&[
-        "--incoming",
-        &incoming,
-        "--memory",
-        MEMORY,
-        "--disk",
-        &disk_opt,
-    ])
-    .wait(Duration::from_secs(10));
+    let second = Process::incoming(&incoming, MEMORY, &disk_opt).wait(Duration::from_secs(10));
     assert_eq!(second.code, Some(1), "{}", second.stderr);
     assert_eq!(
         second.stderr,
@@ -811,17 +808,9 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
     let file = dir.file("bad.state");
     let incoming = format!("file:{}", file.display());
     let disk_opt = format!("path={}", disk_path.display());
-    let args = [
-        "--incoming",
-        &incoming,
-        "--memory",
-        MEMORY,
-        "--disk",
-        &disk_opt,
-    ];
     for (what, bytes, error) in &cases {
         std::fs::write(&file, bytes).unwrap();
-        let end = Process::spawn(&args).wait(Duration::from_secs(20));
+        let end = Process::incoming(&incoming, MEMORY, &disk_opt).wait(Duration::from_secs(20));
         let line = end.one_line_failure();
         assert!(
             line.starts_with("vmm: incoming migration failed: ") && line.contains(error.as_str()),
@@ -845,15 +834,7 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
             "disk 'vda' has 16777216 bytes on the source, 8388608 here",
         ),
     ] {
-        let end = Process::spawn(&[
-            "--incoming",
-            &incoming,
-            "--memory",
-            memory,
-            "--disk",
-            disk_opt,
-        ])
-        .wait(Duration::from_secs(20));
+        let end = Process::incoming(&incoming, memory, disk_opt).wait(Duration::from_secs(20));
         let line = end.one_line_failure();
         assert!(line.contains(difference), "{line}");
     }
@@ -915,14 +896,6 @@ fn corrupt_and_truncated_state_files_are_refused_with_one_line() {
 
     // The file these came from restores, and its guest finishes.
     let incoming = format!("file:{}", state.display());
-    let end = Process::spawn(&[
-        "--incoming",
-        &incoming,
-        "--memory",
-        MEMORY,
-        "--disk",
-        &disk_opt,
-    ])
-    .wait(Duration::from_secs(120));
+    let end = Process::incoming(&incoming, MEMORY, &disk_opt).wait(Duration::from_secs(120));
     end.finished_ok(&disk_path);
 }
