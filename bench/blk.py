@@ -72,12 +72,15 @@ MODES = [("notify", "blk.notify=always", "notify=always"),
 TABLE2 = [("randread4k", 1), ("randread4k", 32)]
 TABLE2_QUICK = [("randread4k", 1)]
 
-# Table 3 rows: (table, spec, qd, table 2 mode or None, strace runs?, extra VMMs run for this row)
-EVIDENCE = [(1, "randread4k", 1, None, True, ()), (1, "randread4k", 32, None, True, ()),
-            (1, "randread4k", 128, None, False, ()), (1, "seqread128k", 32, None, False, ("qemu-nothp",)),
-            (2, "randread4k", 1, "notify+irq", True, ()), (2, "randread4k", 32, "notify+irq", True, ())]
-EVIDENCE_QUICK = [(1, "randread4k", 32, None, True, ()), (1, "seqwrite128k", 32, None, False, ("qemu-nothp",)),
-                  (2, "randread4k", 1, "notify+irq", True, ())]
+# Table 3 rows: (table, spec, qd, queues, table 2 mode or None, strace runs?, extra VMMs run for
+# this row). Every row of tables 1 and 2, each with its strace runs.
+EXTRA_VMMS = {"seqread128k": ("qemu-nothp",)}
+
+
+def evidence_rows(t1_rows, t2_rows):
+    rows = [(1, spec, qd, queues, None, True, EXTRA_VMMS.get(spec, ())) for spec, qd, queues in t1_rows]
+    rows += [(2, spec, qd, 1, key, True, ()) for spec, qd in t2_rows for key, _, _ in MODES]
+    return rows
 VMM_LABEL = {"ours": "ours", "qemu": "QEMU", "qemu-nothp": "QEMU, THP off", "host": "host fio"}
 
 BENCH_RE = re.compile(rb"testguest: blk bench (\S+) vda: (.*)")
@@ -210,12 +213,14 @@ def image_format(image):
     return "qcow2" if str(image).endswith(".qcow2") else "raw"
 
 
-def ours_cmd(cmdline, image, queues=1, stats=True):
+def ours_cmd(cmdline, image, queues=1, stats=True, submit_batch=None):
+    """Our vmm with its defaults (`submit_batch` None: the default, 4)."""
     q = f",queues={queues}" if queues > 1 else ""
     f = ",format=qcow2" if image_format(image) == "qcow2" else ""
     a = "" if stats else ",stats=off"
+    b = "" if submit_batch is None else f",submit-batch={submit_batch}"
     return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS),
-            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}{a}", "--cmdline", cmdline]
+            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}{a}{b}", "--cmdline", cmdline]
 
 
 def qemu_cmd(cmdline, image, boot=None, queues=1):
@@ -249,6 +254,8 @@ def vmm_cmd(vmm, cmdline, image, queues=1):
         return ours_cmd(cmdline, image, queues)
     if vmm == "ours-nostats":
         return ours_cmd(cmdline, image, queues, stats=False)
+    if vmm == "ours-onecall":
+        return ours_cmd(cmdline, image, queues, submit_batch=0)
     if vmm == "qemu":
         return qemu_cmd(cmdline, image, queues=queues)
     if vmm == "qemu-nothp":
@@ -643,16 +650,37 @@ def table1(rows):
     return "\n".join(out)
 
 
-def table5(rows):
-    head = (f"{'':24} | {'stats=on (timed)':^33} | {'stats=off (counts only)':^33} | {'off/':>5}\n"
+def table_ab(rows, variant, on, off):
+    """Tables 5 and 6: our default (`on`) and `variant` (`off`), the ratio off/on."""
+    head = (f"{'':24} | {on:^33} | {off:^33} | {'off/':>5}\n"
             f"{'':24} | {'IOPS':>9} {'min-max':>15} {'cpu µs':>6} | {'IOPS':>9} {'min-max':>15} {'cpu µs':>6} | {'on':>5}")
     out = [head, "-" * len(head.splitlines()[1])]
     for r in rows:
         label = row_label(r["spec"], r["qd"], r.get("queues", 1))
         cells = [f"{num(r[k]['iops'], 9)} {spread(r[k]):>15} {num(cpu_us_per_req(r[k]), 6, 1)}"
-                 for k in ("ours", "ours-nostats")]
-        out.append(f"{label:24} | {' | '.join(cells)} | {ratio(r['ours-nostats']['iops'], r['ours']['iops']):>5}")
+                 for k in ("ours", variant)]
+        out.append(f"{label:24} | {' | '.join(cells)} | {ratio(r[variant]['iops'], r['ours']['iops']):>5}")
     return "\n".join(out)
+
+
+def ours_against(t1_rows, variant, table, on, off, image, seconds, reps):
+    """Our default against `variant` on every table 1 row, alternating; the median run of each."""
+    log(f"table {table}: {len(t1_rows)} rows x ({on}, {off}) x {reps} repetitions, {seconds} s each")
+    out = []
+    for i, (spec, qd, queues) in enumerate(t1_rows):
+        row = {"spec": spec, "qd": qd, "queues": queues}
+        runs = {"ours": [], variant: []}
+        for rep in range(reps):
+            order = ["ours", variant] if (i + rep) % 2 == 0 else [variant, "ours"]
+            for who in order:
+                runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
+        for who, xs in runs.items():
+            ranked = sorted(xs, key=lambda x: x["iops"])
+            row[who] = dict(ranked[(len(ranked) - 1) // 2])
+            row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+        log(f"  {row_label(spec, qd, queues)}: {on} {row['ours']['iops']:.0f}, {off} {row[variant]['iops']:.0f} IOPS")
+        out.append(row)
+    return out
 
 
 def table2(rows, t1):
@@ -737,6 +765,8 @@ def main():
                     help="table 1: N alternating repetitions of every row; the median run counts, min-max shown")
     ap.add_argument("--no-accounting", action="store_true",
                     help="leave out table 5 (our I/O accounting on and off)")
+    ap.add_argument("--no-batching", action="store_true",
+                    help="leave out table 6 (submit-batch=4, the default, against 0)")
     ap.add_argument("--wait-load", type=float, metavar="LOAD", default=None,
                     help="first wait (30 s steps, at most 15 min) until the 1-minute load average is below LOAD")
     args = ap.parse_args()
@@ -766,7 +796,7 @@ def main():
 
     t1_rows = TABLE1_QUICK if args.quick else TABLE1
     t2_rows = TABLE2_QUICK if args.quick else TABLE2
-    ev_rows = EVIDENCE_QUICK if args.quick else EVIDENCE
+    ev_rows = evidence_rows(t1_rows, t2_rows)
     modes = dict((k, (tok, label)) for k, tok, label in MODES)
 
     # Warm-up (page cache of the binaries, the image's extents): one short unmeasured run each.
@@ -811,42 +841,32 @@ def main():
 
     evidence = []
     log(f"table 3: {len(ev_rows)} rows; strace -c runs of {EVIDENCE_SECONDS} s")
-    for table, spec, qd, mode, with_strace, extra_vmms in ev_rows:
-        src = (next((r for r in t1 if r["spec"] == spec and r["qd"] == qd), None) if table == 1 else
+    for table, spec, qd, queues, mode, with_strace, extra_vmms in ev_rows:
+        src = (next((r for r in t1 if (r["spec"], r["qd"], r["queues"]) == (spec, qd, queues)), None)
+               if table == 1 else
                next((r for r in t2 if r["spec"] == spec and r["qd"] == qd and r["mode"] == mode), None))
-        label = f"T{table} {spec} QD{qd}" + (f" {mode}" if mode else "")
-        e = {"table": table, "spec": spec, "qd": qd, "mode": mode, "label": label,
+        label = f"T{table} {spec} QD{qd}" + (f"x{queues}q" if queues > 1 else "") + (f" {mode}" if mode else "")
+        e = {"table": table, "spec": spec, "qd": qd, "queues": queues, "mode": mode, "label": label,
              "vmms": ["ours", "qemu", *extra_vmms]}
         tokens = modes[mode][0] if mode else ""
         for vmm in e["vmms"]:
             sample = src.get(vmm) if src else None
             if sample is None:
-                sample = run_guest(vmm, spec, qd, seconds, image, extra=tokens)
+                sample = run_guest(vmm, spec, qd, seconds, image, extra=tokens, queues=queues)
             e[vmm] = {"sample": sample}
             if with_strace and have_strace and vmm in ("ours", "qemu"):
                 e[vmm]["strace"] = run_guest(vmm, spec, qd, EVIDENCE_SECONDS, image, extra=tokens,
-                                             sample=False, strace=True)
+                                             sample=False, strace=True, queues=queues)
         evidence.append(e)
 
     # Table 5: what our I/O accounting costs: the table 1 rows with `stats=off` (counters
     # only, no clock reads) against the default, alternating.
-    t5 = []
-    if not args.no_accounting:
-        log(f"table 5: {len(t1_rows)} rows x (stats=on, stats=off) x {args.reps} repetitions, {seconds} s each")
-        for i, (spec, qd, queues) in enumerate(t1_rows):
-            row = {"spec": spec, "qd": qd, "queues": queues}
-            runs = {"ours": [], "ours-nostats": []}
-            for rep in range(args.reps):
-                order = ["ours", "ours-nostats"] if (i + rep) % 2 == 0 else ["ours-nostats", "ours"]
-                for who in order:
-                    runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
-            for who, xs in runs.items():
-                ranked = sorted(xs, key=lambda x: x["iops"])
-                row[who] = dict(ranked[(len(ranked) - 1) // 2])
-                row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
-            log(f"  {row_label(spec, qd, queues)}: stats=on {row['ours']['iops']:.0f}, "
-                f"stats=off {row['ours-nostats']['iops']:.0f} IOPS")
-            t5.append(row)
+    t5 = [] if args.no_accounting else ours_against(t1_rows, "ours-nostats", "5", "stats=on", "stats=off",
+                                                    image, seconds, args.reps)
+    # Table 6: what handing requests to the kernel 4 at a time gives: the table 1 rows with
+    # `submit-batch=0` (all a round took, in one io_uring_enter) against the default.
+    t6 = [] if args.no_batching else ours_against(t1_rows, "ours-onecall", "6", "submit-batch=4",
+                                                  "submit-batch=0", image, seconds, args.reps)
 
     # Table 4: the same rows with fio inside a Linux guest, where guest user space can run.
     pvm = Path("/sys/module/kvm_pvm").exists()
@@ -874,7 +894,7 @@ def main():
         "ours_cmd": " ".join(ours_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "qemu_cmd": " ".join(qemu_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "fio_cmd": " ".join(fio_cmd("randread4k", "QD", seconds, image)),
-        "table1": t1, "table2": t2, "table3": evidence, "table4": t4, "table5": t5,
+        "table1": t1, "table2": t2, "table3": evidence, "table4": t4, "table5": t5, "table6": t6,
         "duration_s": round(time.monotonic() - started, 1),
     }
 
@@ -886,7 +906,7 @@ def main():
           f"after {'/'.join(f'{x:.2f}' for x in load_after)}; {res['duration_s']:.0f} s")
     print(f"image: {img['path']}, {img['bytes'] >> 20} MiB preallocated random data, {img['fs']} on {img['device']}; "
           f"guest: test guest, {CPUS} vCPU, {MEMORY_MIB} MiB, benchmark in guest user mode; {seconds} s per point")
-    print(f"ours: vmm --disk path=IMG,direct=on,poll={POLL_US}; QEMU: {qemu_version.split('(')[0].strip()} microvm, "
+    print(f"ours: vmm --disk path=IMG,direct=on,poll={POLL_US} (submit-batch=4, the default); QEMU: {qemu_version.split('(')[0].strip()} microvm, "
           f"iothread poll-max-ns={QEMU_POLL_MAX_NS}, cache=none, aio=io_uring; host: {fio_version} io_uring direct=1, "
           f"best of {args.fio_runs} run{'s' if args.fio_runs > 1 else ''}")
     print()
@@ -923,7 +943,15 @@ def main():
               f"default) times every request for query-blockstats' *_total_time_ns and the latency histograms; "
               f"stats=off keeps the counts and skips the clock. IOPS: median of {args.reps} alternating "
               f"repetitions, min-max; cpu µs: the dataplane thread's CPU time per request, median run")
-        print(table5(t5))
+        print(table_ab(t5, "ours-nostats", "stats=on (timed)", "stats=off (counts only)"))
+    if t6:
+        print()
+        print(f"Table 6: handing requests to the kernel in fours (ours only, table 1's rows and settings): "
+              f"submit-batch=4 (the default) calls io_uring_enter every 4 requests the dataplane takes, so the "
+              f"host's disk starts on them while it takes the rest; submit-batch=0 calls it once for all a round "
+              f"took (the block layer then plugs them all). IOPS: median of {args.reps} alternating repetitions, "
+              f"min-max; cpu µs: the dataplane thread's CPU time per request, median run")
+        print(table_ab(t6, "ours-onecall", "submit-batch=4", "submit-batch=0"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -712,6 +712,8 @@ pub fn virtio_mmio(data: &[u8]) {
         queue_size: [8, 16, 64, 256][usize::from(setup >> 3) & 3],
         serial: "fuzz".into(),
         poll: Duration::ZERO,
+        // Whole rounds, one a call, and batches that split them.
+        submit_batch: [0, 1, 4, 16][usize::from(setup >> 5) & 3],
         live_jobs: false,
     };
     let interrupt = Arc::new(Interrupt::new(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use block::throttle::{Limit, Limits, VALUE_MAX};
 use block::{Aio, ImageFormat, Locking};
-use devices::virtio::block::{MAX_QUEUES, MAX_QUEUE_SIZE};
+use devices::virtio::block::{DEFAULT_SUBMIT_BATCH, MAX_QUEUES, MAX_QUEUE_SIZE};
 
 /// One virtio-blk disk as the user asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     /// Dataplane polling after work; zero sleeps at once.
     pub poll: Duration,
+    /// Requests the dataplane hands to the kernel a call (`submit-batch=`;
+    /// 0: all it took in one round).
+    pub submit_batch: usize,
     /// Image locks other processes see (QEMU's `file.locking`).
     pub locking: Locking,
     /// The I/O engine: auto, io_uring or sync.
@@ -54,7 +57,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, stats, live-jobs, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, submit-batch, stats, live-jobs, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -147,6 +150,7 @@ impl FromStr for DiskConfig {
             queue_size: 256,
             serial: None,
             poll: Duration::ZERO,
+            submit_batch: DEFAULT_SUBMIT_BATCH,
             locking: Locking::Auto,
             aio: Aio::Auto,
             throttle: Limits::default(),
@@ -213,6 +217,9 @@ impl FromStr for DiskConfig {
                     disk.serial = Some(value.into());
                 }
                 "poll" => disk.poll = Duration::from_micros(number(key, value, 0, 1_000_000)?),
+                "submit-batch" => {
+                    disk.submit_batch = number(key, value, 0, u64::from(MAX_QUEUE_SIZE))? as usize
+                }
                 other => match other.strip_prefix("throttling.") {
                     Some(limit) => throttle_option(&mut disk.throttle, key, limit, value)?,
                     None => return Err(DiskOptionError::UnknownKey(other.into())),
@@ -233,7 +240,7 @@ mod tests {
 
     #[test]
     fn every_option_is_read() {
-        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,aio=sync,queues=4,queue-size=128,serial=SN1,poll=50"
+        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,aio=sync,queues=4,queue-size=128,serial=SN1,poll=50,submit-batch=8"
             .parse()
             .unwrap();
         assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
@@ -243,6 +250,7 @@ mod tests {
         assert_eq!((d.queues, d.queue_size), (4, 128));
         assert_eq!(d.serial.as_deref(), Some("SN1"));
         assert_eq!(d.poll, Duration::from_micros(50));
+        assert_eq!(d.submit_batch, 8);
         assert_eq!(d.locking, Locking::Off);
         assert_eq!(d.aio, Aio::Sync);
         let plain: DiskConfig = "path=x".parse().unwrap();
@@ -272,6 +280,7 @@ mod tests {
         assert!(err("path=x,id=a b").contains("letters"));
         assert!(err("path=x,node-name=1x").contains("start with a letter"));
         assert!(err("path=x,poll=-1").contains("poll='-1'"));
+        assert!(err("path=x,submit-batch=2000").contains("from 0 to 1024"));
         assert_eq!(
             err("path=x,locking=yes"),
             "disk option locking='yes' is invalid: 'yes' is not one of on, off, auto"

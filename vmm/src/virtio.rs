@@ -133,6 +133,7 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
                 queue_size: d.queue_size,
                 serial: d.serial.clone().unwrap_or_default(),
                 poll: d.poll,
+                submit_batch: d.submit_batch,
                 live_jobs: d.live_jobs,
             },
             node,

@@ -1047,6 +1047,7 @@ mod tests {
                 queue_size: 256,
                 serial: "S".into(),
                 poll: Duration::ZERO,
+                submit_batch: crate::virtio::block::device::DEFAULT_SUBMIT_BATCH,
                 live_jobs: false,
             }
         }

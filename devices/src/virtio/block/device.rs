@@ -44,6 +44,13 @@ pub const MAX_QUEUES: u16 = 16;
 const MAX_BLOCK_SIZE: u32 = 4096;
 const CONFIG_LEN: usize = 60;
 
+/// The default `submit_batch`. One `io_uring_enter` for a whole round of
+/// requests lets the host's block layer plug them all and start the disk
+/// only once the last is prepared, so the first waits for all the others;
+/// at queue depth 32 on our machines, 4 a call gave 20-30% more random
+/// 4 KiB IOPS than one call (`bench/blk.py`, table 6).
+pub const DEFAULT_SUBMIT_BATCH: usize = 4;
+
 /// How the user configured a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -59,6 +66,9 @@ pub struct BlockConfig {
     pub serial: String,
     /// After work, keep polling the avail ring this long before sleeping.
     pub poll: Duration,
+    /// Hand requests to the kernel every this many as they are taken (see
+    /// [`DEFAULT_SUBMIT_BATCH`]); zero: all of a round's in one call.
+    pub submit_batch: usize,
     /// Host block jobs on the node while the guest runs (`live-jobs=on`):
     /// their reads go through the dataplane, their hooks see its writes.
     pub live_jobs: bool,
@@ -339,6 +349,7 @@ impl Block {
         let stop_for_thread = stop.clone();
         let name = self.config.id.clone();
         let poll = self.config.poll;
+        let submit_batch = self.config.submit_batch;
         let throttle = self.throttle.clone();
         let stats = self.stats.clone();
         // A panic loses the queues with the thread, and the I/O it had in
@@ -353,6 +364,7 @@ impl Block {
                 let dataplane =
                     Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
                         .with_throttle(throttle)
+                        .with_submit_batch(submit_batch)
                         .with_stats(stats)
                         .with_bitmaps(bitmaps);
                 match host {
@@ -761,6 +773,7 @@ mod tests {
             queue_size: 256,
             serial: "S".into(),
             poll: Duration::from_micros(poll_us),
+            submit_batch: DEFAULT_SUBMIT_BATCH,
             live_jobs: false,
         }
     }

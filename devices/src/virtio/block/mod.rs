@@ -9,7 +9,10 @@ pub mod slot;
 pub mod stats;
 pub mod throttle;
 
-pub use device::{dataplane_holder, device_holder, Block, BlockConfig, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use device::{
+    dataplane_holder, device_holder, Block, BlockConfig, DEFAULT_SUBMIT_BATCH, MAX_QUEUES,
+    MAX_QUEUE_SIZE,
+};
 pub use slot::NodeSlot;
 pub use stats::BlockStats;
 pub use throttle::ThrottleControl;

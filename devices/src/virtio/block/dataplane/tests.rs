@@ -43,6 +43,8 @@ struct HeldState {
     /// would be (operations stay queued).
     busy: u32,
     complete: bool,
+    /// How many operations each `submit` that had any handed over.
+    batches: Vec<usize>,
 }
 
 /// An engine whose operations complete only when the test says so.
@@ -112,6 +114,9 @@ impl AsyncIo for Held {
             return Ok(());
         }
         let queued = std::mem::take(&mut s.queued);
+        if !queued.is_empty() {
+            s.batches.push(queued.len());
+        }
         s.submitted.extend(queued);
         if s.complete && !s.submitted.is_empty() {
             let _ = self.notifier.write(1);
@@ -379,6 +384,39 @@ fn requests_in_flight_are_capped_at_the_queue_size() {
         "avail idx 24 with used idx 0 went unnoticed"
     );
     assert_eq!(dp.in_flight(), 8);
+}
+
+#[test]
+fn a_round_of_requests_reaches_the_engine_in_batches_of_submit_batch() {
+    let m = mem();
+    let mut driver = Driver::new(&m);
+    for k in 0..8u16 {
+        let hdr = HDR + 16 * u64::from(k);
+        header(&m, hdr, T_FLUSH, 0);
+        driver.chain(2 * k, &[(hdr, 16, 0), (STATUS + u64::from(k), 1, W)]);
+        driver.post(2 * k);
+    }
+    for (batch, want) in [
+        (0, vec![8]),
+        (1, vec![1; 8]),
+        (3, vec![3, 3, 2]),
+        (8, vec![8]),
+    ] {
+        let (engine, state) = Held::new(0, false);
+        let (dp, interrupt, _) = dataplane(&m, &driver, Box::new(engine));
+        let mut dp = dp.with_submit_batch(batch);
+        dp.service();
+        assert_eq!(state.lock().unwrap().batches, want, "submit-batch={batch}");
+        // Every request still completes, once, in the used ring.
+        state.lock().unwrap().complete = true;
+        dp.service();
+        assert_eq!(dp.in_flight(), 0, "submit-batch={batch}");
+        assert_eq!(driver.used_idx(&m), 8, "submit-batch={batch}");
+        assert!(!interrupt.is_broken());
+        // The next dataplane starts from a fresh used ring.
+        m.write_obj(0u16, driver.mock.used_addr().unchecked_add(2))
+            .unwrap();
+    }
 }
 
 #[test]
