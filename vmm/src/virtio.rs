@@ -165,11 +165,8 @@ pub struct QueueNotifier {
 }
 
 /// Registers each queue's notification as an ioeventfd, so that a notify
-/// no longer leaves KVM. Until then (and if it fails) the transport's
-/// notify register signals the same eventfd on the MMIO exit, so this may
-/// run while the guest already runs: each registration waits for an SRCU
-/// grace period in the kernel (milliseconds here), which a guest's start
-/// need not wait for.
+/// no longer leaves KVM. Where that fails, the transport's notify register
+/// still signals the same eventfd, on an MMIO exit.
 pub fn register_notifiers(vm: &VmFd, notifiers: Vec<QueueNotifier>) {
     for n in notifiers {
         if let Err(e) = vm.register_ioevent(&n.fd, &IoEventAddress::Mmio(n.addr), n.queue) {
