@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VMM = REPO / "target" / "release" / "vmm"
+# .cargo/config.toml names the target, so cargo builds into target/<triple>/.
+VMM = REPO / "target" / "x86_64-unknown-linux-gnu" / "release" / "vmm"
 KERNEL = REPO / "kernel-images" / "out" / "testguest"
 
 QEMU_CACHE = Path("/var/cache/vmm-bench/qemu")

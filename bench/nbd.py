@@ -90,7 +90,7 @@ def main():
     ours_sock = os.path.join(tmp, "ours.nbd")
     qsd_sock = os.path.join(tmp, "qsd.nbd")
     vmm = subprocess.Popen(
-        [os.path.join(ROOT, "target/release/vmm"), "--kernel",
+        [os.path.join(ROOT, "target/x86_64-unknown-linux-gnu/release/vmm"), "--kernel",
          os.path.join(ROOT, "kernel-images/out/testguest"), "--memory", "64M",
          "--disk", f"path={vda}", "--qmp", qmp_path, "--cmdline", "idle"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)

@@ -90,7 +90,7 @@ def startup_once():
         raise BenchError(run.describe(f"exit status {status}, expected 0"))
     if not m:
         raise BenchError(run.describe("no 'vmm: vcpu0 first KVM_RUN' line on stderr with VMM_TRACE_STARTUP=1 "
-                                      "(is target/release/vmm older than that feature? rebuild it)"))
+                                      "(is target/x86_64-unknown-linux-gnu/release/vmm older than that feature? rebuild it)"))
     return int(m.group(1)) - run.t0, int(m.group(2))
 
 

@@ -19,4 +19,4 @@ if [ $# -eq 0 ]; then
 		--cpus 2 --memory 128M \
 		--cmdline "console=ttyS0 reboot=k panic=1"
 fi
-exec target/release/vmm "$@"
+exec target/x86_64-unknown-linux-gnu/release/vmm "$@"
