@@ -7,12 +7,16 @@
 //! fails). Which filter each kind gets is the caller's choice, made once in
 //! a [`Sandbox`]; this crate only knows how to install one.
 //!
+//! [`socket::listen_unix`] makes a listening socket's path appear only
+//! once it accepts connections.
+//!
 //! [`sync::lock`] and its `Condvar` companions take a mutex's data even
 //! when a panicking holder poisoned it; every crate locks through them.
 
 #[doc(hidden)]
 pub mod alloc_count;
 pub mod seccomp;
+pub mod socket;
 pub mod state;
 pub mod sync;
 pub mod thread;

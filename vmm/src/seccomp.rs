@@ -316,10 +316,14 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_ioctl,
                 // stop: kick the vCPUs out of KVM_RUN.
                 libc::SYS_tgkill,
-                // nbd-server-start: the listening socket (SO_REUSEADDR
-                // for TCP); the unix socket's name goes with unlink.
+                // nbd-server-start and migrate-incoming: the listening
+                // socket (SO_REUSEADDR for TCP); a unix socket is bound
+                // under a temporary name, linked to its own and that
+                // name unlinked (base::socket), its name removed with
+                // unlink at the end.
                 libc::SYS_socket,
                 libc::SYS_bind,
+                libc::SYS_linkat,
                 libc::SYS_listen,
                 libc::SYS_setsockopt,
             ][..],

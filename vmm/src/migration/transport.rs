@@ -133,7 +133,7 @@ impl Listener {
                     }
                     let _ = std::fs::remove_file(path);
                 }
-                UnixListener::bind(path)
+                base::socket::listen_unix(path)
                     .map(|l| Listener::Unix(l, path.clone()))
                     .map_err(io)
             }

@@ -292,7 +292,7 @@ impl QmpServer {
             path: path.clone(),
             source,
         };
-        let listener = UnixListener::bind(&path).map_err(bind_err)?;
+        let listener = base::socket::listen_unix(&path).map_err(bind_err)?;
         let meta = fs::symlink_metadata(&path).map_err(bind_err)?;
         // From here on, dropping `socket` removes the file again.
         let socket = SocketFile {

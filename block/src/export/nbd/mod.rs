@@ -22,7 +22,6 @@ mod tests;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -99,7 +98,7 @@ fn bind(addr: &NbdAddr) -> Result<OwnedFd, ExportError> {
             {
                 let _ = std::fs::remove_file(path);
             }
-            Ok(UnixListener::bind(path).map_err(bind_err)?.into())
+            Ok(base::socket::listen_unix(path).map_err(bind_err)?.into())
         }
         NbdAddr::Inet { host, port } => {
             let address = |reason: &str| ExportError::Address {
