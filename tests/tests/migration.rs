@@ -38,9 +38,10 @@ fn destination(incoming: &str, disk: &str) -> Child {
         .expect("start the destination vmm")
 }
 
-/// Waits until a destination listens at `uri` (without connecting: it
-/// takes one connection only).
-fn wait_listening(uri: &str) {
+/// Waits until `dest` listens at `uri` (without connecting: it takes one
+/// connection only); a destination that ends first is reported with what
+/// it said.
+fn wait_listening(dest: &mut Child, uri: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let listening = || match uri.strip_prefix("unix:") {
         Some(path) => Path::new(path).exists(),
@@ -51,10 +52,12 @@ fn wait_listening(uri: &str) {
         }
     };
     while !listening() {
-        assert!(
-            Instant::now() < deadline,
-            "the destination never listened at {uri}"
-        );
+        if dest.try_wait().unwrap().is_some() || Instant::now() >= deadline {
+            let _ = dest.kill();
+            let mut stderr = String::new();
+            let _ = dest.stderr.take().unwrap().read_to_string(&mut stderr);
+            panic!("the destination never listened at {uri}; its stderr: {stderr}");
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -182,8 +185,8 @@ fn a_busy_guest_moves_over_a_unix_socket_on_shared_storage() {
     sparse(&disk);
     let (vm, mut qmp) = source(&dir, &format!("path={},id=vda", s(&disk)));
     let sock = dir.file("mig.sock");
-    let dest = destination(&format!("unix:{}", s(&sock)), &format!("path={}", s(&disk)));
-    wait_listening(&format!("unix:{}", s(&sock)));
+    let mut dest = destination(&format!("unix:{}", s(&sock)), &format!("path={}", s(&disk)));
+    wait_listening(&mut dest, &format!("unix:{}", s(&sock)));
     qmp.ok("migrate", json!({"uri": format!("unix:{}", s(&sock))}));
     let info = wait_migration(&mut qmp);
     assert_eq!(info["status"], "completed", "{info}");
@@ -231,8 +234,8 @@ fn block_migration_over_tcp_copies_a_running_guests_disk_hosted_by_its_dataplane
         .unwrap()
         .port();
     let uri = format!("tcp:127.0.0.1:{port}");
-    let dest = destination(&uri, &format!("path={}", s(&dst_disk)));
-    wait_listening(&uri);
+    let mut dest = destination(&uri, &format!("path={}", s(&dst_disk)));
+    wait_listening(&mut dest, &uri);
     qmp.ok(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "block", "state": true}]}),
@@ -279,8 +282,8 @@ fn block_migration_is_refused_by_a_serving_dataplane_and_runs_once_the_guest_is_
     assert_eq!(qmp.ok("query-status", json!({}))["status"], "running");
     assert!(statuses(&qmp).is_empty());
     // Offline: stopped, the disk is free to copy.
-    let dest = destination(&uri, &format!("path={}", s(&dst_disk)));
-    wait_listening(&uri);
+    let mut dest = destination(&uri, &format!("path={}", s(&dst_disk)));
+    wait_listening(&mut dest, &uri);
     qmp.ok("stop", json!({}));
     // A job on the disk cannot hand it over at switchover: refused first.
     let target = dir.file("backup.img");
