@@ -663,6 +663,16 @@ def table_ab(rows, variant, on, off):
     return "\n".join(out)
 
 
+def median_runs(runs):
+    """{who: its median run (the lower middle one for an even count), with every run's IOPS}."""
+    out = {}
+    for who, xs in runs.items():
+        ranked = sorted(xs, key=lambda x: x["iops"])
+        out[who] = dict(ranked[(len(ranked) - 1) // 2])
+        out[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+    return out
+
+
 def ours_against(t1_rows, variant, table, on, off, image, seconds, reps):
     """Our default against `variant` on every table 1 row, alternating; the median run of each."""
     log(f"table {table}: {len(t1_rows)} rows x ({on}, {off}) x {reps} repetitions, {seconds} s each")
@@ -674,10 +684,7 @@ def ours_against(t1_rows, variant, table, on, off, image, seconds, reps):
             order = ["ours", variant] if (i + rep) % 2 == 0 else [variant, "ours"]
             for who in order:
                 runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
-        for who, xs in runs.items():
-            ranked = sorted(xs, key=lambda x: x["iops"])
-            row[who] = dict(ranked[(len(ranked) - 1) // 2])
-            row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+        row.update(median_runs(runs))
         log(f"  {row_label(spec, qd, queues)}: {on} {row['ours']['iops']:.0f}, {off} {row[variant]['iops']:.0f} IOPS")
         out.append(row)
     return out
@@ -820,11 +827,7 @@ def main():
                     runs["host"].append(max(fio, key=lambda x: x["iops"]))
                 else:
                     runs[who].append(run_guest(who, spec, qd, seconds, image, queues=queues))
-        for who, xs in runs.items():
-            # The median run (the lower middle one for an even count) stands for the row.
-            ranked = sorted(xs, key=lambda x: x["iops"])
-            row[who] = dict(ranked[(len(ranked) - 1) // 2])
-            row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+        row.update(median_runs(runs))
         log(f"  {row_label(spec, qd, queues)}: ours {row['ours']['iops']:.0f}, QEMU {row['qemu']['iops']:.0f}, "
             f"host {row['host']['iops']:.0f} IOPS (medians of {args.reps})")
         t1.append(row)
@@ -839,10 +842,7 @@ def main():
             for rep in range(args.reps):
                 for who in ("ours", "qemu") if (len(t2) + rep) % 2 == 0 else ("qemu", "ours"):
                     runs[who].append(run_guest(who, spec, qd, seconds, image, extra=tok))
-            for who, xs in runs.items():
-                ranked = sorted(xs, key=lambda x: x["iops"])
-                row[who] = dict(ranked[(len(ranked) - 1) // 2])
-                row[who]["runs_iops"] = [round(x["iops"]) for x in xs]
+            row.update(median_runs(runs))
             log(f"  {row_label(spec, qd)} {label}: ours {row['ours']['iops']:.0f}, QEMU {row['qemu']['iops']:.0f} IOPS"
                 f" (medians of {args.reps})")
             t2.append(row)

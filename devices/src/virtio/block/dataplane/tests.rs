@@ -344,17 +344,21 @@ fn a_corrupt_avail_index_stops_the_dataplane_polling() {
     assert_eq!(thread.join().unwrap(), 1);
 }
 
+/// Posts eight flushes, two descriptors each: they fill the table.
+fn post_eight_flushes(m: &GuestMemoryMmap, driver: &mut Driver) {
+    for k in 0..8u16 {
+        let hdr = HDR + 16 * u64::from(k);
+        header(m, hdr, T_FLUSH, 0);
+        driver.chain(2 * k, &[(hdr, 16, 0), (STATUS + u64::from(k), 1, W)]);
+        driver.post(2 * k);
+    }
+}
+
 #[test]
 fn requests_in_flight_are_capped_at_the_queue_size() {
     let m = mem();
     let mut driver = Driver::new(&m);
-    // Eight flushes, two descriptors each, fill the table.
-    for k in 0..8u16 {
-        let hdr = HDR + 16 * u64::from(k);
-        header(&m, hdr, T_FLUSH, 0);
-        driver.chain(2 * k, &[(hdr, 16, 0), (STATUS + u64::from(k), 1, W)]);
-        driver.post(2 * k);
-    }
+    post_eight_flushes(&m, &mut driver);
     let (engine, _) = Held::new(0, false);
     let (mut dp, interrupt, _) = dataplane(&m, &driver, Box::new(engine));
     dp.service();
@@ -390,12 +394,7 @@ fn requests_in_flight_are_capped_at_the_queue_size() {
 fn a_round_of_requests_reaches_the_engine_in_batches_of_submit_batch() {
     let m = mem();
     let mut driver = Driver::new(&m);
-    for k in 0..8u16 {
-        let hdr = HDR + 16 * u64::from(k);
-        header(&m, hdr, T_FLUSH, 0);
-        driver.chain(2 * k, &[(hdr, 16, 0), (STATUS + u64::from(k), 1, W)]);
-        driver.post(2 * k);
-    }
+    post_eight_flushes(&m, &mut driver);
     for (batch, want) in [
         (0, vec![8]),
         (1, vec![1; 8]),
