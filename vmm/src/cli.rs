@@ -34,7 +34,7 @@ pub struct Cli {
         allow_negative_numbers = true
     )]
     pub cpus: u32,
-    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,snapshot=on][,id=ID][,node-name=NAME][,readonly=on][,direct=on][,locking=auto|on|off][,aio=auto|io_uring|sync][,queues=N][,queue-size=N][,serial=STR][,poll=USECS][,submit-batch=N][,throttling.LIMIT=N]...
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,snapshot=on][,id=ID][,node-name=NAME][,readonly=on][,direct=on][,locking=auto|on|off][,aio=auto|io_uring|sync][,queues=N][,queue-size=N][,serial=STR][,poll=USECS][,submit-batch=N][,stats=on|off][,live-jobs=on|off][,throttling.LIMIT=N]...
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<DiskConfig>,
     /// Serve QMP (QEMU's machine protocol) on this Unix socket.

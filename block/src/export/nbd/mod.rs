@@ -92,10 +92,18 @@ fn bind(addr: &NbdAddr) -> Result<OwnedFd, ExportError> {
     };
     match addr {
         NbdAddr::Unix(path) => {
-            // As QEMU: a stale socket file from an earlier run is replaced.
+            // A stale socket file from an earlier run is replaced, as
+            // QEMU does; unlike QEMU, not one something listens on (our
+            // own QMP socket, another server): that is refused.
             if std::fs::symlink_metadata(path)
                 .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
             {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(bind_err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        "something already listens there",
+                    )));
+                }
                 let _ = std::fs::remove_file(path);
             }
             Ok(base::socket::listen_unix(path).map_err(bind_err)?.into())

@@ -258,6 +258,28 @@ fn still_serves(s: &Server) {
 }
 
 #[test]
+fn a_socket_path_something_listens_on_is_refused_and_a_stale_one_replaced() {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("nbd-{}-taken.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let exports = Exports::new(Arc::new(|_: &str| {}));
+    let err = exports
+        .start_nbd(NbdAddr::Unix(path.clone()), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("something already listens there"), "{err}");
+    // The listener that was there still is, and still takes connections.
+    UnixStream::connect(&path).unwrap();
+    live.accept().unwrap();
+    // Once it is gone, its file is stale: the server takes the path.
+    drop(live);
+    exports.start_nbd(NbdAddr::Unix(path.clone()), 0).unwrap();
+    UnixStream::connect(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn old_clients_unknown_flags_and_wrong_magic_are_closed() {
     let s = server("closed");
     let mut old = Client::connect(&s);
