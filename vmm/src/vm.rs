@@ -569,6 +569,11 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
     }
     if let Some(mem) = &handle.memory {
         memory::advise_huge_pages(mem);
+        // A restored guest's RAM maps its state file, read as touched:
+        // folding would read it all.
+        if state_file.is_none() {
+            memory::collapse_huge_pages(mem);
+        }
     }
     Ok(handle)
 }
