@@ -203,6 +203,23 @@ def wait_for_load(limit, max_wait_s=900, step_s=30):
 # ---------------------------------------------------------------- commands
 
 
+def row_key(row):
+    """'spec:qd' or 'spec:qd:queues' of a (spec, qd, queues) row."""
+    spec, qd, queues = row
+    return f"{spec}:{qd}" + (f":{queues}" if queues > 1 else "")
+
+
+def parse_rows(text):
+    """--rows: a set of row keys, each one of table 1's."""
+    keys = {k.strip() for k in text.split(",") if k.strip()}
+    known = {row_key(r) for r in TABLE1}
+    unknown = sorted(keys - known)
+    if not keys or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown rows {', '.join(unknown) or '(none given)'}; known: {', '.join(sorted(known))}")
+    return keys
+
+
 def guest_cmdline(spec, qd, seconds, extra="", queues=1):
     q = f" blk.queues={queues}" if queues > 1 else ""
     return f"blk.bench={spec} blk.qd={qd}{q} blk.seconds={seconds} exit=0 {extra}".strip()
@@ -772,6 +789,8 @@ def main():
                     help="tables 1, 2, 5 and 6: N alternating repetitions of every row; the median run counts")
     ap.add_argument("--no-accounting", action="store_true",
                     help="leave out table 5 (our I/O accounting on and off)")
+    ap.add_argument("--rows", type=parse_rows, default=None, metavar="SPEC:QD[:QUEUES],...",
+                    help="only these rows of tables 1 and 2 (e.g. seqread128k:32,randread4k:128:2)")
     ap.add_argument("--no-batching", action="store_true",
                     help="leave out table 6 (submit-batch=4, the default, against 0)")
     ap.add_argument("--wait-load", type=float, metavar="LOAD", default=None,
@@ -803,6 +822,9 @@ def main():
 
     t1_rows = TABLE1_QUICK if args.quick else TABLE1
     t2_rows = TABLE2_QUICK if args.quick else TABLE2
+    if args.rows:
+        t1_rows = [r for r in TABLE1 if row_key(r) in args.rows]
+        t2_rows = [r for r in TABLE2 if row_key((*r, 1)) in args.rows]
     ev_rows = evidence_rows(t1_rows, t2_rows)
     modes = dict((k, (tok, label)) for k, tok, label in MODES)
 
