@@ -246,6 +246,31 @@ mod tests {
     }
 
     #[test]
+    fn folding_written_ram_into_huge_pages_keeps_every_byte() {
+        use vm_memory::Bytes;
+        let mem = create_guest_memory(16 << 20).unwrap();
+        // As the loader does: a few pages written before the advice, in
+        // the block that also holds untouched ones, and one block apart.
+        let spots = [0x1000u64, 0x10_0000, 0x1f_f000, 0x60_0000];
+        for (i, &at) in spots.iter().enumerate() {
+            let page: Vec<u8> = (0..4096).map(|b| (b as u8) ^ (i as u8 * 37)).collect();
+            mem.write_slice(&page, GuestAddress(at)).unwrap();
+        }
+        advise_huge_pages(&mem);
+        collapse_huge_pages(&mem);
+        for (i, &at) in spots.iter().enumerate() {
+            let mut page = vec![0u8; 4096];
+            mem.read_slice(&mut page, GuestAddress(at)).unwrap();
+            let want: Vec<u8> = (0..4096).map(|b| (b as u8) ^ (i as u8 * 37)).collect();
+            assert_eq!(page, want, "the page at {at:#x} changed");
+        }
+        // What was never written still reads as zeros.
+        let mut page = vec![0xffu8; 4096];
+        mem.read_slice(&mut page, GuestAddress(0x2000)).unwrap();
+        assert!(page.iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn sizes_outside_the_limits_are_refused() {
         assert!(matches!(
             validate_size(8 << 20, None),
