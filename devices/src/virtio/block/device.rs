@@ -96,6 +96,21 @@ struct Active {
     parked: Option<Vec<ActiveQueue>>,
 }
 
+impl Active {
+    /// What the device keeps of `activation` while active (nothing
+    /// parked yet), and the queues.
+    fn split(activation: Activation) -> (Self, Vec<ActiveQueue>) {
+        let active = Self {
+            mem: activation.mem,
+            interrupt: activation.interrupt,
+            acked_features: activation.acked_features,
+            dirty: activation.dirty,
+            parked: None,
+        };
+        (active, activation.queues)
+    }
+}
+
 /// A virtio-blk device over a block node.
 pub struct Block {
     config: BlockConfig,
@@ -302,6 +317,14 @@ impl Block {
     }
 
     /// Starts a dataplane thread over `queues`.
+    /// Why activating this device failed, naming it.
+    fn activate_error(&self, reason: String) -> ActivateError {
+        ActivateError {
+            device: self.config.id.clone(),
+            reason,
+        }
+    }
+
     fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
         // The dataplane takes hosted jobs over from the loop that served
         // them while the disk was paused or reset.
@@ -494,24 +517,13 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         if self.active.is_some() {
-            return Err(ActivateError {
-                device: self.config.id.clone(),
-                reason: "it is already active".into(),
-            });
+            return Err(self.activate_error("it is already active".into()));
         }
-        self.active = Some(Active {
-            mem: activation.mem,
-            interrupt: activation.interrupt,
-            acked_features: activation.acked_features,
-            dirty: activation.dirty,
-            parked: None,
-        });
-        self.spawn(activation.queues).map_err(|reason| {
+        let (active, queues) = Active::split(activation);
+        self.active = Some(active);
+        self.spawn(queues).map_err(|reason| {
             self.active = None;
-            ActivateError {
-                device: self.config.id.clone(),
-                reason,
-            }
+            self.activate_error(reason)
         })
     }
 
@@ -650,18 +662,11 @@ impl VirtioDevice for Block {
 
     fn activate_paused(&mut self, activation: Activation) -> Result<(), ActivateError> {
         if self.active.is_some() || self.worker.is_some() {
-            return Err(ActivateError {
-                device: self.config.id.clone(),
-                reason: "it is already active".into(),
-            });
+            return Err(self.activate_error("it is already active".into()));
         }
-        self.active = Some(Active {
-            mem: activation.mem,
-            interrupt: activation.interrupt,
-            acked_features: activation.acked_features,
-            dirty: activation.dirty,
-            parked: Some(activation.queues),
-        });
+        let (mut active, queues) = Active::split(activation);
+        active.parked = Some(queues);
+        self.active = Some(active);
         Ok(())
     }
 
