@@ -20,6 +20,8 @@ pub mod socket;
 pub mod state;
 pub mod sync;
 pub mod thread;
+#[doc(hidden)]
+pub mod xorshift;
 
 pub use seccomp::SeccompError;
 pub use sync::lock;

@@ -65,6 +65,25 @@ pub fn run_vmm(args: &[&str]) -> Output {
         .expect("run the vmm binary")
 }
 
+/// A second `vmm` (the test guest, `exit=3`) writing `disk`, as a second
+/// writer would: its exit status and stderr. Refused, it ends with 1 and
+/// says why; let in, its guest ends at once with 3.
+pub fn second_vmm(disk: &Path) -> (Option<i32>, String) {
+    let kernel = image("testguest");
+    let out = run_vmm(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "exit=3",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The test guest running `cmdline`, with one disk per `--disk` option in
 /// `disks` and, when `qmp` is given, a QMP socket there.
 pub fn testguest(cmdline: &str, disks: &[String], qmp: Option<&Path>) -> VmConfig {

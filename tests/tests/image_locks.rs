@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, image, run_vmm, temp_path, testguest, TempDisk};
+use tests::{boot, expect_line, second_vmm, temp_path, testguest, TempDisk};
 use vmm::VmExit;
 
 const DISK: u64 = 16 << 20;
@@ -79,21 +79,6 @@ impl Drop for QemuWriter {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.socket);
     }
-}
-
-/// A second `vmm` on `disk`: exit status and stderr.
-fn second_vmm(disk: &Path) -> (Option<i32>, String) {
-    let kernel = image("testguest");
-    let out = run_vmm(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        // Were the image not refused, this guest would end at once.
-        "--cmdline",
-        "exit=3",
-        "--disk",
-        &format!("path={}", disk.display()),
-    ]);
-    (out.status.code(), stderr(&out))
 }
 
 /// QEMU's words: we want to write and someone does not share writing, or

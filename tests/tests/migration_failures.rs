@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tests::qmp::Qmp;
-use tests::{boot, expect_line, fnv1a64_file, image, testguest, TempDir};
+use tests::{boot, expect_line, fnv1a64_file, second_vmm, testguest, TempDir};
 use vmm::{MemorySize, VmExit, VmHandle};
 
 const DISK: u64 = 16 << 20;
@@ -222,18 +222,9 @@ fn failed_migration(q: &mut Qmp, uri: &str) -> String {
 
 /// A second `vmm` writing `disk`, which must be refused: its stderr.
 fn second_writer(disk: &Path) -> String {
-    let kernel = image("testguest");
-    let other = Process::spawn(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--cmdline",
-        "exit=3",
-        "--disk",
-        &format!("path={}", disk.display()),
-    ])
-    .wait(Duration::from_secs(10));
-    assert_eq!(other.code, Some(1), "{}", other.stderr);
-    other.stderr
+    let (code, stderr) = second_vmm(disk);
+    assert_eq!(code, Some(1), "{stderr}");
+    stderr
 }
 
 /// A fake destination at `socket` for one source: it answers Ready to the

@@ -36,17 +36,8 @@ const MAX_KILL_DELAY_US: u64 = 5_000;
 /// How long a run may take to reach its chosen round.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// xorshift64, for the test's own choices.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
+// xorshift64, for the test's own choices.
+use base::xorshift::XorShift64 as Rng;
 
 /// What the kills found, over all of them.
 #[derive(Debug, Default)]

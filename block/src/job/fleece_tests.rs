@@ -21,16 +21,7 @@ use crate::job::{JobManager, JobOptions};
 
 const SIZE: u64 = 4 << 20;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use base::xorshift::XorShift64 as Rng;
 
 struct Files(Vec<PathBuf>);
 

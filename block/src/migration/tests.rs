@@ -119,6 +119,22 @@ fn both_sides_move_to_the_migration_thread() {
     send::<BlockSink>();
 }
 
+/// A graph holding one raw image `name` of random data as node "d0",
+/// the image's path and the node; the guard removes the file.
+fn one_raw_disk(name: &str) -> (Files, PathBuf, Graph, NodeRef) {
+    let path = raw_image(name, SIZE, true);
+    let files = Files(vec![path.clone()]);
+    let graph = Graph::new();
+    add(&graph, "d0", &path, ImageFormat::Raw);
+    let node = graph.get("d0", Holder::Monitor).unwrap();
+    (files, path, graph, node)
+}
+
+/// The disk list of a one-disk migration: device "vda" on node "d0".
+fn vda_on_d0() -> [(String, String); 1] {
+    [("vda".to_string(), "d0".to_string())]
+}
+
 fn migration() -> Holder {
     Holder::Migration
 }
@@ -368,7 +384,7 @@ fn live_migration(format: ImageFormat) {
     let node = src.get("d0", Holder::Monitor).unwrap();
     let dp = Dataplane::start(&node, true);
 
-    let disks = [("vda".to_string(), "d0".to_string())];
+    let disks = vda_on_d0();
     let mut source = BlockMigration::start(&src, &disks, migration()).unwrap();
     assert!(source.is_hosted(0), "the running guest's holder hosts it");
     assert_eq!(src.info(&node).hosted, vec![Holder::Migration]);
@@ -511,14 +527,10 @@ fn the_destination_refuses_other_sizes_and_chunks_outside_its_disks() {
 
 #[test]
 fn a_migration_dropped_half_way_leaves_the_source_intact_and_its_holder_serving() {
-    let src_raw = raw_image("cancel.raw", SIZE, true);
-    let _files = Files(vec![src_raw.clone()]);
+    let (_files, src_raw, src, node) = one_raw_disk("cancel.raw");
     let before = std::fs::read(&src_raw).unwrap();
-    let src = Graph::new();
-    add(&src, "d0", &src_raw, ImageFormat::Raw);
-    let node = src.get("d0", Holder::Monitor).unwrap();
     let dp = Dataplane::start(&node, true);
-    let disks = [("vda".to_string(), "d0".to_string())];
+    let disks = vda_on_d0();
     let mut source = BlockMigration::start(&src, &disks, migration()).unwrap();
     let mut buf = Vec::new();
     source.next_chunk(&mut buf).unwrap().unwrap();
@@ -549,15 +561,11 @@ fn a_migration_dropped_half_way_leaves_the_source_intact_and_its_holder_serving(
 
 #[test]
 fn a_read_its_holder_never_serves_fails_the_migration_and_nothing_is_freed_under_it() {
-    let src_raw = raw_image("stall.raw", SIZE, true);
-    let _files = Files(vec![src_raw.clone()]);
-    let src = Graph::new();
-    add(&src, "d0", &src_raw, ImageFormat::Raw);
-    let node = src.get("d0", Holder::Monitor).unwrap();
+    let (_files, _, src, node) = one_raw_disk("stall.raw");
     // The holder, on this thread, does not serve until told.
     let lease = node.take_lease(dataplane()).unwrap();
     let host = lease.offer_hosting().unwrap();
-    let disks = [("vda".to_string(), "d0".to_string())];
+    let disks = vda_on_d0();
     let mut source = BlockMigration::start(&src, &disks, migration()).unwrap();
     source.set_timeout(Duration::from_millis(100));
     let mut buf = Vec::new();
@@ -594,13 +602,9 @@ fn a_read_its_holder_never_serves_fails_the_migration_and_nothing_is_freed_under
 
 #[test]
 fn a_dirty_range_whose_read_fails_stays_dirty() {
-    let src_raw = raw_image("dirty-fail.raw", SIZE, true);
-    let _files = Files(vec![src_raw.clone()]);
-    let src = Graph::new();
-    add(&src, "d0", &src_raw, ImageFormat::Raw);
-    let node = src.get("d0", Holder::Monitor).unwrap();
+    let (_files, _, src, node) = one_raw_disk("dirty-fail.raw");
     let dp = Dataplane::start(&node, true);
-    let disks = [("vda".to_string(), "d0".to_string())];
+    let disks = vda_on_d0();
     let mut source = BlockMigration::start(&src, &disks, migration()).unwrap();
     let mut buf = Vec::new();
     while source.next_chunk(&mut buf).unwrap().is_some() {}

@@ -171,6 +171,7 @@ pub fn seed() -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base::xorshift::XorShift64;
 
     #[test]
     fn the_seed_loads_to_its_end() {
@@ -185,25 +186,22 @@ mod tests {
     }
 
     /// A small xorshift: the same mutations on every run.
-    struct Rng(u64);
+    struct Rng(XorShift64);
 
     impl Rng {
         fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
+            self.0.next()
         }
 
         fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
+            self.0.below(n as u64) as usize
         }
     }
 
     #[test]
     fn mutated_streams_never_panic() {
         let seed = seed();
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut rng = Rng(XorShift64(0x9e37_79b9_7f4a_7c15));
         let mut errors = std::collections::BTreeSet::new();
         for _ in 0..5000 {
             let mut data = seed.clone();

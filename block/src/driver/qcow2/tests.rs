@@ -163,21 +163,8 @@ impl Driver2 {
     }
 }
 
-/// A small xorshift, so failures replay.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+// A small xorshift, so failures replay.
+use base::xorshift::XorShift64 as Rng;
 
 fn check_clean(path: &Path) {
     let out = Command::new("qemu-img")
