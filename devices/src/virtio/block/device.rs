@@ -47,7 +47,7 @@ const CONFIG_LEN: usize = 60;
 /// The default `submit_batch`. One `io_uring_enter` for a whole round of
 /// requests lets the host's block layer plug them all and start the disk
 /// only once the last is prepared, so the first waits for all the others;
-/// at queue depth 32 on our machines, 4 a call gave 20-30% more random
+/// at queue depth 32 on our machines, 4 a call gave 20-32% more random
 /// 4 KiB IOPS than one call (`bench/blk.py`, table 6).
 pub const DEFAULT_SUBMIT_BATCH: usize = 4;
 
