@@ -1039,6 +1039,15 @@ mod tests {
             path
         }
 
+        /// A graph with `path` as node "drive0".
+        fn drive0(path: &std::path::Path) -> Graph {
+            let graph = Graph::new();
+            graph
+                .add_disk("drive0", false, FileOptions::new(path.to_path_buf()))
+                .unwrap();
+            graph
+        }
+
         fn config() -> BlockConfig {
             BlockConfig {
                 id: "vdt".into(),
@@ -1155,10 +1164,7 @@ mod tests {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
             let mock = MockSplitQueue::new(&mem, 256);
             let path = disk_file("move", 256);
-            let graph = Graph::new();
-            graph
-                .add_disk("drive0", false, FileOptions::new(path.clone()))
-                .unwrap();
+            let graph = drive0(&path);
             let job = graph
                 .get("drive0", Holder::Job { id: "job0".into() })
                 .unwrap();
@@ -1242,10 +1248,7 @@ mod tests {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
             let mock = MockSplitQueue::new(&mem, 256);
             let path = disk_file("corrupt", 256);
-            let graph = Graph::new();
-            graph
-                .add_disk("drive0", false, FileOptions::new(path.clone()))
-                .unwrap();
+            let graph = drive0(&path);
             let dirty = Arc::new(DirtyPages::new(MEM));
             let mut t = transport(&graph, &mem, &dirty);
             t.resume().unwrap();
@@ -1309,10 +1312,7 @@ mod tests {
 
             // A disk of another size is refused, naming both sizes.
             let other = disk_file("corrupt-big", 512);
-            let graph = Graph::new();
-            graph
-                .add_disk("drive0", false, FileOptions::new(other.clone()))
-                .unwrap();
+            let graph = drive0(&other);
             let mut t = transport(&graph, &mem, &dirty);
             let err = restore(&mut t, &state).unwrap_err();
             assert_eq!(
