@@ -69,6 +69,62 @@ fn read(path: &Path) -> Result<Saved, MigrationError> {
     })
 }
 
+/// Where the XSAVE header's `XSTATE_BV` lies in the standard-format area.
+const XSTATE_BV: std::ops::Range<usize> = 512..520;
+
+/// An XSAVE area (standard format) as the state it stands for: every
+/// component whose `XSTATE_BV` bit is clear written out as its initial
+/// value, and the bits themselves left out. `XRSTOR` loads a clear bit's
+/// component as its initial value, so an area that marks a component in
+/// use with initial contents means the same as one that does not; which
+/// of the two KVM hands back depends on whether the vCPU ran in between
+/// (the processor's init optimisation), not on the guest.
+fn xsave_meaning(area: &[u8], cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<u8> {
+    let mut out = area.to_vec();
+    if out.len() < XSTATE_BV.end {
+        return out;
+    }
+    let bv = u64::from_le_bytes(out[XSTATE_BV].try_into().expect("8 bytes"));
+    if bv & 1 == 0 {
+        // x87: FCW 0x037f, then FSW, FTW, FOP, FIP, FDP and ST0-7 all zero.
+        out[0..24].fill(0);
+        out[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        out[32..160].fill(0);
+    }
+    if bv & 2 == 0 {
+        out[160..416].fill(0); // XMM0-15
+    }
+    if bv & 6 == 0 {
+        // MXCSR belongs to SSE and AVX state both.
+        out[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    }
+    for e in cpuid
+        .iter()
+        .filter(|e| e.function == 0xd && (2..63).contains(&e.index))
+    {
+        let (offset, size) = (e.ebx as usize, e.eax as usize);
+        if bv & (1 << e.index) == 0 && offset + size <= out.len() && size > 0 {
+            out[offset..offset + size].fill(0);
+        }
+    }
+    out[XSTATE_BV].fill(0);
+    out
+}
+
+/// The byte ranges where `a` and `b` differ, as `start..end` joined by
+/// commas, so that a difference can be placed in its structure's layout.
+fn differing_ranges(a: &[u8], b: &[u8]) -> String {
+    let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+    for i in (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]) {
+        match ranges.last_mut() {
+            Some(r) if r.end == i => r.end += 1,
+            _ => ranges.push(i..i + 1),
+        }
+    }
+    let text: Vec<String> = ranges.iter().map(|r| format!("bytes {r:?}")).collect();
+    text.join(", ")
+}
+
 /// The differences between two state files' VM shape, device state,
 /// interrupt controllers and vCPU state, leaving out what moves on while
 /// a VM merely exists (the TSC, the LAPIC timer's count, the PIT, the
@@ -106,9 +162,13 @@ pub fn state_differences(a: &Path, b: &Path) -> Result<Vec<String>, MigrationErr
             field("special registers"),
             x.sregs.as_bytes() == y.sregs.as_bytes(),
         );
+        let (xa, ya) = (
+            xsave_meaning(x.xsave.as_bytes(), &x.cpuid),
+            xsave_meaning(y.xsave.as_bytes(), &y.cpuid),
+        );
         differ(
-            field("XSAVE area"),
-            x.xsave.as_bytes() == y.xsave.as_bytes(),
+            field(&format!("XSAVE area ({})", differing_ranges(&xa, &ya))),
+            xa == ya,
         );
         differ(field("XCRs"), x.xcrs.as_bytes() == y.xcrs.as_bytes());
         differ(
@@ -142,4 +202,73 @@ pub fn state_differences(a: &Path, b: &Path) -> Result<Vec<String>, MigrationErr
         }
     }
     Ok(diffs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    /// CPUID leaf 0xD's AVX sub-leaf: 256 bytes at offset 576.
+    fn avx_layout() -> Vec<kvm_cpuid_entry2> {
+        vec![kvm_cpuid_entry2 {
+            function: 0xd,
+            index: 2,
+            eax: 256,
+            ebx: 576,
+            ..Default::default()
+        }]
+    }
+
+    /// A 4 KiB area with every component in its initial state and none marked in use.
+    fn initial_area() -> Vec<u8> {
+        let mut area = vec![0u8; 4096];
+        area[0..2].copy_from_slice(&0x037fu16.to_le_bytes());
+        area[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        area
+    }
+
+    #[test]
+    fn components_marked_in_use_with_initial_contents_mean_the_same_as_unmarked_ones() {
+        let unmarked = initial_area();
+        let mut marked = initial_area();
+        marked[XSTATE_BV].copy_from_slice(&0b111u64.to_le_bytes());
+        assert_eq!(
+            xsave_meaning(&unmarked, &avx_layout()),
+            xsave_meaning(&marked, &avx_layout())
+        );
+    }
+
+    #[test]
+    fn a_register_value_in_a_component_in_use_is_a_difference() {
+        let mut a = initial_area();
+        a[XSTATE_BV].copy_from_slice(&0b110u64.to_le_bytes());
+        let mut b = a.clone();
+        b[600] = 0x5a; // inside the upper half of YMM1
+        let (ma, mb) = (
+            xsave_meaning(&a, &avx_layout()),
+            xsave_meaning(&b, &avx_layout()),
+        );
+        assert_ne!(ma, mb);
+        assert_eq!(differing_ranges(&ma, &mb), "bytes 600..601");
+    }
+
+    #[test]
+    fn leftovers_in_a_component_not_in_use_are_not_a_difference() {
+        let a = initial_area();
+        let mut b = initial_area();
+        b[200] = 1; // XMM2, with the SSE bit clear
+        b[700] = 1; // the AVX component, with its bit clear
+        assert_eq!(
+            xsave_meaning(&a, &avx_layout()),
+            xsave_meaning(&b, &avx_layout())
+        );
+    }
+
+    #[test]
+    fn differing_ranges_joins_neighbouring_bytes() {
+        let a = [0u8; 8];
+        let b = [0, 1, 1, 0, 0, 1, 0, 0];
+        assert_eq!(differing_ranges(&a, &b), "bytes 1..3, bytes 5..6");
+    }
 }
