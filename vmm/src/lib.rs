@@ -24,6 +24,7 @@ pub mod disk;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+mod grace_period;
 pub mod host;
 pub mod memory;
 pub mod migration;

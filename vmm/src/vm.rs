@@ -574,6 +574,11 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         if state_file.is_none() {
             memory::collapse_huge_pages(mem);
         }
+        if let Some(vm) = &handle.vm {
+            // Last: the queues' ioeventfds, registered above, start the
+            // grace period this ends.
+            crate::grace_period::end_pending(vm, mem);
+        }
     }
     Ok(handle)
 }
