@@ -154,6 +154,23 @@ impl Qmp {
             .unwrap_or_else(|e| panic!("{command} {args} failed: {e:?}"))
     }
 
+    /// `block-export-del` of export `id` in the safe mode, once its clients
+    /// are seen gone: a client process that has exited reaches the
+    /// server's connection thread a little later, and until then the
+    /// export is (rightly) still in use.
+    pub fn delete_export(&mut self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.execute("block-export-del", json!({ "id": id })) {
+                Ok(_) => return,
+                Err(e) if e.desc.ends_with("still in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("block-export-del {id} failed: {e:?}"),
+            }
+        }
+    }
+
     /// Runs a command that must fail; its error.
     pub fn err(&mut self, command: &str, args: Value) -> QmpErr {
         match self.execute(command, args.clone()) {

@@ -121,7 +121,7 @@ fn a_fleecing_export_holds_the_disk_as_it_was_while_the_guest_writes() {
     assert_eq!(qmp.ok("query-status", json!({}))["status"], "running");
 
     // Tear down as QEMU's users do: export, job, overlay; the guest goes on.
-    qmp.ok("block-export-del", json!({"id": "e0"}));
+    qmp.delete_export("e0");
     qmp.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10), |d| {
         d["id"] == "e0"
     });

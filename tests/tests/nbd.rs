@@ -375,7 +375,7 @@ fn garbage_stalled_and_vanishing_clients_leave_the_vmm_and_other_clients_going()
     let _ = std::fs::remove_file(copy);
     assert_eq!(v.qmp.ok("query-status", json!({}))["status"], "running");
     // The stalled client is still attached to nothing: a safe delete goes.
-    v.qmp.ok("block-export-del", json!({"id": "e0"}));
+    v.qmp.delete_export("e0");
     drop(stalled);
     v.qmp.ok("quit", json!({}));
     v.vm.wait();
@@ -510,7 +510,7 @@ fn dirty_bitmap_contexts_show_what_writes_through_a_writable_export_marked() {
 
     // Read-only, an enabled bitmap of a writable node is refused, as in
     // QEMU; disabled, it is offered, and `nbd-server-add` takes it too.
-    v.qmp.ok("block-export-del", json!({"id": "w"}));
+    v.qmp.delete_export("w");
     v.qmp.events_until(Duration::from_secs(10), |events| {
         events.iter().any(|e| e["event"] == "BLOCK_EXPORT_DELETED")
     });
