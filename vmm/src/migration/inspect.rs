@@ -112,7 +112,8 @@ fn xsave_meaning(area: &[u8], cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<u
 }
 
 /// The byte ranges where `a` and `b` differ, as `start..end` joined by
-/// commas, so that a difference can be placed in its structure's layout.
+/// commas (with both sides' bytes in hex when a range is short), so that a
+/// difference can be placed in its structure's layout.
 fn differing_ranges(a: &[u8], b: &[u8]) -> String {
     let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
     for i in (0..a.len().min(b.len())).filter(|&i| a[i] != b[i]) {
@@ -121,7 +122,19 @@ fn differing_ranges(a: &[u8], b: &[u8]) -> String {
             _ => ranges.push(i..i + 1),
         }
     }
-    let text: Vec<String> = ranges.iter().map(|r| format!("bytes {r:?}")).collect();
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let text: Vec<String> = ranges
+        .iter()
+        .map(|r| match r.len() {
+            // Short ones with their values, to read against the layout.
+            1..=32 => format!(
+                "bytes {r:?}: {} -> {}",
+                hex(&a[r.clone()]),
+                hex(&b[r.clone()])
+            ),
+            _ => format!("bytes {r:?}"),
+        })
+        .collect();
     text.join(", ")
 }
 
@@ -166,8 +179,14 @@ pub fn state_differences(a: &Path, b: &Path) -> Result<Vec<String>, MigrationErr
             xsave_meaning(x.xsave.as_bytes(), &x.cpuid),
             xsave_meaning(y.xsave.as_bytes(), &y.cpuid),
         );
+        let bv = |area: &[u8]| u64::from_le_bytes(area[XSTATE_BV].try_into().expect("8 bytes"));
         differ(
-            field(&format!("XSAVE area ({})", differing_ranges(&xa, &ya))),
+            field(&format!(
+                "XSAVE area ({}; XSTATE_BV {:#x} -> {:#x})",
+                differing_ranges(&xa, &ya),
+                bv(x.xsave.as_bytes()),
+                bv(y.xsave.as_bytes())
+            )),
             xa == ya,
         );
         differ(field("XCRs"), x.xcrs.as_bytes() == y.xcrs.as_bytes());
@@ -250,7 +269,7 @@ mod tests {
             xsave_meaning(&b, &avx_layout()),
         );
         assert_ne!(ma, mb);
-        assert_eq!(differing_ranges(&ma, &mb), "bytes 600..601");
+        assert_eq!(differing_ranges(&ma, &mb), "bytes 600..601: 00 -> 5a");
     }
 
     #[test]
@@ -269,6 +288,9 @@ mod tests {
     fn differing_ranges_joins_neighbouring_bytes() {
         let a = [0u8; 8];
         let b = [0, 1, 1, 0, 0, 1, 0, 0];
-        assert_eq!(differing_ranges(&a, &b), "bytes 1..3, bytes 5..6");
+        assert_eq!(
+            differing_ranges(&a, &b),
+            "bytes 1..3: 0000 -> 0101, bytes 5..6: 00 -> 01"
+        );
     }
 }
