@@ -100,6 +100,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=2, help="seconds per run (default 2)")
     ap.add_argument("--image", type=Path, default=blk.REPO / "target" / "bench" / "blk-256M.img")
     args = ap.parse_args()
+    if args.reps < 1 or args.seconds < 1:
+        ap.error("--reps and --seconds must be at least 1")
     rows = []
     for item in args.rows.split(","):
         spec, _, qd = item.partition(":")
