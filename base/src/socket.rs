@@ -1,4 +1,5 @@
-//! Listening Unix sockets whose path appears only once they listen.
+//! Listening Unix sockets whose path appears only once they listen, and
+//! taking over the path of one whose server is gone.
 //!
 //! `bind` creates the socket's file before `listen` makes it accept: a
 //! client that waits for the file (as scripts, tests and QEMU's own tools
@@ -9,8 +10,49 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::net::UnixListener;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+
+/// Why a socket path cannot be taken over.
+#[derive(Debug, thiserror::Error)]
+pub enum StaleError {
+    /// Something other than a socket is there; it is left alone.
+    #[error("the path exists and is not a socket")]
+    NotASocket,
+    /// Something listens on the socket there.
+    #[error("something already listens there")]
+    InUse,
+    /// The path could not be examined.
+    #[error("cannot examine the path: {0}")]
+    Probe(#[source] io::Error),
+    /// The stale socket could not be removed.
+    #[error("cannot remove the stale socket: {0}")]
+    Remove(#[source] io::Error),
+}
+
+/// Removes a socket at `path` that nobody listens on any more (left by a
+/// server that is gone), so that [`listen_unix`] can take the path. Only a
+/// refused connection proves a socket stale: a live server keeps its
+/// socket, and a file that is not a socket is never removed.
+pub fn remove_stale(path: &Path) -> Result<(), StaleError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StaleError::Probe(e)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(StaleError::NotASocket);
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(StaleError::InUse),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(path).map_err(StaleError::Remove)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StaleError::Probe(e)),
+    }
+}
 
 /// Listens on a Unix socket at `path`, which must not exist; the path
 /// appears only once the socket accepts connections. A path too long for
@@ -41,7 +83,6 @@ pub fn listen_unix(path: &Path) -> io::Result<UnixListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
 
     fn dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("base-socket-{name}-{}", std::process::id()));
@@ -86,6 +127,23 @@ mod tests {
         let listener = listen_unix(&path).unwrap();
         let _client = UnixStream::connect(&path).unwrap();
         listener.accept().unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_is_removed() {
+        let d = dir("stale");
+        let path = d.join("s.sock");
+        assert!(remove_stale(&path).is_ok(), "no file: nothing to do");
+        let live = UnixListener::bind(&path).unwrap();
+        assert!(matches!(remove_stale(&path), Err(StaleError::InUse)));
+        assert!(path.exists());
+        drop(live);
+        remove_stale(&path).unwrap();
+        assert!(!path.exists(), "the stale socket is gone");
+        std::fs::write(&path, b"mine").unwrap();
+        assert!(matches!(remove_stale(&path), Err(StaleError::NotASocket)));
+        assert_eq!(std::fs::read(&path).unwrap(), b"mine");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -116,7 +116,8 @@ pub enum Listener {
 
 impl Listener {
     /// Listens at `uri` (not `file:`); a Unix socket's stale file is
-    /// replaced only if nobody listens on it.
+    /// replaced only if nobody listens on it, and any other file at the
+    /// path is left alone (an error).
     pub fn bind(uri: &MigrationUri) -> Result<Self, MigrationError> {
         let io = |e| MigrationError::Io {
             what: "cannot listen for the incoming migration",
@@ -124,14 +125,21 @@ impl Listener {
         };
         match uri {
             MigrationUri::Unix(path) => {
-                if path.exists() {
-                    if UnixStream::connect(path).is_ok() {
+                use base::socket::StaleError;
+                match base::socket::remove_stale(path) {
+                    Ok(()) => {}
+                    Err(StaleError::InUse) => {
                         return Err(io(io::Error::new(
                             io::ErrorKind::AddrInUse,
                             format!("something already listens on {}", path.display()),
-                        )));
+                        )))
                     }
-                    let _ = std::fs::remove_file(path);
+                    Err(e) => {
+                        return Err(io(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!("{}: {e}", path.display()),
+                        )))
+                    }
                 }
                 base::socket::listen_unix(path)
                     .map(|l| Listener::Unix(l, path.clone()))
@@ -161,5 +169,31 @@ impl Drop for Listener {
         if let Listener::Unix(_, path) = self {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unix_destination_takes_a_stale_socket_but_never_another_file() {
+        let dir = std::env::temp_dir().join(format!("mig-listen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.sock");
+        // A socket left by a destination that is gone is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let listener = Listener::bind(&MigrationUri::Unix(path.clone())).unwrap();
+        UnixStream::connect(&path).unwrap();
+        drop(listener);
+        // A user's file at the path is an error and stays as it was.
+        std::fs::write(&path, b"notes").unwrap();
+        let Err(err) = Listener::bind(&MigrationUri::Unix(path.clone())) else {
+            panic!("a regular file was taken over");
+        };
+        assert!(err.to_string().contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"notes");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

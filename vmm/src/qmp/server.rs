@@ -41,7 +41,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -775,31 +775,19 @@ fn spawn_command(
 
 /// Removes a socket at `path` that nobody listens on any more.
 fn remove_stale(path: &Path) -> Result<(), QmpServerError> {
-    let probe = |source| QmpServerError::Probe {
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(probe(e)),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(QmpServerError::NotASocket(path.to_path_buf()));
-    }
-    // Only a refused connection proves the socket is stale: a live server
-    // (another VMM given the same path) keeps its socket.
-    match UnixStream::connect(path) {
-        Ok(_) => Err(QmpServerError::InUse(path.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            fs::remove_file(path).map_err(|source| QmpServerError::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(probe(e)),
-    }
+    use base::socket::StaleError;
+    base::socket::remove_stale(path).map_err(|e| match e {
+        StaleError::NotASocket => QmpServerError::NotASocket(path.to_path_buf()),
+        StaleError::InUse => QmpServerError::InUse(path.to_path_buf()),
+        StaleError::Probe(source) => QmpServerError::Probe {
+            path: path.to_path_buf(),
+            source,
+        },
+        StaleError::Remove(source) => QmpServerError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
 }
 
 /// The running `qmp` thread.

@@ -94,17 +94,13 @@ fn bind(addr: &NbdAddr) -> Result<OwnedFd, ExportError> {
         NbdAddr::Unix(path) => {
             // A stale socket file from an earlier run is replaced, as
             // QEMU does; unlike QEMU, not one something listens on (our
-            // own QMP socket, another server): that is refused.
-            if std::fs::symlink_metadata(path)
-                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-            {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(bind_err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        "something already listens there",
-                    )));
-                }
-                let _ = std::fs::remove_file(path);
+            // own QMP socket, another server): that is refused. Anything
+            // else at the path makes the bind below fail.
+            if let Err(e @ base::socket::StaleError::InUse) = base::socket::remove_stale(path) {
+                return Err(bind_err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    e.to_string(),
+                )));
             }
             Ok(base::socket::listen_unix(path).map_err(bind_err)?.into())
         }
