@@ -316,7 +316,6 @@ impl Block {
         }
     }
 
-    /// Starts a dataplane thread over `queues`.
     /// Why activating this device failed, naming it.
     fn activate_error(&self, reason: String) -> ActivateError {
         ActivateError {
@@ -325,6 +324,7 @@ impl Block {
         }
     }
 
+    /// Starts a dataplane thread over `queues`.
     fn spawn(&mut self, queues: Vec<ActiveQueue>) -> Result<(), String> {
         // The dataplane takes hosted jobs over from the loop that served
         // them while the disk was paused or reset.
