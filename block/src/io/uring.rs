@@ -93,6 +93,14 @@ impl UringIo {
         })
     }
 
+    /// The next completion the kernel has posted to the queue.
+    fn posted(&mut self) -> Option<Completion> {
+        self.ring.completion().next().map(|cqe| Completion {
+            user_data: cqe.user_data(),
+            result: cqe.result(),
+        })
+    }
+
     fn push(&mut self, entry: squeue::Entry) -> Result<(), IoError> {
         // SAFETY: the entry's buffers are the caller's promise (see the
         // unsafe trait methods); the other opcodes carry no pointers.
@@ -209,17 +217,18 @@ impl AsyncIo for UringIo {
     }
 
     fn next_completion(&mut self) -> Option<Completion> {
-        if self.ring.completion().is_empty() && self.ring.submission().taskrun() {
-            // Finished operations wait for this thread to enter the kernel
-            // (cooperative task running): enter once to have them posted,
-            // handing over whatever is queued on the way. A busy or
-            // interrupted enter is simply tried again on the next call.
-            let _ = self.ring.submit();
+        if let Some(done) = self.posted() {
+            return Some(done);
         }
-        self.ring.completion().next().map(|cqe| Completion {
-            user_data: cqe.user_data(),
-            result: cqe.result(),
-        })
+        if !self.ring.submission().taskrun() {
+            return None;
+        }
+        // Finished operations wait for this thread to enter the kernel
+        // (cooperative task running): enter once to have them posted,
+        // handing over whatever is queued on the way. A busy or
+        // interrupted enter is simply tried again on the next call.
+        let _ = self.ring.submit();
+        self.posted()
     }
 }
 
