@@ -72,15 +72,17 @@ MODES = [("notify", "blk.notify=always", "notify=always"),
 TABLE2 = [("randread4k", 1), ("randread4k", 32)]
 TABLE2_QUICK = [("randread4k", 1)]
 
-# Table 3 rows: (table, spec, qd, queues, table 2 mode or None, strace runs?, extra VMMs run for
-# this row). Every row of tables 1 and 2, each with its strace runs.
+# Table 3 rows: (table, spec, qd, queues, table 2 mode or None, extra VMMs run for this row).
+# Every row of tables 1 and 2, each with its strace runs.
 EXTRA_VMMS = {"seqread128k": ("qemu-nothp",)}
 
 
 def evidence_rows(t1_rows, t2_rows):
-    rows = [(1, spec, qd, queues, None, True, EXTRA_VMMS.get(spec, ())) for spec, qd, queues in t1_rows]
-    rows += [(2, spec, qd, 1, key, True, ()) for spec, qd in t2_rows for key, _, _ in MODES]
+    rows = [(1, spec, qd, queues, None, EXTRA_VMMS.get(spec, ())) for spec, qd, queues in t1_rows]
+    rows += [(2, spec, qd, 1, key, ()) for spec, qd in t2_rows for key, _, _ in MODES]
     return rows
+
+
 VMM_LABEL = {"ours": "ours", "qemu": "QEMU", "qemu-nothp": "QEMU, THP off", "host": "host fio"}
 
 BENCH_RE = re.compile(rb"testguest: blk bench (\S+) vda: (.*)")
@@ -871,7 +873,7 @@ def main():
 
     evidence = []
     log(f"table 3: {len(ev_rows)} rows; strace -c runs of {EVIDENCE_SECONDS} s")
-    for table, spec, qd, queues, mode, with_strace, extra_vmms in ev_rows:
+    for table, spec, qd, queues, mode, extra_vmms in ev_rows:
         src = (next((r for r in t1 if (r["spec"], r["qd"], r["queues"]) == (spec, qd, queues)), None)
                if table == 1 else
                next((r for r in t2 if r["spec"] == spec and r["qd"] == qd and r["mode"] == mode), None))
@@ -884,7 +886,7 @@ def main():
             if sample is None:
                 sample = run_guest(vmm, spec, qd, seconds, image, extra=tokens, queues=queues)
             e[vmm] = {"sample": sample}
-            if with_strace and have_strace and vmm in ("ours", "qemu"):
+            if have_strace and vmm in ("ours", "qemu"):
                 e[vmm]["strace"] = run_guest(vmm, spec, qd, EVIDENCE_SECONDS, image, extra=tokens,
                                              sample=False, strace=True, queues=queues)
         evidence.append(e)
