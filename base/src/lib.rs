@@ -15,6 +15,7 @@
 
 #[doc(hidden)]
 pub mod alloc_count;
+pub mod cpus;
 pub mod seccomp;
 pub mod socket;
 pub mod state;
@@ -25,4 +26,4 @@ pub mod xorshift;
 
 pub use seccomp::SeccompError;
 pub use sync::lock;
-pub use thread::{spawn, Sandbox, ThreadKind};
+pub use thread::{spawn, spawn_on, Sandbox, ThreadKind};

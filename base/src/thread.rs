@@ -21,6 +21,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::{Builder, JoinHandle};
 
+use crate::cpus::CpuList;
 use crate::seccomp::{self, BpfProgram, SeccompError};
 
 /// What a thread does; each kind has its own filter.
@@ -230,6 +231,25 @@ where
     B: FnOnce() -> T + Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
+    spawn_on(kind, name, None, body, on_failure)
+}
+
+/// [`spawn`], with the thread kept on `cpus` when given. A thread that
+/// cannot be pinned (a CPU went offline since the list was checked) logs
+/// why and runs where the scheduler puts it: a disk or vCPU that runs
+/// slower beats one that does not run.
+pub fn spawn_on<T, B, F>(
+    kind: ThreadKind,
+    name: String,
+    cpus: Option<CpuList>,
+    body: B,
+    on_failure: F,
+) -> io::Result<JoinHandle<T>>
+where
+    T: Send + 'static,
+    B: FnOnce() -> T + Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
     install_panic_hook();
     let sandbox = CURRENT
         .with(|c| c.borrow().clone())
@@ -238,6 +258,13 @@ where
     let inside = sandbox.clone();
     sandbox.start(name, move || {
         seccomp::set_report_name(&thread_name);
+        if let Some(cpus) = cpus {
+            if let Err(e) = cpus.pin_current_thread() {
+                log::warn!(
+                    "thread '{thread_name}' runs unpinned: cannot keep it on CPUs {cpus}: {e}"
+                );
+            }
+        }
         if let Some(filter) = inside.filter(kind) {
             if let Err(e) = seccomp::install(&thread_name, filter) {
                 log::error!("thread '{thread_name}' did not start: {e}");
@@ -357,6 +384,21 @@ mod tests {
         assert_eq!(t.join().unwrap(), 7);
         let t = spawn(ThreadKind::Job, "calm".into(), || 3u32, || 7).unwrap();
         assert_eq!(t.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_thread_spawned_on_cpus_runs_only_there() {
+        let last = CpuList::allowed().unwrap().iter().last().unwrap();
+        let one = CpuList::parse(&last.to_string(), ',').unwrap();
+        let t = spawn_on(
+            ThreadKind::Dataplane,
+            "pinned".into(),
+            Some(one.clone()),
+            || CpuList::allowed().map_err(|e| e.to_string()),
+            || Err("failed".into()),
+        )
+        .unwrap();
+        assert_eq!(t.join().unwrap(), Ok(one));
     }
 
     #[test]

@@ -715,6 +715,7 @@ pub fn virtio_mmio(data: &[u8]) {
         // Whole rounds, one a call, and batches that split them.
         submit_batch: [0, 1, 4, 16][usize::from(setup >> 5) & 3],
         live_jobs: false,
+        dataplane_cpus: None,
     };
     let interrupt = Arc::new(Interrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),

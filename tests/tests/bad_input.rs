@@ -161,3 +161,47 @@ fn a_disk_node_name_taken_twice_is_refused() {
     std::fs::remove_file(&disk).unwrap();
     assert_start_error(&out, "disk 'vdb': Duplicate nodes with node-name='root'");
 }
+
+/// CPUs past what this process may use, in either affinity option, and a
+/// vCPU the VM lacks: refused before the guest runs, naming the option.
+#[test]
+#[cfg_attr(no_kvm, ignore = "no usable /dev/kvm on this host")]
+fn affinities_naming_cpus_or_vcpus_that_are_not_there_are_refused() {
+    let guest = image("testguest");
+    let guest = guest.to_str().unwrap();
+    let disk = temp_path("affinity-disk");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let allowed = base::cpus::CpuList::allowed().unwrap();
+    if allowed.iter().any(|c| c == 1023) {
+        std::fs::remove_file(&disk).unwrap();
+        eprintln!("skipped: this process may run on CPU 1023, the one the test names as absent");
+        return;
+    }
+    let pinned_disk = format!("path={},dataplane-cpus=0:1023", disk.display());
+    let out = run_vmm(&["--kernel", guest, "--disk", &pinned_disk]);
+    assert_start_error(
+        &out,
+        &format!("disk 'vda' dataplane-cpus: CPU 1023 is not one this process may run on (it may run on {allowed})"),
+    );
+    let out = run_vmm(&["--kernel", guest, "--vcpu-affinity", "1023"]);
+    assert_start_error(
+        &out,
+        &format!("--vcpu-affinity for every vCPU: CPU 1023 is not one this process may run on (it may run on {allowed})"),
+    );
+    let out = run_vmm(&["--kernel", guest, "--vcpu-affinity", "1=0"]);
+    assert_start_error(
+        &out,
+        "--vcpu-affinity names vCPU 1, but the VM has 1 (numbered from 0)",
+    );
+    let out = run_vmm(&["--kernel", guest, "--vcpu-affinity", "0=1-0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error: {stderr}");
+    assert!(
+        stderr.contains("the range '1-0' ends before it starts"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&disk).unwrap();
+}

@@ -1,7 +1,10 @@
 //! Every thread of a running `vmm` is under a seccomp filter unless
 //! `--seccomp=off` says otherwise (`Seccomp: 2` in
 //! `/proc/PID/task/*/status`), with a guest doing I/O through its
-//! dataplane and a backup job's thread alive.
+//! dataplane and a backup job's thread alive. The same runs pin the vCPU
+//! and dataplane threads (`--vcpu-affinity`, `dataplane-cpus=`), which
+//! they do before their filters go in: each must run where it was told
+//! (`Cpus_allowed_list`), in every mode.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,11 @@ const DISK: u64 = 16 << 20;
 
 /// Each thread's name and its `Seccomp:` mode.
 fn thread_modes(pid: u32) -> Vec<(String, String)> {
+    thread_fields(pid, "Seccomp:")
+}
+
+/// Each thread's name and the value of its status line `field`.
+fn thread_fields(pid: u32, field: &str) -> Vec<(String, String)> {
     let mut modes = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -27,7 +35,7 @@ fn thread_modes(pid: u32) -> Vec<(String, String)> {
         };
         let mode = status
             .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .find_map(|l| l.strip_prefix(field))
             .map(|v| v.trim().to_string())
             .unwrap_or_default();
         modes.push((comm.trim().to_string(), mode));
@@ -54,14 +62,36 @@ fn wait_for_threads(pid: u32, prefixes: &[&str]) -> Vec<(String, String)> {
     }
 }
 
-/// Starts the binary with a guest doing I/O on `vda` and QMP on `socket`.
+/// The host CPUs the threads are pinned to: the lowest and the highest
+/// this process may use (the same one on a 1-CPU host).
+fn pins() -> (String, String) {
+    let allowed: Vec<String> = thread_fields(std::process::id(), "Cpus_allowed_list:")
+        .into_iter()
+        .map(|(_, cpus)| cpus)
+        .collect();
+    let list = base::cpus::CpuList::parse(&allowed[0], ',').unwrap();
+    let first = list.iter().next().unwrap();
+    let last = list.iter().last().unwrap();
+    (first.to_string(), last.to_string())
+}
+
+/// Starts the binary with a guest doing I/O on `vda` and QMP on `socket`;
+/// vCPU 0 and the dataplane pinned to the first CPU of [`pins`], vCPU 1
+/// to the last.
 fn start(disk: &TempDisk, socket: &Path, seccomp: &str) -> (Child, Qmp) {
     let kernel = image("testguest");
+    let (first, last) = pins();
     let child = Command::new(vmm_binary())
         .arg("--kernel")
         .arg(&kernel)
         .args(["--memory", "64M", "--cpus", "2", "--disk"])
-        .arg(disk.option("id=vda,node-name=drive0"))
+        .arg(disk.option(&format!("id=vda,node-name=drive0,dataplane-cpus={first}")))
+        .args([
+            "--vcpu-affinity",
+            &first,
+            "--vcpu-affinity",
+            &format!("1={last}"),
+        ])
         .arg("--qmp")
         .arg(socket)
         .args([
@@ -132,6 +162,24 @@ fn modes_under(mode: &str) -> Vec<(String, String)> {
         threads.push("spawner");
     }
     let modes = wait_for_threads(child.id(), &threads);
+    let (first, last) = pins();
+    let cpus = thread_fields(child.id(), "Cpus_allowed_list:");
+    let of = |name: &str| {
+        cpus.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.as_str())
+    };
+    assert_eq!(
+        (of("vcpu0"), of("vcpu1"), of("blk-vda")),
+        (
+            Some(first.as_str()),
+            Some(last.as_str()),
+            Some(first.as_str())
+        ),
+        "--seccomp={mode}: {cpus:?}"
+    );
+    // Threads nobody pinned keep the whole set.
+    assert_eq!(of("qmp"), of("vmm"), "--seccomp={mode}: {cpus:?}");
     qmp.ok("job-cancel", json!({"id": "job0"}));
     qmp.ok("quit", json!({}));
     let out = child.wait_with_output().unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{Incoming, MemorySize, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{Incoming, MemorySize, VcpuAffinity, VmConfig, DEFAULT_CMDLINE};
 use crate::disk::DiskConfig;
 use crate::seccomp::SeccompMode;
 
@@ -34,7 +34,7 @@ pub struct Cli {
         allow_negative_numbers = true
     )]
     pub cpus: u32,
-    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,snapshot=on][,id=ID][,node-name=NAME][,readonly=on][,direct=on][,locking=auto|on|off][,aio=auto|io_uring|sync][,queues=N][,queue-size=N][,serial=STR][,poll=USECS][,submit-batch=N][,stats=on|off][,live-jobs=on|off][,throttling.LIMIT=N]...
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,snapshot=on][,id=ID][,node-name=NAME][,readonly=on][,direct=on][,locking=auto|on|off][,aio=auto|io_uring|sync][,queues=N][,queue-size=N][,serial=STR][,poll=USECS][,submit-batch=N][,dataplane-cpus=LIST][,stats=on|off][,live-jobs=on|off][,throttling.LIMIT=N]...
     #[arg(long = "disk", value_name = "OPTIONS")]
     pub disks: Vec<DiskConfig>,
     /// Serve QMP (QEMU's machine protocol) on this Unix socket.
@@ -53,6 +53,11 @@ pub struct Cli {
     /// pit=). Linux and the test guest need none.
     #[arg(long, value_name = "on|off", default_value = "off", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub pit: bool,
+    /// Keep vCPU threads on these host CPUs: N=LIST for vCPU N, a bare
+    /// LIST (taskset's form, e.g. 0-3,6) for every vCPU without its own.
+    /// Repeatable. Unpinned by default.
+    #[arg(long = "vcpu-affinity", value_name = "[N=]LIST")]
+    pub vcpu_affinity: Vec<VcpuAffinity>,
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -76,6 +81,7 @@ impl From<Cli> for VmConfig {
             seccomp: cli.seccomp,
             incoming: cli.incoming,
             pit: cli.pit,
+            vcpu_affinity: cli.vcpu_affinity,
         }
     }
 }

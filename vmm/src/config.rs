@@ -4,6 +4,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use base::cpus::CpuList;
+
 use crate::disk::DiskConfig;
 use crate::migration::MigrationUri;
 
@@ -58,6 +60,9 @@ pub struct VmConfig {
     /// kvmclock and the LAPIC timer, and tearing KVM's PIT down costs
     /// about 14 ms at every exit on our hosts.
     pub pit: bool,
+    /// Where vCPU threads run (`--vcpu-affinity`); none: where the
+    /// scheduler puts them.
+    pub vcpu_affinity: Vec<VcpuAffinity>,
 }
 
 impl VmConfig {
@@ -75,7 +80,69 @@ impl VmConfig {
             seccomp: Default::default(),
             incoming: None,
             pit: false,
+            vcpu_affinity: Vec::new(),
         }
+    }
+
+    /// The host CPUs vCPU `id`'s thread is kept on: its own
+    /// `--vcpu-affinity N=LIST`, else the one for every vCPU, else none.
+    pub fn vcpu_cpus(&self, id: u32) -> Option<&CpuList> {
+        let own = self.vcpu_affinity.iter().find(|a| a.vcpu == Some(id));
+        own.or_else(|| self.vcpu_affinity.iter().find(|a| a.vcpu.is_none()))
+            .map(|a| &a.cpus)
+    }
+
+    /// Each `--vcpu-affinity` names a vCPU this VM has, once, and CPUs
+    /// the VMM may run on.
+    pub fn check_vcpu_affinity(&self) -> Result<(), crate::Error> {
+        for (i, a) in self.vcpu_affinity.iter().enumerate() {
+            let who = match a.vcpu {
+                Some(id) => format!("vCPU {id}"),
+                None => "every vCPU".to_string(),
+            };
+            if self.vcpu_affinity[..i].iter().any(|b| b.vcpu == a.vcpu) {
+                return Err(crate::Error::RepeatedAffinity(who));
+            }
+            if let Some(id) = a.vcpu.filter(|&id| id >= self.cpus) {
+                return Err(crate::Error::AffinityVcpu {
+                    vcpu: id,
+                    cpus: self.cpus,
+                });
+            }
+            a.cpus
+                .check_allowed()
+                .map_err(|source| crate::Error::Affinity {
+                    what: format!("--vcpu-affinity for {who}:"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// One `--vcpu-affinity [N=]LIST`: vCPU `N`'s thread, or every vCPU's
+/// without an own entry, runs only on the host CPUs in LIST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VcpuAffinity {
+    /// The vCPU; none: every vCPU without an entry of its own.
+    pub vcpu: Option<u32>,
+    /// The host CPUs, as taskset writes them (`0-3,6`).
+    pub cpus: CpuList,
+}
+
+impl FromStr for VcpuAffinity {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (vcpu, list) = match s.split_once('=') {
+            Some((n, list)) => match n.parse::<u32>() {
+                Ok(id) if n.bytes().all(|b| b.is_ascii_digit()) => (Some(id), list),
+                _ => return Err(format!("'{n}' is not a vCPU number (write N=LIST or LIST)")),
+            },
+            None => (None, s),
+        };
+        let cpus = CpuList::parse(list, ',').map_err(|e| e.to_string())?;
+        Ok(VcpuAffinity { vcpu, cpus })
     }
 }
 
@@ -145,6 +212,68 @@ impl FromStr for MemorySize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn affinity(args: &[&str], cpus: u32) -> VmConfig {
+        let mut config = VmConfig::new("k");
+        config.cpus = cpus;
+        config.vcpu_affinity = args.iter().map(|a| a.parse().unwrap()).collect();
+        config
+    }
+
+    #[test]
+    fn a_vcpus_own_affinity_wins_over_the_one_for_all() {
+        let c = affinity(&["1=0", "0-1"], 3);
+        let cpus = |id| c.vcpu_cpus(id).map(|l| l.to_string());
+        assert_eq!(cpus(0).as_deref(), Some("0-1"));
+        assert_eq!(cpus(1).as_deref(), Some("0"));
+        assert_eq!(cpus(2).as_deref(), Some("0-1"));
+        let only_one = affinity(&["2=0"], 3);
+        assert_eq!(only_one.vcpu_cpus(0), None);
+        assert!(only_one.vcpu_cpus(2).is_some());
+        assert_eq!(VmConfig::new("k").vcpu_cpus(0), None);
+    }
+
+    #[test]
+    fn bad_vcpu_affinities_are_refused_with_the_reason() {
+        let parse = |s: &str| s.parse::<VcpuAffinity>().unwrap_err();
+        assert_eq!(
+            parse("x=0"),
+            "'x' is not a vCPU number (write N=LIST or LIST)"
+        );
+        assert_eq!(
+            parse("-1=0"),
+            "'-1' is not a vCPU number (write N=LIST or LIST)"
+        );
+        assert_eq!(
+            parse("0="),
+            "a CPU list names at least one CPU (e.g. 0-3,6)"
+        );
+        assert_eq!(parse("0=2-1"), "the range '2-1' ends before it starts");
+        let check = |args: &[&str], cpus| affinity(args, cpus).check_vcpu_affinity();
+        let allowed = CpuList::allowed().unwrap().to_string();
+        check(&[&allowed, &format!("0={allowed}")], 1).unwrap();
+        assert_eq!(
+            check(&["1=0", "1=0"], 2).unwrap_err().to_string(),
+            "--vcpu-affinity is given twice for vCPU 1"
+        );
+        assert_eq!(
+            check(&["0", "0"], 2).unwrap_err().to_string(),
+            "--vcpu-affinity is given twice for every vCPU"
+        );
+        assert_eq!(
+            check(&["2=0"], 2).unwrap_err().to_string(),
+            "--vcpu-affinity names vCPU 2, but the VM has 2 (numbered from 0)"
+        );
+        if !CpuList::allowed().unwrap().iter().any(|c| c == 1023) {
+            let msg = check(&["1023"], 1).unwrap_err().to_string();
+            assert!(
+                msg.starts_with(
+                    "--vcpu-affinity for every vCPU: CPU 1023 is not one this process may run on"
+                ),
+                "{msg}"
+            );
+        }
+    }
 
     #[test]
     fn sizes_parse_with_suffixes_and_bare_numbers_are_mib() {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use base::cpus::CpuList;
 use block::throttle::{Limit, Limits, VALUE_MAX};
 use block::{Aio, ImageFormat, Locking};
 use devices::virtio::block::{DEFAULT_SUBMIT_BATCH, MAX_QUEUES, MAX_QUEUE_SIZE};
@@ -48,6 +49,9 @@ pub struct DiskConfig {
     /// Let the dataplane host block jobs while the guest runs
     /// (`live-jobs=on`; off by default).
     pub live_jobs: bool,
+    /// The host CPUs its dataplane thread runs on (`dataplane-cpus=`,
+    /// parts split by ':' since ',' splits options).
+    pub dataplane_cpus: Option<CpuList>,
 }
 
 /// Why a `--disk` value did not parse.
@@ -57,7 +61,7 @@ pub enum DiskOptionError {
     #[error("'{0}' has no path=FILE")]
     NoPath(String),
     /// A key we do not know.
-    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, submit-batch, stats, live-jobs, throttling.*)")]
+    #[error("unknown disk option '{0}' (known: path, format, snapshot, id, node-name, readonly, direct, locking, aio, queues, queue-size, serial, poll, submit-batch, dataplane-cpus, stats, live-jobs, throttling.*)")]
     UnknownKey(String),
     /// A key given twice.
     #[error("disk option '{0}' is given twice")]
@@ -156,6 +160,7 @@ impl FromStr for DiskConfig {
             throttle: Limits::default(),
             timed_stats: true,
             live_jobs: false,
+            dataplane_cpus: None,
         };
         let mut seen: Vec<&str> = Vec::new();
         for token in s.split(',') {
@@ -217,6 +222,10 @@ impl FromStr for DiskConfig {
                     disk.serial = Some(value.into());
                 }
                 "poll" => disk.poll = Duration::from_micros(number(key, value, 0, 1_000_000)?),
+                "dataplane-cpus" => {
+                    let cpus = CpuList::parse(value, ':').map_err(|e| bad(&e.to_string()))?;
+                    disk.dataplane_cpus = Some(cpus);
+                }
                 "submit-batch" => {
                     disk.submit_batch = number(key, value, 0, u64::from(MAX_QUEUE_SIZE))? as usize
                 }
@@ -240,7 +249,7 @@ mod tests {
 
     #[test]
     fn every_option_is_read() {
-        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,aio=sync,queues=4,queue-size=128,serial=SN1,poll=50,submit-batch=8"
+        let d: DiskConfig = "path=/tmp/a.img,id=root,node-name=drive0,readonly=on,direct=on,locking=off,aio=sync,queues=4,queue-size=128,serial=SN1,poll=50,submit-batch=8,dataplane-cpus=1:4-5"
             .parse()
             .unwrap();
         assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
@@ -251,6 +260,10 @@ mod tests {
         assert_eq!(d.serial.as_deref(), Some("SN1"));
         assert_eq!(d.poll, Duration::from_micros(50));
         assert_eq!(d.submit_batch, 8);
+        assert_eq!(
+            d.dataplane_cpus.map(|c| c.to_string()).as_deref(),
+            Some("1,4-5")
+        );
         assert_eq!(d.locking, Locking::Off);
         assert_eq!(d.aio, Aio::Sync);
         let plain: DiskConfig = "path=x".parse().unwrap();
@@ -259,6 +272,7 @@ mod tests {
             (1, 256, false)
         );
         assert_eq!(plain.locking, Locking::Auto);
+        assert_eq!(plain.dataplane_cpus, None);
         assert_eq!(plain.aio, Aio::Auto);
         assert_eq!((plain.format, plain.snapshot), (ImageFormat::Raw, false));
         let q: DiskConfig = "path=x,format=qcow2,snapshot=on".parse().unwrap();
@@ -281,6 +295,16 @@ mod tests {
         assert!(err("path=x,node-name=1x").contains("start with a letter"));
         assert!(err("path=x,poll=-1").contains("poll='-1'"));
         assert!(err("path=x,submit-batch=2000").contains("from 0 to 1024"));
+        assert_eq!(
+            err("path=x,dataplane-cpus=3-1"),
+            "disk option dataplane-cpus='3-1' is invalid: the range '3-1' ends before it starts"
+        );
+        assert_eq!(
+            err("path=x,dataplane-cpus="),
+            "disk option dataplane-cpus='' is invalid: a CPU list names at least one CPU (e.g. 0-3:6)"
+        );
+        // ',' ends the option: "0" is the list, "1" a token without '='.
+        assert!(err("path=x,dataplane-cpus=0,1").contains("'1' has no value"));
         assert_eq!(
             err("path=x,locking=yes"),
             "disk option locking='yes' is invalid: 'yes' is not one of on, off, auto"

@@ -83,6 +83,21 @@ pub enum Error {
     /// More disks than interrupt lines.
     #[error("{count} disks are more than the {max} this VM can give interrupt lines to")]
     TooManyDisks { count: usize, max: usize },
+    /// `--vcpu-affinity` or a disk's `dataplane-cpus=` names CPUs the
+    /// VMM may not use.
+    #[error("{what} {source}")]
+    Affinity {
+        /// Whose list, e.g. "disk 'vda' dataplane-cpus:".
+        what: String,
+        #[source]
+        source: base::cpus::CpuListError,
+    },
+    /// `--vcpu-affinity` given twice for one vCPU, or twice without one.
+    #[error("--vcpu-affinity is given twice for {0}")]
+    RepeatedAffinity(String),
+    /// `--vcpu-affinity N=...` for a vCPU the VM does not have.
+    #[error("--vcpu-affinity names vCPU {vcpu}, but the VM has {cpus} (numbered from 0)")]
+    AffinityVcpu { vcpu: u32, cpus: u32 },
     /// Two disks with the same id.
     #[error("two disks are named '{0}': give each a different id=")]
     DuplicateDisk(String),

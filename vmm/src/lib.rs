@@ -38,7 +38,7 @@ pub mod virtio;
 pub mod vm;
 pub mod x86;
 
-pub use config::{MemorySize, VmConfig};
+pub use config::{MemorySize, VcpuAffinity, VmConfig};
 pub use console::{Console, SerialLog};
 pub use disk::DiskConfig;
 pub use error::{Error, Result};

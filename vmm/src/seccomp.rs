@@ -390,6 +390,9 @@ fn extra(kind: ThreadKind) -> Vec<i64> {
                 libc::SYS_prctl,
                 libc::SYS_seccomp,
                 libc::SYS_sched_getaffinity,
+                // A thread kept on the CPUs the operator named pins itself
+                // before its own filter goes in.
+                libc::SYS_sched_setaffinity,
             ]);
             all
         }

@@ -121,6 +121,12 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
         let node = graph
             .get(&node_name, device_holder(&id))
             .map_err(disk_err)?;
+        if let Some(cpus) = &d.dataplane_cpus {
+            cpus.check_allowed().map_err(|source| Error::Affinity {
+                what: format!("disk '{id}' dataplane-cpus:"),
+                source,
+            })?;
+        }
         let throttle = Arc::new(ThrottleControl::new(d.throttle));
         let node = Arc::new(NodeSlot::new(&id, node));
         open.push(OpenDisk {
@@ -135,6 +141,7 @@ pub fn open_disks(graph: &Graph, disks: &[DiskConfig]) -> Result<Vec<OpenDisk>> 
                 poll: d.poll,
                 submit_batch: d.submit_batch,
                 live_jobs: d.live_jobs,
+                dataplane_cpus: d.dataplane_cpus.clone(),
             },
             node,
         });

@@ -296,6 +296,7 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
             max: mptable::MAX_CPUS,
         });
     }
+    config.check_vcpu_affinity()?;
     let incoming = config.incoming.as_ref();
     let state_file = match incoming {
         Some(Incoming::Uri(MigrationUri::File(path))) => {
@@ -550,9 +551,10 @@ pub fn start(config: &VmConfig, console: Console) -> Result<VmHandle> {
         let name = format!("vcpu{}", vcpu.id);
         let shared = shared.clone();
         let id = vcpu.id;
-        let thread = base::spawn(
+        let thread = base::spawn_on(
             base::ThreadKind::Vcpu,
             name.clone(),
+            config.vcpu_cpus(id).cloned(),
             move || vcpu.run(),
             move || shared.finish(VmExit::Failed(format!("vCPU {id}: its thread panicked"))),
         )

@@ -1058,6 +1058,7 @@ mod tests {
                 poll: Duration::ZERO,
                 submit_batch: crate::virtio::block::device::DEFAULT_SUBMIT_BATCH,
                 live_jobs: false,
+                dataplane_cpus: None,
             }
         }
 

@@ -72,6 +72,9 @@ pub struct BlockConfig {
     /// Host block jobs on the node while the guest runs (`live-jobs=on`):
     /// their reads go through the dataplane, their hooks see its writes.
     pub live_jobs: bool,
+    /// The host CPUs the dataplane thread runs on (`dataplane-cpus=`);
+    /// none: where the scheduler puts it.
+    pub dataplane_cpus: Option<base::cpus::CpuList>,
 }
 
 struct Worker {
@@ -301,9 +304,10 @@ impl Block {
             }
         };
         let stop_for_thread = stop.clone();
-        let spawned = base::spawn(
+        let spawned = base::spawn_on(
             base::ThreadKind::Dataplane,
             format!("blk-{}-p", self.config.id),
+            self.config.dataplane_cpus.clone(),
             move || serve_paused(hosting, engine, stop_for_thread, DRAIN_DEADLINE),
             || false,
         );
@@ -380,9 +384,10 @@ impl Block {
         // lease, as after a drain that did not end.
         let interrupt = activation.interrupt.clone();
         let host = self.host.clone();
-        let thread = base::spawn(
+        let thread = base::spawn_on(
             base::ThreadKind::Dataplane,
             format!("blk-{}", self.config.id),
+            self.config.dataplane_cpus.clone(),
             move || {
                 let dataplane =
                     Dataplane::new(name, activation, engine, limits, id, poll, stop_for_thread)
@@ -780,6 +785,7 @@ mod tests {
             poll: Duration::from_micros(poll_us),
             submit_batch: DEFAULT_SUBMIT_BATCH,
             live_jobs: false,
+            dataplane_cpus: None,
         }
     }
 
