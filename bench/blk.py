@@ -87,6 +87,10 @@ VMM_LABEL = {"ours": "ours", "qemu": "QEMU", "qemu-nothp": "QEMU, THP off", "hos
 
 BENCH_RE = re.compile(rb"testguest: blk bench (\S+) vda: (.*)")
 # The threads that matter, by VMM: role -> comm (QEMU runs with -name ...,debug-threads=on).
+# --placement irq: (the CPU for each VMM's dataplane, the CPU for its vCPU);
+# None: both left to the scheduler.
+PLACEMENT = None
+
 THREADS = {
     "ours": {"dataplane": "blk-vda", "vcpu": "vcpu0"},
     "qemu": {"dataplane": "IO io0", "vcpu": "CPU 0/KVM", "main": None},  # None: the main thread (tid == pid)
@@ -233,13 +237,18 @@ def image_format(image):
 
 
 def ours_cmd(cmdline, image, queues=1, stats=True, submit_batch=None):
-    """Our vmm with its defaults (`submit_batch` None: the default, 4)."""
+    """Our vmm with its defaults (`submit_batch` None: the default, 4),
+    its threads placed by its own options under --placement."""
     q = f",queues={queues}" if queues > 1 else ""
     f = ",format=qcow2" if image_format(image) == "qcow2" else ""
     a = "" if stats else ",stats=off"
     b = "" if submit_batch is None else f",submit-batch={submit_batch}"
-    return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS),
-            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}{a}{b}", "--cmdline", cmdline]
+    p, pin = "", []
+    if PLACEMENT is not None:
+        p = f",dataplane-cpus={PLACEMENT[0]}"
+        pin = ["--vcpu-affinity", str(PLACEMENT[1])]
+    return [str(VMM), "--kernel", str(KERNEL), "--memory", f"{MEMORY_MIB}M", "--cpus", str(CPUS), *pin,
+            "--disk", f"path={image},direct=on,poll={POLL_US}{q}{f}{a}{b}{p}", "--cmdline", cmdline]
 
 
 def qemu_cmd(cmdline, image, boot=None, queues=1):
@@ -291,6 +300,62 @@ def fio_cmd(spec, qd, seconds, image, queues=1):
 
 
 # ---------------------------------------------------------------- /proc
+
+
+def disk_irqs(image):
+    """{irq number: name} for the interrupts of the disk holding `image`,
+    found through /sys/dev/block and matched by device name in
+    /proc/interrupts; empty where that does not work (a device mapper, an NFS file)."""
+    st = os.stat(image)
+    try:
+        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
+    except OSError:
+        return {}
+    disk = dev if (dev / "device").exists() else dev.parent  # a partition's parent is its disk
+    try:
+        name = (disk / "device").resolve().name  # virtio1, nvme0, ...
+    except OSError:
+        return {}
+    out = {}
+    with open("/proc/interrupts") as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[0].rstrip(":").isdigit() and any(name + "-" in x or x == name for x in fields):
+                out[int(fields[0].rstrip(":"))] = fields[-1]
+    return out
+
+
+def irq_placement(image):
+    """(dataplane CPU, vCPU CPU) for --placement irq: the dataplane on the
+    one CPU that takes the completion interrupts of `image`'s disk, the
+    vCPU on another. Raises BenchError where no single CPU takes them."""
+    irqs = {n: name for n, name in disk_irqs(image).items() if not name.endswith("-config")}
+    cpus = set()
+    for n in irqs:
+        try:
+            cpus.add(Path(f"/proc/irq/{n}/effective_affinity_list").read_text().strip())
+        except OSError as e:
+            raise BenchError(f"cannot read where interrupt {n} ({irqs[n]}) goes: {e}")
+    if len(cpus) != 1 or not next(iter(cpus)).isdigit():
+        raise BenchError(f"--placement irq needs the disk's interrupts on one CPU; {image}'s disk has "
+                         f"{', '.join(f'{n} ({name})' for n, name in irqs.items()) or 'none found'} "
+                         f"on {', '.join(sorted(cpus)) or 'no CPU'}")
+    irq_cpu = int(next(iter(cpus)))
+    others = sorted(c for c in os.sched_getaffinity(0) if c != irq_cpu)
+    if not others:
+        raise BenchError(f"--placement irq needs a second CPU beside CPU {irq_cpu}")
+    return irq_cpu, others[0], irqs
+
+
+def place_qemu(tids):
+    """--placement for QEMU, which has no affinity option: its iothread and
+    vCPU thread moved with taskset as soon as the guest's disk is up."""
+    if PLACEMENT is None:
+        return
+    for role, cpu in (("dataplane", PLACEMENT[0]), ("vcpu", PLACEMENT[1])):
+        if role not in tids:
+            raise BenchError(f"QEMU's {role} thread was not found, so it cannot be placed")
+        subprocess.run(["taskset", "-pc", str(cpu), str(tids[role])], capture_output=True, check=True)
 
 
 def find_threads(pid, vmm):
@@ -434,6 +499,8 @@ def run_guest(vmm, spec, qd, seconds, image, extra="", sample=True, strace=False
             raise BenchError(run.describe("the guest could not set up the disk"))
         pid = run.proc.pid
         tids = find_threads(pid, "ours" if vmm.startswith("ours") else "qemu")
+        if vmm.startswith("qemu"):
+            place_qemu(tids)
         if strace:
             for role, tid in tids.items():
                 out = Path(f"/tmp/blk-bench-strace-{os.getpid()}-{role}.txt")
@@ -795,6 +862,10 @@ def main():
                     help="only these rows of tables 1 and 2 (e.g. seqread128k:32,randread4k:128:2)")
     ap.add_argument("--no-batching", action="store_true",
                     help="leave out table 6 (submit-batch=4, the default, against 0)")
+    ap.add_argument("--placement", choices=("none", "irq"), default="none",
+                    help="irq: each VMM's dataplane (QEMU: its iothread) on the CPU that takes the disk's "
+                         "interrupts and its vCPU on another (ours: --vcpu-affinity and dataplane-cpus=; "
+                         "QEMU: taskset); none (default): the scheduler places them. Host fio is never pinned")
     ap.add_argument("--wait-load", type=float, metavar="LOAD", default=None,
                     help="first wait (30 s steps, at most 15 min) until the 1-minute load average is below LOAD")
     args = ap.parse_args()
@@ -816,6 +887,12 @@ def main():
     fio_version = ensure_fio()
     have_strace = ensure_strace()
     img = ensure_image(image, args.size)
+    global PLACEMENT
+    if args.placement == "irq":
+        dataplane_cpu, vcpu_cpu, irqs = irq_placement(image)
+        PLACEMENT = (dataplane_cpu, vcpu_cpu)
+        log(f"placement: dataplanes on CPU {dataplane_cpu} (the disk's interrupts: "
+            f"{', '.join(f'{n} ({name})' for n, name in irqs.items())}), vCPUs on CPU {vcpu_cpu}")
     if args.wait_load is not None:
         wait_for_load(args.wait_load)
     load_before = os.getloadavg()
@@ -922,6 +999,7 @@ def main():
         "load_before": load_before, "load_after": load_after,
         "qemu_version": qemu_version, "fio_version": fio_version,
         "image": img, "seconds": seconds, "quick": args.quick, "fio_runs": args.fio_runs,
+        "placement": None if PLACEMENT is None else {"dataplane_cpu": PLACEMENT[0], "vcpu_cpu": PLACEMENT[1]},
         "guest": {"kernel": str(KERNEL), "cpus": CPUS, "memory_mib": MEMORY_MIB},
         "ours_cmd": " ".join(ours_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
         "qemu_cmd": " ".join(qemu_cmd(guest_cmdline("SPEC", "QD", seconds), image)),
@@ -941,6 +1019,12 @@ def main():
     print(f"ours: vmm --disk path=IMG,direct=on,poll={POLL_US} (submit-batch=4, the default); QEMU: {qemu_version.split('(')[0].strip()} microvm, "
           f"iothread poll-max-ns={QEMU_POLL_MAX_NS}, cache=none, aio=io_uring; host: {fio_version} io_uring direct=1, "
           f"best of {args.fio_runs} run{'s' if args.fio_runs > 1 else ''}")
+    if PLACEMENT is None:
+        print("placement: none (the scheduler places every thread)")
+    else:
+        print(f"placement: each VMM's dataplane (QEMU: its iothread) on CPU {PLACEMENT[0]}, which takes the disk's "
+              f"interrupts, its vCPU on CPU {PLACEMENT[1]} (ours: dataplane-cpus= and --vcpu-affinity; QEMU: taskset "
+              f"once the guest's disk is up); host fio unpinned")
     print()
     print(f"Table 1: dataplane (guest notifies only when the device asks, interrupts suppressed); "
           f"IOPS: median of {args.reps} alternating repetitions, min-max over them; cpu µs: CPU time of the "

@@ -31,29 +31,6 @@ from common import Run, check_kvm, ensure_qemu, ensure_vmm, log  # noqa: E402
 DEFAULT_ROWS = "randread4k:1,randwrite4k:1,randwrite4k:32,randread4k:128,randwrite4k:128"
 
 
-def disk_irqs(image):
-    """{irq number: name} for the interrupts of the disk holding `image`,
-    found through /sys/dev/block and matched by device name in
-    /proc/interrupts; empty where that does not work (a device mapper, an NFS file)."""
-    st = os.stat(image)
-    try:
-        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
-    except OSError:
-        return {}
-    disk = dev if (dev / "device").exists() else dev.parent  # a partition's parent is its disk
-    try:
-        name = (disk / "device").resolve().name  # virtio1, nvme0, ...
-    except OSError:
-        return {}
-    out = {}
-    with open("/proc/interrupts") as f:
-        for line in f:
-            fields = line.split()
-            if fields and fields[0].rstrip(":").isdigit() and any(name + "-" in x or x == name for x in fields):
-                out[int(fields[0].rstrip(":"))] = fields[-1]
-    return out
-
-
 def irq_counts(irqs):
     """{irq: [count per CPU]} now."""
     out = {}
@@ -116,7 +93,7 @@ def main():
     ensure_vmm()
     ensure_qemu()
     blk.ensure_image(args.image, 256 << 20)
-    irqs = disk_irqs(args.image)
+    irqs = blk.disk_irqs(args.image)
     log(f"the disk's interrupts: {', '.join(f'{n} ({name})' for n, name in irqs.items()) or 'not found'}")
 
     arrangements = [("unpinned", None), ("dataplane on CPU 0", 0), ("dataplane on CPU 1", 1)]

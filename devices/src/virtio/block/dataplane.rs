@@ -989,7 +989,8 @@ impl Dataplane {
                 // The disk starts on these while the rest of the round is
                 // still being taken (see DEFAULT_SUBMIT_BATCH).
                 self.unsent += 1;
-                if self.submit_batch > 0 && self.unsent >= self.submit_batch {
+                let at_host = self.in_flight().saturating_sub(self.unsent);
+                if self.submit_batch > 0 && self.unsent >= batch_limit(self.submit_batch, at_host) {
                     self.send();
                 }
             }
@@ -1156,6 +1157,19 @@ impl Dataplane {
         self.signal();
         true
     }
+}
+
+/// Requests to gather before a call hands them to the kernel, with
+/// `at_host` already there: `submit_batch`, or an eighth of `at_host`
+/// when that is more. Handing requests over early keeps an idle disk
+/// busy (see [`super::device::DEFAULT_SUBMIT_BATCH`]); a disk with eight
+/// such batches queued ahead does not idle while the next is gathered,
+/// and fewer calls leave the CPU to the completions. With the dataplane
+/// beside the disk's interrupts, 4k random writes at queue depth 128 went
+/// from 179-195k IOPS with batches of 4 to 206-217k with 16 or 32, while
+/// depth 32 fell from 163-169k to 139-145k with 16 (alternating runs).
+fn batch_limit(submit_batch: usize, at_host: usize) -> usize {
+    submit_batch.max(at_host / 8)
 }
 
 #[cfg(test)]

@@ -66,8 +66,9 @@ pub struct BlockConfig {
     pub serial: String,
     /// After work, keep polling the avail ring this long before sleeping.
     pub poll: Duration,
-    /// Hand requests to the kernel every this many as they are taken (see
-    /// [`DEFAULT_SUBMIT_BATCH`]); zero: all of a round's in one call.
+    /// Hand requests to the kernel every this many as they are taken, or
+    /// more once the disk has many in flight (see [`DEFAULT_SUBMIT_BATCH`]);
+    /// zero: all of a round's in one call.
     pub submit_batch: usize,
     /// Host block jobs on the node while the guest runs (`live-jobs=on`):
     /// their reads go through the dataplane, their hooks see its writes.

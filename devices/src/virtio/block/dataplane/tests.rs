@@ -169,13 +169,19 @@ fn segments(mem: &GuestMemoryMmap, at: u64, segs: &[(u64, u32, u32)]) {
 struct Driver<'a> {
     mock: MockSplitQueue<'a, GuestMemoryMmap>,
     avail: u16,
+    size: u16,
 }
 
 impl<'a> Driver<'a> {
     fn new(mem: &'a GuestMemoryMmap) -> Self {
+        Self::with_size(mem, SIZE)
+    }
+
+    fn with_size(mem: &'a GuestMemoryMmap, size: u16) -> Self {
         Self {
-            mock: MockSplitQueue::new(mem, SIZE),
+            mock: MockSplitQueue::new(mem, size),
             avail: 0,
+            size,
         }
     }
 
@@ -196,7 +202,7 @@ impl<'a> Driver<'a> {
     /// Makes `head` available (the avail index moves by one).
     fn post(&mut self, head: u16) {
         let ring = self.mock.avail().ring();
-        ring.ref_at(usize::from(self.avail % SIZE))
+        ring.ref_at(usize::from(self.avail % self.size))
             .unwrap()
             .store(u16::to_le(head));
         self.avail = self.avail.wrapping_add(1);
@@ -706,4 +712,60 @@ proptest! {
         dp.service();
         prop_assert!(interrupt.is_broken() || driver.used_idx(&m) == 1);
     }
+}
+
+#[test]
+fn batches_grow_to_an_eighth_of_what_the_disk_already_has() {
+    // An idle or lightly loaded disk gets requests as soon as
+    // submit-batch of them are taken.
+    for at_host in [0, 1, 31, 32, 39] {
+        assert_eq!(batch_limit(4, at_host), 4, "{at_host} at the host");
+    }
+    assert_eq!(batch_limit(1, 7), 1);
+    assert_eq!(batch_limit(1, 8), 1);
+    assert_eq!(batch_limit(1, 16), 2);
+    // A deep queue: fewer, larger calls.
+    assert_eq!(batch_limit(4, 40), 5);
+    assert_eq!(batch_limit(4, 120), 15);
+    assert_eq!(batch_limit(4, 1024), 128);
+    assert_eq!(batch_limit(64, 128), 64);
+}
+
+#[test]
+fn a_disk_with_many_requests_in_flight_gets_the_next_in_larger_batches() {
+    let m = mem();
+    let mut driver = Driver::with_size(&m, 64);
+    for k in 0..32u16 {
+        let hdr = HDR + 16 * u64::from(k);
+        header(&m, hdr, T_FLUSH, 0);
+        driver.chain(2 * k, &[(hdr, 16, 0), (STATUS + u64::from(k), 1, W)]);
+    }
+    let (engine, state) = Held::new(0, false);
+    let (dp, interrupt, _) = dataplane(&m, &driver, Box::new(engine));
+    let mut dp = dp.with_submit_batch(1);
+    // The first 16 find at most 15 at the host: one a call.
+    for k in 0..16 {
+        driver.post(2 * k);
+    }
+    dp.service();
+    assert_eq!(
+        std::mem::take(&mut state.lock().unwrap().batches),
+        vec![1; 16]
+    );
+    // The next 16 find 16 to 30 there: twos, then threes from 24 on,
+    // and what is left at the round's end.
+    for k in 16..32 {
+        driver.post(2 * k);
+    }
+    dp.service();
+    assert_eq!(
+        state.lock().unwrap().batches,
+        vec![2, 2, 2, 2, 3, 3, 2],
+        "batches with 16 or more at the host"
+    );
+    state.lock().unwrap().complete = true;
+    dp.service();
+    assert_eq!(dp.in_flight(), 0);
+    assert_eq!(driver.used_idx(&m), 32);
+    assert!(!interrupt.is_broken());
 }
