@@ -1016,7 +1016,7 @@ def main():
           f"after {'/'.join(f'{x:.2f}' for x in load_after)}; {res['duration_s']:.0f} s")
     print(f"image: {img['path']}, {img['bytes'] >> 20} MiB preallocated random data, {img['fs']} on {img['device']}; "
           f"guest: test guest, {CPUS} vCPU, {MEMORY_MIB} MiB, benchmark in guest user mode; {seconds} s per point")
-    print(f"ours: vmm --disk path=IMG,direct=on,poll={POLL_US} (submit-batch=4, the default); QEMU: {qemu_version.split('(')[0].strip()} microvm, "
+    print(f"ours: vmm --disk path=IMG,direct=on,poll={POLL_US} (submit-batch=4, the default, growing to an eighth of what the host has in flight); QEMU: {qemu_version.split('(')[0].strip()} microvm, "
           f"iothread poll-max-ns={QEMU_POLL_MAX_NS}, cache=none, aio=io_uring; host: {fio_version} io_uring direct=1, "
           f"best of {args.fio_runs} run{'s' if args.fio_runs > 1 else ''}")
     if PLACEMENT is None:
@@ -1064,7 +1064,8 @@ def main():
     if t6:
         print()
         print(f"Table 6: handing requests to the kernel in fours (ours only, table 1's rows and settings): "
-              f"submit-batch=4 (the default) calls io_uring_enter every 4 requests the dataplane takes, so the "
+              f"submit-batch=4 (the default) calls io_uring_enter every 4 requests the dataplane takes (every "
+              f"eighth of those already at the host once that is more), so the "
               f"host's disk starts on them while it takes the rest; submit-batch=0 calls it once for all a round "
               f"took (the block layer then plugs them all). IOPS: median of {args.reps} alternating repetitions, "
               f"min-max; cpu µs: the dataplane thread's CPU time per request, median run")
