@@ -402,6 +402,24 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_that_cannot_be_pinned_still_runs_where_it_may() {
+        let allowed = CpuList::allowed().unwrap();
+        if allowed.iter().any(|c| c == 1023) {
+            return; // The test needs a CPU this process may not use.
+        }
+        let absent = CpuList::parse("1023", ',').unwrap();
+        let t = spawn_on(
+            ThreadKind::Dataplane,
+            "unpinnable".into(),
+            Some(absent),
+            || CpuList::allowed().map_err(|e| e.to_string()),
+            || Err("failed".into()),
+        )
+        .unwrap();
+        assert_eq!(t.join().unwrap(), Ok(allowed));
+    }
+
+    #[test]
     fn outside_a_sandbox_threads_run_unfiltered() {
         let t = spawn(ThreadKind::Vcpu, "plain".into(), seccomp_mode, String::new).unwrap();
         assert_eq!(t.join().unwrap(), "0");
