@@ -386,37 +386,42 @@ mod tests {
         assert_eq!(t.join().unwrap(), 3);
     }
 
-    #[test]
-    fn a_thread_spawned_on_cpus_runs_only_there() {
-        let last = CpuList::allowed().unwrap().iter().last().unwrap();
-        let one = CpuList::parse(&last.to_string(), ',').unwrap();
-        let t = spawn_on(
+    /// The CPUs a thread spawned on `cpus` finds it may run on.
+    fn allowed_inside(cpus: &str) -> Result<CpuList, String> {
+        let cpus = CpuList::parse(cpus, ',').unwrap();
+        spawn_on(
             ThreadKind::Dataplane,
             "pinned".into(),
-            Some(one.clone()),
+            Some(cpus),
             || CpuList::allowed().map_err(|e| e.to_string()),
             || Err("failed".into()),
         )
-        .unwrap();
-        assert_eq!(t.join().unwrap(), Ok(one));
+        .unwrap()
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_thread_spawned_on_cpus_runs_only_there() {
+        let last = CpuList::allowed()
+            .unwrap()
+            .iter()
+            .last()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            allowed_inside(&last),
+            Ok(CpuList::parse(&last, ',').unwrap())
+        );
     }
 
     #[test]
     fn a_thread_that_cannot_be_pinned_still_runs_where_it_may() {
         let allowed = CpuList::allowed().unwrap();
-        if allowed.iter().any(|c| c == 1023) {
+        if allowed.contains(1023) {
             return; // The test needs a CPU this process may not use.
         }
-        let absent = CpuList::parse("1023", ',').unwrap();
-        let t = spawn_on(
-            ThreadKind::Dataplane,
-            "unpinnable".into(),
-            Some(absent),
-            || CpuList::allowed().map_err(|e| e.to_string()),
-            || Err("failed".into()),
-        )
-        .unwrap();
-        assert_eq!(t.join().unwrap(), Ok(allowed));
+        assert_eq!(allowed_inside("1023"), Ok(allowed));
     }
 
     #[test]

@@ -81,10 +81,9 @@ const XSTATE_BV: std::ops::Range<usize> = 512..520;
 /// (the processor's init optimisation), not on the guest.
 fn xsave_meaning(area: &[u8], cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<u8> {
     let mut out = area.to_vec();
-    if out.len() < XSTATE_BV.end {
+    let Some(bv) = xstate_bv(area) else {
         return out;
-    }
-    let bv = u64::from_le_bytes(out[XSTATE_BV].try_into().expect("8 bytes"));
+    };
     if bv & 1 == 0 {
         // x87: FCW 0x037f, then FSW, FTW, FOP, FIP, FDP and ST0-7 all zero.
         out[0..24].fill(0);
@@ -109,6 +108,12 @@ fn xsave_meaning(area: &[u8], cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> Vec<u
     }
     out[XSTATE_BV].fill(0);
     out
+}
+
+/// The area's `XSTATE_BV`; none if the area is too short to have one.
+fn xstate_bv(area: &[u8]) -> Option<u64> {
+    let bytes = area.get(XSTATE_BV)?;
+    Some(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
 }
 
 /// The byte ranges where `a` and `b` differ, as `start..end` joined by
@@ -179,7 +184,7 @@ pub fn state_differences(a: &Path, b: &Path) -> Result<Vec<String>, MigrationErr
             xsave_meaning(x.xsave.as_bytes(), &x.cpuid),
             xsave_meaning(y.xsave.as_bytes(), &y.cpuid),
         );
-        let bv = |area: &[u8]| u64::from_le_bytes(area[XSTATE_BV].try_into().expect("8 bytes"));
+        let bv = |area: &[u8]| xstate_bv(area).unwrap_or(0);
         differ(
             field(&format!(
                 "XSAVE area ({}; XSTATE_BV {:#x} -> {:#x})",
